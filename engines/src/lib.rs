@@ -1,0 +1,14 @@
+//! star-engines: the artifact contract (manifest, ONNX protobuf model, tensor records) and
+//! execution backends shared by star-export and star-run.
+
+pub mod backend;
+pub mod error;
+pub mod golden;
+pub mod manifest;
+pub mod model_dir;
+pub mod onnx;
+pub mod safetensors;
+pub mod tensor;
+
+pub use error::{EngineError, Result};
+pub use tensor::{Data, Tensor};

@@ -1,0 +1,173 @@
+//! The artifact contract between star-export and star-run: `manifest.json` of a model directory.
+//! Every field a loader relies on lives here; bump SCHEMA_VERSION on any incompatible change.
+
+use crate::error::{io_err, EngineError, Result};
+use crate::onnx::Dim;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::Path;
+
+pub const SCHEMA_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TextConfig {
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp: usize,
+    pub vocab: usize,
+    pub max_positions: usize,
+    /// "gelu" (erf) or "quick_gelu".
+    pub act: String,
+    pub eps: f32,
+    pub eos_id: i64,
+    pub bos_id: i64,
+    pub pad_id: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VqConfig {
+    pub vocab: usize,
+    pub cvae: usize,
+    /// Decoder widths per level, lowest resolution first.
+    pub decoder_widths: Vec<usize>,
+    pub phi_count: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub depth: usize,
+    pub width: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub cvae: usize,
+    pub text_width: usize,
+    /// Number of stable-sampler refiner blocks; 0 = no sampler modules.
+    pub sampler_blocks: usize,
+    pub text: TextConfig,
+    pub vq: VqConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubStep {
+    /// Tokens revealed by this sub-step.
+    pub count: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub patch_nums: Vec<usize>,
+    pub image_size: usize,
+    pub total_tokens: usize,
+    /// Token range [begin, end) of each scale in the KV cache.
+    pub begin_end: Vec<(usize, usize)>,
+    /// Which phi (quant_resi conv) each scale uses.
+    pub phi_index: Vec<usize>,
+    /// Stable-sampler reveal counts per scale (empty for plain scales).
+    pub substeps: Vec<Vec<usize>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IoSpec {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<Dim>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphEntry {
+    /// text_encoder | text_kv | step | sampler | vq | decoder
+    pub stage: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<usize>,
+    pub file: String,
+    pub sha256: String,
+    pub inputs: Vec<IoSpec>,
+    pub outputs: Vec<IoSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingDefaults {
+    pub cfg: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema_version: u32,
+    pub producer: String,
+    pub precision: String,
+    pub opset: i64,
+    pub config: ModelConfig,
+    pub schedule: Schedule,
+    pub sampling_defaults: SamplingDefaults,
+    pub graphs: Vec<GraphEntry>,
+    /// Shared external-data weights file(s) and tokenizer files.
+    pub files: Vec<FileEntry>,
+    /// sha256 over the weights file hash and every graph hash: names the model in PNG metadata.
+    pub model_hash: String,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| EngineError::Manifest { path: path.clone(), why: format!("not JSON: {e}") })?;
+        let found = v.get("schema_version").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
+        if found != SCHEMA_VERSION {
+            return Err(EngineError::SchemaVersion { path, found, expected: SCHEMA_VERSION });
+        }
+        serde_json::from_value(v).map_err(|e| EngineError::Manifest { path, why: e.to_string() })
+    }
+
+    pub fn graph(&self, stage: &str, scale: Option<usize>) -> Option<&GraphEntry> {
+        self.graphs.iter().find(|g| g.stage == stage && g.scale == scale)
+    }
+
+    /// Check that every file the manifest lists exists with its recorded hash.
+    pub fn verify_files(&self, dir: &Path) -> Result<()> {
+        let all = self
+            .files
+            .iter()
+            .map(|f| (f.file.as_str(), f.sha256.as_str()))
+            .chain(self.graphs.iter().map(|g| (g.file.as_str(), g.sha256.as_str())));
+        for (file, want) in all {
+            let p = dir.join(file);
+            let got = sha256_file(&p)?;
+            if got != want {
+                return Err(EngineError::HashMismatch { path: p, expected: want.to_string(), found: got });
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+pub fn sha256_bytes(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}

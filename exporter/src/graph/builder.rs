@@ -1,0 +1,355 @@
+//! A small ONNX graph builder. Weights go through a `WeightStore` that writes each tensor once into
+//! the shared external-data file, however many graphs reference it; small constants (shapes, RoPE
+//! tables, resampling matrices) are stored inline.
+
+use crate::error::{io_err, ExportError, Result};
+use star_engines::manifest::IoSpec;
+use star_engines::onnx::{self, AttributeProto, Dim, GraphProto, NodeProto, StringStringEntryProto, TensorProto, ValueInfoProto};
+use std::collections::{HashMap, HashSet};
+use std::io::{BufWriter, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// Numeric policy of the graphs. Only FP32 is built today; FP16/INT8 plug in here so that every
+/// stage builder gets them through the same code path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            other => Err(ExportError::Precision(other.to_string())),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        "fp32"
+    }
+}
+
+pub struct WeightStore {
+    pub file_name: String,
+    path: PathBuf,
+    out: BufWriter<std::fs::File>,
+    pos: u64,
+    index: HashMap<String, (u64, u64, Vec<usize>)>,
+}
+
+/// Big tensors start on 64 KiB boundaries so ONNX Runtime can memory-map them from the shared file
+/// (one resident copy for all per-scale sessions) instead of reading a private copy each.
+const BIG_ALIGN: u64 = 65536;
+const SMALL_ALIGN: u64 = 64;
+
+impl WeightStore {
+    pub fn create(dir: &Path, file_name: &str) -> Result<Self> {
+        let path = dir.join(file_name);
+        let f = std::fs::File::create(&path).map_err(io_err(&path))?;
+        Ok(WeightStore { file_name: file_name.into(), path, out: BufWriter::with_capacity(1 << 20, f), pos: 0, index: HashMap::new() })
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    pub fn add(&mut self, key: &str, dims: &[usize], data: &[f32]) -> Result<()> {
+        let bytes = (data.len() * 4) as u64;
+        let align = if bytes >= BIG_ALIGN { BIG_ALIGN } else { SMALL_ALIGN };
+        let pad = (align - self.pos % align) % align;
+        let io = |e| ExportError::Io { path: self.path.clone(), source: e };
+        self.out.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+        self.pos += pad;
+        let mut buf = Vec::with_capacity(bytes as usize);
+        for v in data {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        self.out.write_all(&buf).map_err(|e| ExportError::Io { path: self.path.clone(), source: e })?;
+        self.index.insert(key.to_string(), (self.pos, bytes, dims.to_vec()));
+        self.pos += bytes;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<PathBuf> {
+        self.out.flush().map_err(io_err(&self.path))?;
+        let f = self.out.into_inner().map_err(|e| ExportError::Io { path: self.path.clone(), source: e.into_error() })?;
+        let mut f = f;
+        f.seek(std::io::SeekFrom::End(0)).map_err(io_err(&self.path))?;
+        f.sync_all().map_err(io_err(&self.path))?;
+        Ok(self.path)
+    }
+
+    fn proto(&self, key: &str) -> TensorProto {
+        let (off, len, dims) = &self.index[key];
+        TensorProto {
+            name: key.to_string(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: onnx::dtype::FLOAT,
+            data_location: 1,
+            external_data: vec![
+                StringStringEntryProto { key: "location".into(), value: self.file_name.clone() },
+                StringStringEntryProto { key: "offset".into(), value: off.to_string() },
+                StringStringEntryProto { key: "length".into(), value: len.to_string() },
+            ],
+            ..Default::default()
+        }
+    }
+}
+
+pub struct G<'s> {
+    pub name: String,
+    pub precision: Precision,
+    nodes: Vec<NodeProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    inits: Vec<TensorProto>,
+    init_names: HashSet<String>,
+    store: &'s mut WeightStore,
+    counter: usize,
+    pub in_specs: Vec<IoSpec>,
+    pub out_specs: Vec<IoSpec>,
+}
+
+impl<'s> G<'s> {
+    pub fn new(name: &str, precision: Precision, store: &'s mut WeightStore) -> Self {
+        G {
+            name: name.into(),
+            precision,
+            nodes: vec![],
+            inputs: vec![],
+            outputs: vec![],
+            inits: vec![],
+            init_names: HashSet::new(),
+            store,
+            counter: 0,
+            in_specs: vec![],
+            out_specs: vec![],
+        }
+    }
+
+    fn fresh(&mut self, op: &str) -> String {
+        self.counter += 1;
+        format!("{}_{}", op.to_lowercase(), self.counter)
+    }
+
+    pub fn input(&mut self, name: &str, dtype: i32, dims: &[Dim]) -> String {
+        self.inputs.push(ValueInfoProto::tensor(name, dtype, dims));
+        self.in_specs.push(IoSpec { name: name.into(), dtype: onnx::dtype::name(dtype).into(), shape: dims.to_vec() });
+        name.to_string()
+    }
+
+    pub fn output(&mut self, value: &str, name: &str, dtype: i32, dims: &[Dim]) {
+        self.nodes.push(NodeProto { input: vec![value.into()], output: vec![name.into()], op_type: "Identity".into(), name: format!("out_{name}"), ..Default::default() });
+        self.outputs.push(ValueInfoProto::tensor(name, dtype, dims));
+        self.out_specs.push(IoSpec { name: name.into(), dtype: onnx::dtype::name(dtype).into(), shape: dims.to_vec() });
+    }
+
+    pub fn op_n(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, n: usize) -> Vec<String> {
+        let name = self.fresh(op);
+        let outs: Vec<String> = (0..n).map(|i| format!("{name}_o{i}")).collect();
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outs.clone(),
+            name,
+            op_type: op.into(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        outs
+    }
+
+    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        self.op_n(op, inputs, attrs, 1).pop().unwrap()
+    }
+
+    /// A shared weight: produced (read from the checkpoint, maybe transformed) only the first time
+    /// any graph asks for `key`.
+    pub fn weight(&mut self, key: &str, dims: &[usize], produce: impl FnOnce() -> Result<Vec<f32>>) -> Result<String> {
+        if !self.store.contains(key) {
+            let data = produce()?;
+            debug_assert_eq!(data.len(), dims.iter().product::<usize>(), "{key}");
+            self.store.add(key, dims, &data)?;
+        }
+        if self.init_names.insert(key.to_string()) {
+            let p = self.store.proto(key);
+            self.inits.push(p);
+        }
+        Ok(key.to_string())
+    }
+
+    pub fn c_f32(&mut self, data: &[f32], dims: &[i64]) -> String {
+        let name = self.fresh("const");
+        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.inits.push(TensorProto { name: name.clone(), dims: dims.to_vec(), data_type: onnx::dtype::FLOAT, raw_data: raw, ..Default::default() });
+        name
+    }
+
+    pub fn c_i64(&mut self, data: &[i64], dims: &[i64]) -> String {
+        let name = self.fresh("const");
+        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.inits.push(TensorProto { name: name.clone(), dims: dims.to_vec(), data_type: onnx::dtype::INT64, raw_data: raw, ..Default::default() });
+        name
+    }
+
+    pub fn scalar(&mut self, v: f32) -> String {
+        self.c_f32(&[v], &[])
+    }
+
+    pub fn finish(self, doc: &str) -> (onnx::ModelProto, Vec<IoSpec>, Vec<IoSpec>) {
+        let graph = GraphProto {
+            node: self.nodes,
+            name: self.name.clone(),
+            initializer: self.inits,
+            doc_string: doc.into(),
+            input: self.inputs,
+            output: self.outputs,
+            value_info: vec![],
+        };
+        let model = onnx::ModelProto {
+            ir_version: onnx::IR_VERSION,
+            producer_name: "star-export".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            graph: Some(graph),
+            opset_import: vec![onnx::OperatorSetIdProto { domain: String::new(), version: onnx::OPSET }],
+            ..Default::default()
+        };
+        (model, self.in_specs, self.out_specs)
+    }
+
+    // ---- operator helpers -------------------------------------------------------------------
+
+    pub fn add(&mut self, a: &str, b: &str) -> String {
+        self.op("Add", &[a, b], vec![])
+    }
+    pub fn sub(&mut self, a: &str, b: &str) -> String {
+        self.op("Sub", &[a, b], vec![])
+    }
+    pub fn mul(&mut self, a: &str, b: &str) -> String {
+        self.op("Mul", &[a, b], vec![])
+    }
+    pub fn div(&mut self, a: &str, b: &str) -> String {
+        self.op("Div", &[a, b], vec![])
+    }
+    pub fn matmul(&mut self, a: &str, b: &str) -> String {
+        self.op("MatMul", &[a, b], vec![])
+    }
+    pub fn reshape(&mut self, x: &str, shape: &[i64]) -> String {
+        let s = self.c_i64(shape, &[shape.len() as i64]);
+        self.op("Reshape", &[x, &s], vec![])
+    }
+    pub fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
+        self.op("Transpose", &[x], vec![AttributeProto::ints("perm", perm)])
+    }
+    pub fn softmax(&mut self, x: &str, axis: i64) -> String {
+        self.op("Softmax", &[x], vec![AttributeProto::int("axis", axis)])
+    }
+    pub fn concat(&mut self, xs: &[&str], axis: i64) -> String {
+        self.op("Concat", xs, vec![AttributeProto::int("axis", axis)])
+    }
+    pub fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> String {
+        let a = self.c_i64(axes, &[axes.len() as i64]);
+        self.op("Unsqueeze", &[x, &a], vec![])
+    }
+    pub fn squeeze(&mut self, x: &str, axes: &[i64]) -> String {
+        let a = self.c_i64(axes, &[axes.len() as i64]);
+        self.op("Squeeze", &[x, &a], vec![])
+    }
+    pub fn slice(&mut self, x: &str, axis: i64, start: i64, end: i64) -> String {
+        let s = self.c_i64(&[start], &[1]);
+        let e = self.c_i64(&[end], &[1]);
+        let a = self.c_i64(&[axis], &[1]);
+        self.op("Slice", &[x, &s, &e, &a], vec![])
+    }
+    /// Take index `i` along `axis`, removing that axis.
+    pub fn pick(&mut self, x: &str, axis: i64, i: i64) -> String {
+        let idx = self.c_i64(&[i], &[]);
+        self.op("Gather", &[x, &idx], vec![AttributeProto::int("axis", axis)])
+    }
+    pub fn split(&mut self, x: &str, axis: i64, n: usize) -> Vec<String> {
+        self.op_n("Split", &[x], vec![AttributeProto::int("axis", axis)], n)
+    }
+    pub fn cast(&mut self, x: &str, to: i32) -> String {
+        self.op("Cast", &[x], vec![AttributeProto::int("to", to as i64)])
+    }
+
+    /// LayerNorm over the last axis without affine parameters (the STAR blocks' norms).
+    pub fn layer_norm_plain(&mut self, x: &str, width: usize, eps: f32) -> String {
+        let key = format!("__ones_{width}");
+        let ones = self.weight(&key, &[width], || Ok(vec![1.0; width])).unwrap_or_default();
+        self.op("LayerNormalization", &[x, &ones], vec![AttributeProto::int("axis", -1), AttributeProto::float("epsilon", eps)])
+    }
+
+    pub fn layer_norm(&mut self, x: &str, gamma: &str, beta: &str, eps: f32) -> String {
+        self.op("LayerNormalization", &[x, gamma, beta], vec![AttributeProto::int("axis", -1), AttributeProto::float("epsilon", eps)])
+    }
+
+    /// F.normalize(x, dim=-1): x / max(||x||_2, 1e-12).
+    pub fn l2_normalize(&mut self, x: &str) -> String {
+        let n = self.op("ReduceL2", &[x], vec![AttributeProto::ints("axes", &[-1]), AttributeProto::int("keepdims", 1)]);
+        let eps = self.scalar(1e-12);
+        let n = self.op("Max", &[&n, &eps], vec![]);
+        self.div(x, &n)
+    }
+
+    /// GELU with the tanh approximation, in the operation order of PyTorch's kernel.
+    pub fn gelu_tanh(&mut self, x: &str) -> String {
+        let kappa = self.scalar(0.044715);
+        let beta = self.scalar((std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32);
+        let half = self.scalar(0.5);
+        let one = self.scalar(1.0);
+        let x2 = self.mul(x, x);
+        let x3 = self.mul(&x2, x);
+        let inner = self.mul(&kappa, &x3);
+        let inner = self.add(x, &inner);
+        let inner = self.mul(&beta, &inner);
+        let t = self.op("Tanh", &[&inner], vec![]);
+        let t = self.add(&one, &t);
+        let hx = self.mul(&half, x);
+        self.mul(&hx, &t)
+    }
+
+    /// Exact GELU: x * 0.5 * (1 + erf(x / sqrt 2)).
+    pub fn gelu_erf(&mut self, x: &str) -> String {
+        let r = self.scalar(std::f32::consts::FRAC_1_SQRT_2);
+        let half = self.scalar(0.5);
+        let one = self.scalar(1.0);
+        let e = self.mul(x, &r);
+        let e = self.op("Erf", &[&e], vec![]);
+        let e = self.add(&one, &e);
+        let h = self.mul(x, &half);
+        self.mul(&h, &e)
+    }
+
+    pub fn quick_gelu(&mut self, x: &str) -> String {
+        let k = self.scalar(1.702);
+        let s = self.mul(x, &k);
+        let s = self.op("Sigmoid", &[&s], vec![]);
+        self.mul(x, &s)
+    }
+
+    /// GroupNorm(groups) with affine, eps; x is (B, C, H, W) with C and H*W known.
+    pub fn group_norm(&mut self, x: &str, c: usize, hw: usize, groups: usize, gamma: &str, beta: &str, eps: f32) -> String {
+        let g = self.reshape(x, &[0, groups as i64, ((c / groups) * hw) as i64]);
+        let mean = self.op("ReduceMean", &[&g], vec![AttributeProto::ints("axes", &[2]), AttributeProto::int("keepdims", 1)]);
+        let d = self.sub(&g, &mean);
+        let d2 = self.mul(&d, &d);
+        let var = self.op("ReduceMean", &[&d2], vec![AttributeProto::ints("axes", &[2]), AttributeProto::int("keepdims", 1)]);
+        let e = self.scalar(eps);
+        let var = self.add(&var, &e);
+        let sd = self.op("Sqrt", &[&var], vec![]);
+        let y = self.div(&d, &sd);
+        let side = (hw as f64).sqrt() as i64;
+        let y = self.reshape(&y, &[0, c as i64, side, side]);
+        let y = self.mul(&y, gamma);
+        self.add(&y, beta)
+    }
+
+    pub fn conv(&mut self, x: &str, w: &str, b: &str, k: usize) -> String {
+        let p = (k / 2) as i64;
+        self.op("Conv", &[x, w, b], vec![AttributeProto::ints("kernel_shape", &[k as i64, k as i64]), AttributeProto::ints("pads", &[p, p, p, p])])
+    }
+}
+
+pub fn write_model(path: &Path, model: &onnx::ModelProto) -> Result<()> {
+    let bytes = onnx::encode_model(model);
+    std::fs::write(path, bytes).map_err(io_err(path))
+}

@@ -1,0 +1,305 @@
+//! The STAR transformer stages: text K/V (once per prompt), one scale step per scale (same code
+//! path for every scale; scale 0 starts from the pooled text instead of the previous tokens and
+//! has no past), and the stable-sampler step.
+
+use super::builder::G;
+use super::Src;
+use crate::error::Result;
+use crate::schedule::rope_table;
+use star_engines::manifest::{ModelConfig, Schedule};
+use star_engines::onnx::{dtype, Dim};
+
+pub const LN_EPS: f32 = 1e-6;
+pub const TEXT_LEN: usize = 77;
+
+fn sym(s: &str) -> Dim {
+    Dim::Sym(s.into())
+}
+fn fx(v: usize) -> Dim {
+    Dim::Fixed(v as i64)
+}
+
+/// exp(min(scale_mul, ln 100)) per head, shaped (H, 1, 1): the learned attention temperature.
+fn head_scale(g: &mut G, src: &Src, heads: usize) -> Result<String> {
+    let w = src.w.clone();
+    let key = format!("{}^exp", src.key("scale_mul_1H11"));
+    w.check("scale_mul_1H11", &[1, heads, 1, 1])?;
+    g.weight(&key, &[heads, 1, 1], move || {
+        let s = w.get("scale_mul_1H11", &[1, heads, 1, 1])?;
+        let cap = 100f64.ln() as f32;
+        Ok(s.iter().map(|&v| v.min(cap).exp()).collect())
+    })
+}
+
+/// Apply the rotary table (cos/sin of shape (n, 32, 1)) to x of shape (R, H, n, 64).
+fn apply_rope(g: &mut G, x: &str, cos: &str, sin: &str, n: usize, hd: usize) -> String {
+    let x = g.reshape(x, &[0, 0, n as i64, (hd / 2) as i64, 2]);
+    let parts = g.split(&x, -1, 2);
+    let (a, b) = (&parts[0], &parts[1]);
+    let ac = g.mul(a, cos);
+    let bs = g.mul(b, sin);
+    let re = g.sub(&ac, &bs);
+    let as_ = g.mul(a, sin);
+    let bc = g.mul(b, cos);
+    let im = g.add(&as_, &bc);
+    let y = g.concat(&[&re, &im], -1);
+    g.reshape(&y, &[0, 0, n as i64, hd as i64])
+}
+
+struct Rope {
+    cos: String,
+    sin: String,
+}
+
+fn rope_consts(g: &mut G, tables: &[(Vec<f32>, Vec<f32>)]) -> Rope {
+    let mut cos = vec![];
+    let mut sin = vec![];
+    for (c, s) in tables {
+        cos.extend_from_slice(c);
+        sin.extend_from_slice(s);
+    }
+    let n = (cos.len() / 32) as i64;
+    Rope { cos: g.c_f32(&cos, &[n, 32, 1]), sin: g.c_f32(&sin, &[n, 32, 1]) }
+}
+
+/// (R, n, C) -> (R, H, n, hd)
+fn heads_first(g: &mut G, x: &str, n: usize, h: usize, hd: usize) -> String {
+    let x = g.reshape(x, &[0, n as i64, h as i64, hd as i64]);
+    g.transpose(&x, &[0, 2, 1, 3])
+}
+
+/// (R, H, n, hd) -> (R, n, C)
+fn heads_last(g: &mut G, x: &str, n: usize, c: usize) -> String {
+    let x = g.transpose(x, &[0, 2, 1, 3]);
+    g.reshape(&x, &[0, n as i64, c as i64])
+}
+
+/// Self-attention of one block. Returns (output before residual, k, v) with k after RoPE and L2
+/// normalisation (what the cache stores) and v raw.
+#[allow(clippy::too_many_arguments)]
+fn self_attention(g: &mut G, a: &Src, cfg: &ModelConfig, x: &str, n: usize, rope: &Rope, past: Option<(&str, &str)>) -> Result<(String, String, String)> {
+    let (c, h, hd) = (cfg.width, cfg.heads, cfg.head_dim);
+    let qkv = a.linear(g, x, "mat_qkv", c, 3 * c, false)?;
+    let bias_key = format!("{}^qkv_bias", a.key("q_bias"));
+    let w = a.w.clone();
+    w.check("q_bias", &[c])?;
+    w.check("v_bias", &[c])?;
+    let bias = g.weight(&bias_key, &[3 * c], move || {
+        let mut b = w.get("q_bias", &[c])?;
+        b.extend(std::iter::repeat(0.0).take(c));
+        b.extend(w.get("v_bias", &[c])?);
+        Ok(b)
+    })?;
+    let qkv = g.add(&qkv, &bias);
+    let parts = g.split(&qkv, -1, 3);
+    let q = heads_first(g, &parts[0], n, h, hd);
+    let k = heads_first(g, &parts[1], n, h, hd);
+    let v = heads_first(g, &parts[2], n, h, hd);
+    let q = apply_rope(g, &q, &rope.cos, &rope.sin, n, hd);
+    let k = apply_rope(g, &k, &rope.cos, &rope.sin, n, hd);
+    let q = g.l2_normalize(&q);
+    let k = g.l2_normalize(&k);
+    let s = head_scale(g, a, h)?;
+    let q = g.mul(&q, &s);
+    let (k_all, v_all) = match past {
+        Some((pk, pv)) => (g.concat(&[pk, &k], 2), g.concat(&[pv, &v], 2)),
+        None => (k.clone(), v.clone()),
+    };
+    let kt = g.transpose(&k_all, &[0, 1, 3, 2]);
+    let att = g.matmul(&q, &kt);
+    let att = g.softmax(&att, -1);
+    let o = g.matmul(&att, &v_all);
+    let o = heads_last(g, &o, n, c);
+    let o = a.linear(g, &o, "proj", c, c, true)?;
+    Ok((o, k, v))
+}
+
+/// Cross-attention of one block for the conditional rows only (the release adds row 0's
+/// cross-attention to both guidance rows; per image that is its conditional row).
+fn cross_attention(g: &mut G, a: &Src, cfg: &ModelConfig, x_cond: &str, n: usize, tk: &str, tv: &str, bias: &str) -> Result<String> {
+    let (c, h, hd) = (cfg.width, cfg.heads, cfg.head_dim);
+    let q = a.linear(g, x_cond, "mat_q", c, c, false)?;
+    let qb = a.raw(g, "q_bias", &[c])?;
+    let q = g.add(&q, &qb);
+    let q = heads_first(g, &q, n, h, hd);
+    let q = g.l2_normalize(&q);
+    let s = head_scale(g, a, h)?;
+    let q = g.mul(&q, &s);
+    let kt = g.transpose(tk, &[0, 1, 3, 2]);
+    let att = g.matmul(&q, &kt);
+    let att = g.add(&att, bias);
+    let att = g.softmax(&att, -1);
+    let o = g.matmul(&att, tv);
+    let o = heads_last(g, &o, n, c);
+    a.linear(g, &o, "proj", c, c, true)
+}
+
+fn ffn(g: &mut G, f: &Src, c: usize, x: &str) -> Result<String> {
+    let hdn = f.linear(g, x, "fc1", c, 4 * c, true)?;
+    let hdn = g.gelu_tanh(&hdn);
+    f.linear(g, &hdn, "fc2", 4 * c, c, true)
+}
+
+/// Text K/V for every block's cross-attention, from the conditional rows' hidden states; K is L2
+/// normalised here once per prompt. Also the additive mask bias.
+pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig) -> Result<()> {
+    let (c, h, hd, dt) = (cfg.width, cfg.heads, cfg.head_dim, cfg.text_width);
+    let hidden = g.input("hidden", dtype::FLOAT, &[sym("B"), fx(TEXT_LEN), fx(dt)]);
+    let mask = g.input("attention_mask", dtype::INT64, &[sym("B"), fx(TEXT_LEN)]);
+    let mut per_block = vec![];
+    for i in 0..cfg.depth {
+        let a = t.pp(&format!("blocks.{i}.cross_attn"));
+        let kv = a.linear(g, &hidden, "mat_kv", dt, 2 * c, false)?;
+        let w = a.w.clone();
+        w.check("v_bias", &[c])?;
+        let bias = g.weight(&format!("{}^kv_bias", a.key("v_bias")), &[2 * c], move || {
+            let mut b = vec![0.0; c];
+            b.extend(w.get("v_bias", &[c])?);
+            Ok(b)
+        })?;
+        let kv = g.add(&kv, &bias);
+        let kv = g.reshape(&kv, &[0, TEXT_LEN as i64, 2, h as i64, hd as i64]);
+        let kv = g.transpose(&kv, &[2, 0, 3, 1, 4]);
+        let parts = g.split(&kv, 0, 2);
+        let k = g.l2_normalize(&parts[0]);
+        let both = g.concat(&[&k, &parts[1]], 0);
+        per_block.push(g.unsqueeze(&both, &[0]));
+    }
+    let refs: Vec<&str> = per_block.iter().map(|s| s.as_str()).collect();
+    let all = g.concat(&refs, 0);
+    g.output(&all, "text_kv", dtype::FLOAT, &[fx(cfg.depth), fx(2), sym("B"), fx(h), fx(TEXT_LEN), fx(hd)]);
+    let m = g.cast(&mask, dtype::FLOAT);
+    let one = g.scalar(1.0);
+    let inv = g.sub(&one, &m);
+    let big = g.scalar(-1e9);
+    let b = g.mul(&inv, &big);
+    let b = g.unsqueeze(&b, &[1, 2]);
+    g.output(&b, "text_bias", dtype::FLOAT, &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)]);
+    Ok(())
+}
+
+/// One scale step of the main transformer. Inputs: scale 0 takes `pooled` (2B, Dt); later scales
+/// take `next_in` (B, n, Cvae) and the whole KV cache (depth, 2, 2B, H, L, hd), of which the
+/// graph reads the first `begin` tokens (static per scale). Outputs this scale's K/V, the last
+/// block's hidden states (the stable sampler's prior) and the main head's logits.
+pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usize) -> Result<()> {
+    let (c, h, hd, v) = (cfg.width, cfg.heads, cfg.head_dim, cfg.vocab);
+    let pn = sch.patch_nums[si];
+    let n = pn * pn;
+    let (begin, _) = sch.begin_end[si];
+    let lvl_w = t.w.clone();
+    let sn = sch.patch_nums.len();
+    lvl_w.check("lvl_embed.weight", &[sn, c])?;
+    let lvl = g.weight(&format!("{}[{si}]", t.key("lvl_embed.weight")), &[c], move || Ok(lvl_w.get("lvl_embed.weight", &[sn, c])?[si * c..(si + 1) * c].to_vec()))?;
+
+    let mut x = if si == 0 {
+        let pooled = g.input("pooled", dtype::FLOAT, &[sym("B2"), fx(cfg.text_width)]);
+        let sos = t.linear(g, &pooled, "encoder_proj", cfg.text_width, c, true)?;
+        let sos = g.unsqueeze(&sos, &[1]);
+        let ps = t.raw(g, "pos_start", &[1, 1, c])?;
+        let x = g.add(&sos, &ps);
+        g.add(&x, &lvl)
+    } else {
+        let next_in = g.input("next_in", dtype::FLOAT, &[sym("B"), fx(n), fx(cfg.cvae)]);
+        let e = t.linear(g, &next_in, "word_embed", cfg.cvae, c, true)?;
+        let e = g.add(&e, &lvl);
+        g.concat(&[&e, &e], 0)
+    };
+    let past = if si > 0 {
+        let cache = g.input("kv_cache", dtype::FLOAT, &[fx(cfg.depth), fx(2), sym("B2"), fx(h), fx(sch.total_tokens), fx(hd)]);
+        Some(g.slice(&cache, 4, 0, begin as i64))
+    } else {
+        None
+    };
+    let text_kv = g.input("text_kv", dtype::FLOAT, &[fx(cfg.depth), fx(2), sym("B"), fx(h), fx(TEXT_LEN), fx(hd)]);
+    let text_bias = g.input("text_bias", dtype::FLOAT, &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)]);
+    let rope = rope_consts(g, &[rope_table(pn)]);
+
+    let mut new_kv = vec![];
+    for i in 0..cfg.depth {
+        let b = t.pp(&format!("blocks.{i}"));
+        let pkv = past.as_ref().map(|p| {
+            let blk = g.pick(p, 0, i as i64);
+            (g.pick(&blk, 0, 0), g.pick(&blk, 0, 1))
+        });
+        let xn = g.layer_norm_plain(&x, c, LN_EPS);
+        let (o, k, vv) = self_attention(g, &b.pp("attn"), cfg, &xn, n, &rope, pkv.as_ref().map(|(a, b)| (a.as_str(), b.as_str())))?;
+        x = g.add(&x, &o);
+        let k1 = g.unsqueeze(&k, &[0]);
+        let v1 = g.unsqueeze(&vv, &[0]);
+        let kv = g.concat(&[&k1, &v1], 0);
+        new_kv.push(g.unsqueeze(&kv, &[0]));
+
+        let xn = g.layer_norm_plain(&x, c, LN_EPS);
+        let rows = g.split(&xn, 0, 2);
+        let tkv = g.pick(&text_kv, 0, i as i64);
+        let tk = g.pick(&tkv, 0, 0);
+        let tv = g.pick(&tkv, 0, 1);
+        let xa = cross_attention(g, &b.pp("cross_attn"), cfg, &rows[0], n, &tk, &tv, &text_bias)?;
+        let xa = g.concat(&[&xa, &xa], 0);
+        x = g.add(&x, &xa);
+
+        let xn = g.layer_norm_plain(&x, c, LN_EPS);
+        let f = ffn(g, &b.pp("ffn"), c, &xn)?;
+        x = g.add(&x, &f);
+    }
+    let refs: Vec<&str> = new_kv.iter().map(|s| s.as_str()).collect();
+    let kv = g.concat(&refs, 0);
+    g.output(&kv, "kv_new", dtype::FLOAT, &[fx(cfg.depth), fx(2), sym("B2"), fx(h), fx(n), fx(hd)]);
+    g.output(&x, "hidden", dtype::FLOAT, &[sym("B2"), fx(n), fx(c)]);
+    let xn = g.layer_norm_plain(&x, c, LN_EPS);
+    let logits = t.linear(g, &xn, "head_logits", c, v, true)?;
+    g.output(&logits, "logits", dtype::FLOAT, &[sym("B2"), fx(n), fx(v)]);
+    Ok(())
+}
+
+/// The stable sampler for scale si: refiner blocks over [prefix ; revealed tokens] fused with the
+/// main transformer's hidden states. `idx` and `mask` pick the revealed codebook vectors.
+pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Schedule, si: usize) -> Result<()> {
+    let (c, v, cv) = (cfg.width, cfg.vocab, cfg.cvae);
+    let pn = sch.patch_nums[si];
+    let n = pn * pn;
+    let sn = sch.patch_nums.len();
+    let hidden = g.input("hidden", dtype::FLOAT, &[sym("B2"), fx(n), fx(c)]);
+    let pooled = g.input("pooled", dtype::FLOAT, &[sym("B2"), fx(cfg.text_width)]);
+    let idx = g.input("idx", dtype::INT64, &[sym("B"), fx(n)]);
+    let mask = g.input("mask", dtype::FLOAT, &[sym("B"), fx(n)]);
+
+    let p = t.linear(g, &pooled, "encoder_proj2", cfg.text_width, c, true)?;
+    let p = g.unsqueeze(&p, &[1]);
+    let psl = t.raw(g, "pos_start_last", &[1, 1, c])?;
+    let p = g.add(&p, &psl);
+
+    let codebook = vq.raw(g, "quantize.embedding.weight", &[v, cv])?;
+    let h = g.op("Gather", &[&codebook, &idx], vec![]);
+    let m = g.unsqueeze(&mask, &[-1]);
+    let h = g.mul(&h, &m);
+    let e = t.linear(g, &h, "word_embed_head", cv, c, true)?;
+    let lw = t.w.clone();
+    lw.check("lvl_embed_2.weight", &[sn, c])?;
+    let lvl = g.weight(&format!("{}[{si}]", t.key("lvl_embed_2.weight")), &[c], move || Ok(lw.get("lvl_embed_2.weight", &[sn, c])?[si * c..(si + 1) * c].to_vec()))?;
+    let e = g.add(&e, &lvl);
+    let e = g.concat(&[&e, &e], 0);
+    let feature = g.concat(&[&p, &e], 1);
+    let prior = g.concat(&[&p, &hidden], 1);
+    let cat = g.concat(&[&feature, &prior], -1);
+    let mut x = t.linear(g, &cat, "head_proj", 2 * c, c, true)?;
+
+    // The prefix token has angle 0 (cos 1, sin 0), then this scale's table.
+    let zero = (vec![1.0f32; 32], vec![0.0f32; 32]);
+    let rope = rope_consts(g, &[zero, rope_table(pn)]);
+    for j in 0..cfg.sampler_blocks {
+        let b = t.pp(&format!("feat_extract_blocks.{j}"));
+        let xn = g.layer_norm_plain(&x, c, LN_EPS);
+        let (o, _, _) = self_attention(g, &b.pp("attn"), cfg, &xn, n + 1, &rope, None)?;
+        x = g.add(&x, &o);
+        let xn = g.layer_norm_plain(&x, c, LN_EPS);
+        let f = ffn(g, &b.pp("ffn"), c, &xn)?;
+        x = g.add(&x, &f);
+    }
+    let xn = g.layer_norm_plain(&x, c, LN_EPS);
+    let logits = t.linear(g, &xn, "head_logits2", c, v, true)?;
+    let logits = g.slice(&logits, 1, 1, (n + 1) as i64);
+    g.output(&logits, "logits", dtype::FLOAT, &[sym("B2"), fx(n), fx(v)]);
+    Ok(())
+}

@@ -1,0 +1,122 @@
+use clap::{Parser, Subcommand};
+use star_engines::backend::BackendOptions;
+use star_export::export::{export, ExportArgs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// star-export: turn STAR PyTorch checkpoints into ONNX model directories for star-run.
+///
+/// A model directory holds one ONNX graph per stage (text encoder, text K/V, one step per scale,
+/// stable-sampler steps, VQ transitions, decoder), one shared weights file, the tokenizer files and
+/// manifest.json. Exit codes: 0 ok, 1 validation failed, 2 bad input.
+#[derive(Parser)]
+#[command(name = "star-export", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Export checkpoints to a model directory (written atomically: nothing appears at --out on failure).
+    Export {
+        /// Transformer checkpoint: .pth (state_dict under ["trainer"]["var_wo_ddp"]) or .safetensors.
+        #[arg(long)]
+        transformer: PathBuf,
+        /// VQ tokenizer checkpoint (VAR's VQVAE): .pth or .safetensors.
+        #[arg(long)]
+        vae: PathBuf,
+        /// CLIP text encoder: a Stable-Diffusion-style folder (text_encoder/ + tokenizer/) or a CLIPTextModel folder.
+        #[arg(long)]
+        text_encoder: PathBuf,
+        /// Tokenizer folder (vocab.json + merges.txt) if not <text-encoder>/tokenizer.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Image resolution of a released schedule: 256, 512 or 1024.
+        #[arg(long)]
+        resolution: Option<usize>,
+        /// Explicit scale sides, e.g. 1,2,3,4 (overrides the resolution's schedule).
+        #[arg(long, value_delimiter = ',')]
+        patch_nums: Option<Vec<usize>>,
+        /// Output model directory (must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Graph precision (fp32; fp16/int8 are not implemented yet).
+        #[arg(long, default_value = "fp32")]
+        precision: String,
+        /// Guidance scale stored as this model's default [default: 4.0].
+        #[arg(long)]
+        default_cfg: Option<f64>,
+        /// top-k stored as this model's default [default: 600 of 4096, scaled to the vocabulary].
+        #[arg(long)]
+        default_top_k: Option<usize>,
+        /// top-p stored as this model's default [default: 0.8].
+        #[arg(long)]
+        default_top_p: Option<f64>,
+        /// No progress lines.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Run every stage of a model directory with ONNX Runtime on a golden fixture folder and compare.
+    Validate {
+        /// Model directory made by `star-export export`.
+        #[arg(long)]
+        model: PathBuf,
+        /// Fixture variant folder (e.g. fixtures/tiny-256); set-level records are read from its parent.
+        #[arg(long)]
+        golden: PathBuf,
+        /// ONNX Runtime intra-op threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Print what a checkpoint file or folder holds and which model it is.
+    Inspect {
+        path: PathBuf,
+        /// Also list every tensor with dtype and shape.
+        #[arg(long)]
+        keys: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> star_export::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Export { transformer, vae, text_encoder, tokenizer, resolution, patch_nums, out, precision, default_cfg, default_top_k, default_top_p, quiet } => {
+            let a = ExportArgs { transformer, vae, text_encoder, tokenizer, resolution, patch_nums, out: out.clone(), precision, cfg: default_cfg, top_k: default_top_k, top_p: default_top_p, quiet };
+            let t = std::time::Instant::now();
+            let m = export(&a)?;
+            let c = &m.config;
+            println!(
+                "exported STAR d{} ({} scales, {}px{}) to {} in {:.1}s: {} graphs, model hash {}",
+                c.depth,
+                m.schedule.patch_nums.len(),
+                m.schedule.image_size,
+                if c.sampler_blocks > 0 { ", stable sampler" } else { "" },
+                out.display(),
+                t.elapsed().as_secs_f64(),
+                m.graphs.len(),
+                m.model_hash
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Validate { model, golden, threads } => {
+            let rep = star_export::validate::validate(&model, &golden, BackendOptions { name: "ort-cpu".into(), threads })?;
+            print!("{}", rep.table());
+            Ok(if rep.all_pass() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Cmd::Inspect { path, keys } => {
+            print!("{}", star_export::inspect::inspect(&path, keys)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

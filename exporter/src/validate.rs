@@ -1,0 +1,248 @@
+//! `star-export validate`: run every exported stage with ONNX Runtime on the recorded inputs of a
+//! fixture variant folder and compare with the recorded outputs. Where a record stores an input
+//! only partially (probed tokens) the stage takes our own value from the previous stage instead.
+
+use crate::error::{ExportError, Result};
+use crate::schedule::{area_matrix, bicubic_matrix, rope_table};
+use star_engines::backend::{BackendOptions, Input};
+use star_engines::golden::{compare, Record, Report, FP32_TOL};
+use star_engines::model_dir::ModelDir;
+use star_engines::Tensor;
+use std::path::Path;
+
+fn f32v(t: &Tensor) -> &[f32] {
+    t.as_f32().expect("float tensor")
+}
+
+pub fn validate(model: &Path, golden: &Path, opts: BackendOptions) -> Result<Report> {
+    let mut md = ModelDir::open(model, opts)?;
+    let mut rep = Report::default();
+    let parent = golden.parent().unwrap_or(Path::new("."));
+    if parent.join("text.safetensors").is_file() {
+        text_record(&mut md, &Record::open(&parent.join("text"))?, &mut rep)?;
+    }
+    if golden.join("rope.safetensors").is_file() {
+        rope_record(&md, &Record::open(&golden.join("rope"))?, &mut rep)?;
+    }
+    if golden.join("vq.safetensors").is_file() {
+        vq_record(&mut md, &Record::open(&golden.join("vq"))?, &mut rep)?;
+    }
+    let mut gens: Vec<_> = std::fs::read_dir(golden)
+        .map_err(|e| ExportError::Io { path: golden.to_path_buf(), source: e })?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n.starts_with("gen_") && n.ends_with(".safetensors")
+        })
+        .collect();
+    gens.sort();
+    for g in gens {
+        gen_record(&mut md, &Record::open(&g.with_extension(""))?, &mut rep)?;
+    }
+    if rep.checks.is_empty() {
+        return Err(ExportError::Validation(format!("{}: no text/rope/vq/gen_* records found", golden.display())));
+    }
+    Ok(rep)
+}
+
+fn text_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
+    let ids = r.get("input_ids")?;
+    let mask = r.get("attention_mask")?;
+    let out = md.run("text_encoder", None, &[("input_ids", (&ids).into()), ("attention_mask", (&mask).into())])?;
+    rep.push(compare("text", "last_hidden_state", &out["hidden"], &r.get("last_hidden_state")?, FP32_TOL));
+    rep.push(compare("text", "pooled", &out["pooled"], &r.get("pooled")?, FP32_TOL));
+    Ok(())
+}
+
+fn rope_record(md: &ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
+    let sch = &md.manifest.schedule;
+    let mut cos = vec![];
+    let mut sin = vec![];
+    for &pn in &sch.patch_nums {
+        let (c, s) = rope_table(pn);
+        cos.extend(c);
+        sin.extend(s);
+    }
+    let l = sch.total_tokens;
+    let mut ours_c = Tensor::f32(vec![l, 32], cos);
+    let mut ours_s = Tensor::f32(vec![l, 32], sin);
+    if r.has("freqs_cis_rows") {
+        let rows = star_engines::golden::to_usize(&r.get("freqs_cis_rows")?);
+        ours_c = ours_c.select(0, &rows);
+        ours_s = ours_s.select(0, &rows);
+    }
+    rep.push(compare("rope", "freqs_cis.real", &ours_c, &r.get("freqs_cis.real")?, FP32_TOL));
+    rep.push(compare("rope", "freqs_cis.imag", &ours_s, &r.get("freqs_cis.imag")?, FP32_TOL));
+    Ok(())
+}
+
+/// (B, n, C) token-major next-scale input -> (B, C, pn, pn) like the record's `down`.
+fn tokens_to_map(t: &Tensor) -> Tensor {
+    let (b, n, c) = (t.shape[0], t.shape[1], t.shape[2]);
+    let pn = (n as f64).sqrt() as usize;
+    let v = f32v(t);
+    let mut out = vec![0f32; v.len()];
+    for bi in 0..b {
+        for i in 0..n {
+            for ci in 0..c {
+                out[(bi * c + ci) * n + i] = v[(bi * n + i) * c + ci];
+            }
+        }
+    }
+    Tensor::f32(vec![b, c, pn, pn], out)
+}
+
+fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
+    let sch = md.manifest.schedule.clone();
+    let sn = sch.patch_nums.len();
+    let p = sch.patch_nums[sn - 1];
+    for (si, &pn) in sch.patch_nums.iter().enumerate().take(sn - 1) {
+        let name = format!("mat.bicubic.{pn}to{p}");
+        if r.has(&name) {
+            rep.push(compare("vq-matrices", &name, &Tensor::f32(vec![p, pn], bicubic_matrix(pn, p)), &r.get(&name)?, FP32_TOL));
+        }
+        let pn2 = sch.patch_nums[si + 1];
+        let name = format!("mat.area.{p}to{pn2}");
+        if r.has(&name) {
+            rep.push(compare("vq-matrices", &name, &Tensor::f32(vec![pn2, p], area_matrix(p, pn2)), &r.get(&name)?, FP32_TOL));
+        }
+    }
+    let b = r.get("s00.idx")?.shape[0];
+    let cv = md.manifest.config.cvae;
+    let mut f_hat = Tensor::zeros(vec![b, cv, p, p]);
+    for si in 0..sn {
+        let idx = r.get(&format!("s{si:02}.idx"))?;
+        let out = md.run("vq", Some(si), &[("idx", (&idx).into()), ("f_hat", (&f_hat).into())])?;
+        let fname = format!("s{si:02}.f_hat");
+        if r.has(&fname) {
+            rep.push(compare(&format!("vq[{si}]"), &fname, &r.align(&fname, &out["f_hat_out"])?, &r.get(&fname)?, FP32_TOL));
+        }
+        let dname = format!("s{si:02}.down");
+        if let (Some(n), true) = (out.get("next_in"), r.has(&dname)) {
+            rep.push(compare(&format!("vq[{si}]"), &dname, &r.align(&dname, &tokens_to_map(n))?, &r.get(&dname)?, FP32_TOL));
+        }
+        f_hat = out["f_hat_out"].clone();
+    }
+    let fe = r.get("fhat_embed_to_fhat")?;
+    rep.push(compare("vq", "fhat_embed_to_fhat", &f_hat, &fe, FP32_TOL));
+    let out = md.run("decoder", None, &[("f_hat", (&fe).into())])?;
+    rep.push(compare("decoder", "dec.image_raw", &r.align("dec.image_raw", &out["image_raw"])?, &r.get("dec.image_raw")?, FP32_TOL));
+    // This record's `dec.image` is fhat_to_img's output: clamped to [-1, 1], before (x + 1) / 2.
+    let clamped = out["image"].as_f32().unwrap().iter().map(|v| v * 2.0 - 1.0).collect();
+    let clamped = Tensor::f32(out["image"].shape.clone(), clamped);
+    rep.push(compare("decoder", "dec.image", &r.align("dec.image", &clamped)?, &r.get("dec.image")?, FP32_TOL));
+    Ok(())
+}
+
+fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
+    let cfg = md.manifest.config.clone();
+    let sch = md.manifest.schedule.clone();
+    let sn = sch.patch_nums.len();
+    let p = sch.patch_nums[sn - 1];
+    let ids = r.get("text.input_ids")?;
+    let mask = r.get("text.attention_mask")?;
+    let b2 = ids.shape[0];
+    let b = b2 / 2;
+    let out = md.run("text_encoder", None, &[("input_ids", (&ids).into()), ("attention_mask", (&mask).into())])?;
+    rep.push(compare("text_encoder", "text.hidden", &out["hidden"], &r.get("text.hidden")?, FP32_TOL));
+    rep.push(compare("text_encoder", "text.pooled", &out["pooled"], &r.get("text.pooled")?, FP32_TOL));
+    // Later stages take the recorded text features (stage isolation).
+    let hidden = r.get("text.hidden")?;
+    let pooled = r.get("text.pooled")?;
+    let tkv = md.run("text_kv", None, &[("hidden", (&hidden.slice(0, 0, b)).into()), ("attention_mask", (&mask.slice(0, 0, b)).into())])?;
+    let (text_kv, text_bias) = (tkv["text_kv"].clone(), tkv["text_bias"].clone());
+
+    let (depth, h, hd, l) = (cfg.depth, cfg.heads, cfg.head_dim, sch.total_tokens);
+    let mut cache = Tensor::zeros(vec![depth, 2, b2, h, l, hd]);
+    let mut f_hat = Tensor::zeros(vec![b, cfg.cvae, p, p]);
+    let mut next_in: Option<Tensor> = None;
+    for si in 0..sn {
+        let pn = sch.patch_nums[si];
+        let n = pn * pn;
+        let stage = format!("step[{si}]");
+        let out = if si == 0 {
+            md.run("step", Some(0), &[("pooled", (&pooled).into()), ("text_kv", (&text_kv).into()), ("text_bias", (&text_bias).into())])?
+        } else {
+            let ni = next_in.as_ref().unwrap();
+            md.run("step", Some(si), &[("next_in", ni.into()), ("kv_cache", (&cache).into()), ("text_kv", (&text_kv).into()), ("text_bias", (&text_bias).into())])?
+        };
+        let kv = &out["kv_new"];
+        for i in 0..depth {
+            for (j, kn) in ["k", "v"].iter().enumerate() {
+                let name = format!("s{si:02}.b{i}.{kn}");
+                if r.has(&name) {
+                    let ours = kv.slice(0, i, i + 1).slice(1, j, j + 1);
+                    let ours = Tensor::f32(vec![b2, h, n, hd], f32v(&ours).to_vec());
+                    rep.push(compare(&stage, &name, &r.align(&name, &ours)?, &r.get(&name)?, FP32_TOL));
+                }
+            }
+        }
+        let oname = format!("s{si:02}.b{}.out", depth - 1);
+        if r.has(&oname) {
+            rep.push(compare(&stage, &oname, &r.align(&oname, &out["hidden"])?, &r.get(&oname)?, FP32_TOL));
+        }
+        let lname = format!("s{si:02}.logits");
+        if r.has(&lname) {
+            rep.push(compare(&stage, &lname, &r.align(&lname, &out["logits"])?, &r.get(&lname)?, FP32_TOL));
+        }
+        write_cache(&mut cache, kv, sch.begin_end[si].0);
+
+        let idx = r.get(&format!("s{si:02}.idx"))?;
+        if !sch.substeps[si].is_empty() {
+            for s in 0..sch.substeps[si].len() {
+                let name = format!("s{si:02}.u{s:02}.sampler_logits");
+                if !r.has(&name) {
+                    continue;
+                }
+                let m = r.get(&format!("s{si:02}.u{s:02}.mask_before"))?;
+                let so = md.run(
+                    "sampler",
+                    Some(si),
+                    &[("hidden", (&out["hidden"]).into()), ("pooled", (&pooled).into()), ("idx", (&idx).into()), ("mask", (&m).into())],
+                )?;
+                rep.push(compare(&format!("sampler[{si}]"), &name, &r.align(&name, &so["logits"])?, &r.get(&name)?, FP32_TOL));
+            }
+        }
+        let vo = md.run("vq", Some(si), &[("idx", (&idx).into()), ("f_hat", (&f_hat).into())])?;
+        let fname = format!("s{si:02}.f_hat");
+        if r.has(&fname) {
+            rep.push(compare(&format!("vq[{si}]"), &fname, &r.align(&fname, &vo["f_hat_out"])?, &r.get(&fname)?, FP32_TOL));
+        }
+        f_hat = vo["f_hat_out"].clone();
+        if let Some(ni) = vo.get("next_in") {
+            let nname = format!("s{si:02}.next_in");
+            if r.has(&nname) {
+                rep.push(compare(&format!("vq[{si}]"), &nname, &r.align(&nname, ni)?, &r.get(&nname)?, FP32_TOL));
+            }
+            // The recorded input when it is stored whole, else ours.
+            let full = r.has(&nname) && r.meta(&nname).get("probed").is_none() && r.get(&nname)?.shape == ni.shape;
+            next_in = Some(if full { r.get(&nname)? } else { ni.clone() });
+        }
+    }
+    let dec = md.run("decoder", None, &[("f_hat", (&f_hat).into())])?;
+    for (ours, name) in [("image_raw", "image_raw"), ("image", "image")] {
+        if r.has(name) {
+            rep.push(compare("decoder", name, &r.align(name, &dec[ours])?, &r.get(name)?, FP32_TOL));
+        }
+    }
+    Ok(())
+}
+
+/// Copy this scale's K/V (depth, 2, B2, H, n, hd) into the cache (depth, 2, B2, H, L, hd) at `begin`.
+pub fn write_cache(cache: &mut Tensor, kv: &Tensor, begin: usize) {
+    let (l, hd) = (cache.shape[4], cache.shape[5]);
+    let n = kv.shape[4];
+    let rows: usize = kv.shape[..4].iter().product();
+    let src = f32v(kv).to_vec();
+    if let star_engines::Data::F32(dst) = &mut cache.data {
+        for r in 0..rows {
+            let s = r * n * hd;
+            let d = (r * l + begin) * hd;
+            dst[d..d + n * hd].copy_from_slice(&src[s..s + n * hd]);
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _unused(_: Input) {}
