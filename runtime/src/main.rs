@@ -1,0 +1,235 @@
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use star_engines::backend::BackendOptions;
+use star_runtime::pipeline::{GenParams, Generated, Hooks, Pipeline};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// star-run: generate images from prompts with a STAR model directory (made by star-export).
+///
+/// Without --model it uses the demo model the repository carries (64x64 coloured shapes).
+/// Exit codes: 0 ok, 1 replay mismatch, 2 bad input or missing files.
+#[derive(Parser)]
+#[command(name = "star-run", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    gen: GenArgs,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Model directory (star-export export output). Default: the embedded demo model.
+    #[arg(long, alias = "engine")]
+    model: Option<PathBuf>,
+    /// Execution backend (this build: ort-cpu).
+    #[arg(long, default_value = "ort-cpu")]
+    backend: String,
+    /// ONNX Runtime intra-op threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Classifier-free guidance scale [default: the model's, 4.0 for released models].
+    #[arg(long)]
+    cfg: Option<f64>,
+    /// Keep the k most likely tokens (0 = off) [default: the model's].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus filter (0 = off) [default: the model's].
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Seed; image i of a call uses seed + i.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Plain sampling on every scale even when the model has the stable sampler.
+    #[arg(long)]
+    no_stable_sampling: bool,
+}
+
+#[derive(Args, Clone)]
+struct GenArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt; repeat for several images in one batch.
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// Unconditional (negative) prompt for guidance.
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Images per prompt (image i uses seed + i).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Output PNG (one image).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Output directory (several images: img_000.png, ...).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// No progress or timing lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Replay a golden fixture folder with its recorded token choices and compare every tensor.
+    Replay {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Fixture variant folder (e.g. fixtures/tiny-256).
+        #[arg(long)]
+        golden: PathBuf,
+    },
+    /// Latency benchmark: per-stage median/p90/min over repeated generations.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value = "a red circle on a blue background")]
+        prompt: String,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn open(m: &ModelArgs) -> anyhow::Result<(Pipeline, PathBuf)> {
+    let dir = m.model.clone().unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL));
+    let p = Pipeline::open(&dir, BackendOptions { name: m.backend.clone(), threads: m.threads })?;
+    Ok((p, dir))
+}
+
+fn params(p: &Pipeline, s: &SamplingArgs) -> GenParams {
+    let d = &p.md.manifest.sampling_defaults;
+    GenParams { cfg: s.cfg.unwrap_or(d.cfg), top_k: s.top_k.unwrap_or(d.top_k), top_p: s.top_p.unwrap_or(d.top_p), seed: s.seed, stable_sampling: !s.no_stable_sampling }
+}
+
+struct Progress {
+    quiet: bool,
+}
+impl Hooks for Progress {
+    fn scale_done(&mut self, si: usize, pn: usize, ms: f64) {
+        if !self.quiet {
+            eprintln!("scale {si:>2}  {pn:>2}x{pn:<2} {:>5} tokens  {ms:>8.1} ms", pn * pn);
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Some(Cmd::Replay { model, golden }) => {
+            let (mut p, _) = open(&model)?;
+            let rep = star_runtime::replay::replay(&mut p, &golden)?;
+            print!("{}", rep.table());
+            Ok(if rep.all_pass() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Some(Cmd::Bench { model, prompt, warmup, runs, json, sampling }) => {
+            let (mut p, _) = open(&model)?;
+            let gp = params(&p, &sampling);
+            let r = star_runtime::bench::bench(&mut p, &prompt, &gp, warmup, runs, model.threads)?;
+            print!("{}", r.table);
+            if let Some(j) = json {
+                std::fs::write(&j, serde_json::to_string_pretty(&r.json)?).with_context(|| format!("writing {}", j.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        None => generate(cli.gen),
+    }
+}
+
+fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
+    if a.prompt.is_empty() {
+        anyhow::bail!("give at least one --prompt (see --help)");
+    }
+    if a.batch == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
+    let prompts: Vec<String> = a.prompt.iter().flat_map(|p| std::iter::repeat_n(p.clone(), a.batch)).collect();
+    let outs: Vec<PathBuf> = match (&a.out, &a.out_dir) {
+        (Some(_), Some(_)) => anyhow::bail!("give --out or --out-dir, not both"),
+        (Some(o), None) if prompts.len() == 1 => vec![o.clone()],
+        (Some(_), None) => anyhow::bail!("{} images requested: use --out-dir", prompts.len()),
+        (None, Some(d)) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            (0..prompts.len()).map(|i| d.join(format!("img_{i:03}.png"))).collect()
+        }
+        (None, None) if prompts.len() == 1 => vec![PathBuf::from("star.png")],
+        (None, None) => vec![],
+    };
+    if outs.is_empty() {
+        anyhow::bail!("{} images requested: use --out-dir", prompts.len());
+    }
+    let (mut p, dir) = open(&a.model)?;
+    let gp = params(&p, &a.sampling);
+    let t = std::time::Instant::now();
+    let mut prog = Progress { quiet: a.quiet };
+    let Generated { image, truncated } = p.generate(&prompts, &a.negative_prompt, &gp, &mut prog)?;
+    for (i, tr) in truncated.iter().enumerate() {
+        if *tr {
+            eprintln!("warning: prompt {i} is longer than 75 CLIP tokens and was truncated");
+        }
+    }
+    let (h, w) = (image.shape[2], image.shape[3]);
+    let m = &p.md.manifest;
+    for (i, out) in outs.iter().enumerate() {
+        let rgb = star_runtime::image::to_rgb8(image.as_f32().unwrap(), i, h, w);
+        let meta = vec![
+            ("prompt".to_string(), prompts[i].clone()),
+            ("negative_prompt".into(), a.negative_prompt.clone()),
+            ("seed".into(), star_runtime::rng::image_seed(gp.seed, i).to_string()),
+            ("cfg".into(), gp.cfg.to_string()),
+            ("top_k".into(), gp.top_k.to_string()),
+            ("top_p".into(), gp.top_p.to_string()),
+            ("stable_sampling".into(), gp.stable_sampling.to_string()),
+            ("model_hash".into(), m.model_hash.clone()),
+            ("backend".into(), p.md.opts.name.clone()),
+            ("precision".into(), m.precision.clone()),
+            ("software".into(), format!("star-run {}", env!("CARGO_PKG_VERSION"))),
+        ];
+        star_runtime::image::write_png(out, &rgb, w, h, &meta)?;
+        if !a.quiet {
+            println!("wrote {} ({w}x{h})", out.display());
+        }
+    }
+    if !a.quiet {
+        let tm = &p.timings;
+        let mut parts: Vec<String> = vec![];
+        for k in ["tokenizer", "text_encoder", "text_kv", "sampling", "decoder"] {
+            parts.push(format!("{k} {:.1}", tm.get(k)));
+        }
+        let steps: f64 = tm.ms.iter().filter(|(k, _)| k.starts_with("step[")).map(|(_, v)| v.0).sum();
+        let vq: f64 = tm.ms.iter().filter(|(k, _)| k.starts_with("vq[")).map(|(_, v)| v.0).sum();
+        let smp: f64 = tm.ms.iter().filter(|(k, _)| k.starts_with("sampler[")).map(|(_, v)| v.0).sum();
+        eprintln!(
+            "model {} ({}): {} ms total | scale steps {steps:.1}, stable sampler {smp:.1}, vq {vq:.1}, {} (ms)",
+            dir.display(),
+            m.model_hash,
+            t.elapsed().as_millis(),
+            parts.join(", ")
+        );
+    }
+    let _ = Path::new("");
+    Ok(ExitCode::SUCCESS)
+}

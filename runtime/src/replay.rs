@@ -1,0 +1,79 @@
+//! `star-run replay`: run the whole pipeline on a fixture variant folder, taking the recorded
+//! token choices and reveal masks instead of sampling, and compare every recorded tensor on the way.
+
+use crate::pipeline::{GenParams, Hooks, Pipeline, Result, RunError};
+use star_engines::golden::{compare, Record, Report, FP32_TOL};
+use star_engines::Tensor;
+use std::path::Path;
+
+struct ReplayHooks<'a> {
+    rec: &'a Record,
+    rep: Report,
+    err: Option<String>,
+}
+
+impl Hooks for ReplayHooks<'_> {
+    fn observe(&mut self, name: &str, t: &Tensor) {
+        if !self.rec.has(name) {
+            return;
+        }
+        let stage = name.split('.').next().unwrap_or(name).to_string();
+        match (self.rec.align(name, t), self.rec.get(name)) {
+            (Ok(ours), Ok(gold)) => self.rep.push(compare(&stage, name, &ours, &gold, FP32_TOL)),
+            (Err(e), _) | (_, Err(e)) => self.err = Some(e.to_string()),
+        }
+    }
+    fn plain_tokens(&mut self, si: usize) -> Option<Vec<i64>> {
+        self.rec.get(&format!("s{si:02}.idx")).ok().and_then(|t| t.as_i64().map(|v| v.to_vec()))
+    }
+    fn substep(&mut self, si: usize, s: usize) -> Option<(Vec<f32>, Vec<i64>)> {
+        let m = self.rec.get(&format!("s{si:02}.u{s:02}.mask_after")).ok()?;
+        let ids = self.rec.get(&format!("s{si:02}.idx")).ok()?;
+        Some((m.as_f32()?.to_vec(), ids.as_i64()?.to_vec()))
+    }
+}
+
+pub fn replay(p: &mut Pipeline, golden: &Path) -> Result<Report> {
+    let mut gens: Vec<_> = std::fs::read_dir(golden)
+        .map_err(|e| RunError::Invalid(format!("{}: {e}", golden.display())))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|x| {
+            let n = x.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n.starts_with("gen_") && n.ends_with(".safetensors")
+        })
+        .collect();
+    gens.sort();
+    if gens.is_empty() {
+        return Err(RunError::Invalid(format!("{}: no gen_*.safetensors generation record", golden.display())));
+    }
+    let mut all = Report::default();
+    for g in gens {
+        let rec = Record::open(&g.with_extension(""))?;
+        let call = rec.info()["call"].clone();
+        let prompts: Vec<String> = call["prompts"].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
+        let distinct = prompts.iter().collect::<std::collections::HashSet<_>>().len();
+        if distinct > 1 {
+            // The release broadcasts row 0's cross-attention to every row; we follow batch
+            // invariance instead, so such a record is not reproducible by design.
+            return Err(RunError::Invalid(format!(
+                "{}: record of {distinct} different prompts (the release's row-0 broadcast); replay its rows one prompt at a time",
+                g.display()
+            )));
+        }
+        let params = GenParams {
+            cfg: call["cfg"].as_f64().unwrap_or(4.0),
+            top_k: call["top_k"].as_u64().unwrap_or(0) as usize,
+            top_p: call["top_p"].as_f64().unwrap_or(0.0),
+            seed: call["g_seed"].as_u64().unwrap_or(0),
+            stable_sampling: call["w_mask"].as_bool().unwrap_or(true),
+        };
+        let mut hooks = ReplayHooks { rec: &rec, rep: Report::default(), err: None };
+        p.generate(&prompts, "", &params, &mut hooks)?;
+        if let Some(e) = hooks.err {
+            return Err(RunError::Invalid(e));
+        }
+        all.checks.extend(hooks.rep.checks);
+    }
+    Ok(all)
+}
