@@ -1,0 +1,161 @@
+//! The embedded demo model: prompt adherence by the demo README's colour rule, batch invariance,
+//! determinism.
+
+use star_engines::backend::BackendOptions;
+use star_runtime::image::to_rgb8;
+use star_runtime::pipeline::{GenParams, NoHooks, Pipeline};
+use star_tests::demo_model;
+
+const PALETTE: [(&str, [f64; 3]); 8] = [
+    ("red", [220.0, 30.0, 30.0]),
+    ("green", [30.0, 170.0, 50.0]),
+    ("blue", [30.0, 70.0, 220.0]),
+    ("yellow", [245.0, 220.0, 30.0]),
+    ("white", [245.0, 245.0, 245.0]),
+    ("black", [15.0, 15.0, 15.0]),
+    ("orange", [245.0, 140.0, 20.0]),
+    ("purple", [140.0, 40.0, 180.0]),
+];
+
+const PROMPTS: [&str; 12] = [
+    "a red circle on a blue background",
+    "a green square on a yellow background",
+    "a white triangle on a black background",
+    "a orange cross on a purple background",
+    "a yellow circle on a green background",
+    "a blue square on a white background",
+    "a purple triangle on a orange background",
+    "a black cross on a white background",
+    "a white circle on a red background",
+    "a red square on a black background",
+    "a green triangle on a blue background",
+    "a purple circle on a yellow background",
+];
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn nearest(c: [f64; 3]) -> &'static str {
+    PALETTE
+        .iter()
+        .min_by(|a, b| dist(a.1, c).partial_cmp(&dist(b.1, c)).unwrap())
+        .unwrap()
+        .0
+}
+
+fn dist(a: [f64; 3], b: [f64; 3]) -> f64 {
+    ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
+}
+
+/// The demo README's rule: background = per-channel median of the ring 3-7 px inside the edge;
+/// foreground = central 48x48 pixels farther than 80 from it (at least 20, else wrong); shape
+/// colour = their per-channel median; colours named by the nearest palette entry.
+fn judge(rgb: &[u8], w: usize, h: usize) -> (Option<&'static str>, &'static str) {
+    let px = |x: usize, y: usize| {
+        let i = (y * w + x) * 3;
+        [rgb[i] as f64, rgb[i + 1] as f64, rgb[i + 2] as f64]
+    };
+    let mut ring: [Vec<f64>; 3] = Default::default();
+    for y in 0..h {
+        for x in 0..w {
+            let d = x.min(y).min(w - 1 - x).min(h - 1 - y);
+            if (3..=7).contains(&d) {
+                let p = px(x, y);
+                for c in 0..3 {
+                    ring[c].push(p[c]);
+                }
+            }
+        }
+    }
+    let bg = [median(&mut ring[0]), median(&mut ring[1]), median(&mut ring[2])];
+    let (x0, y0) = ((w - 48) / 2, (h - 48) / 2);
+    let mut fg: [Vec<f64>; 3] = Default::default();
+    for y in y0..y0 + 48 {
+        for x in x0..x0 + 48 {
+            let p = px(x, y);
+            if dist(p, bg) > 80.0 {
+                for c in 0..3 {
+                    fg[c].push(p[c]);
+                }
+            }
+        }
+    }
+    let shape = if fg[0].len() >= 20 { Some(nearest([median(&mut fg[0]), median(&mut fg[1]), median(&mut fg[2])])) } else { None };
+    (shape, nearest(bg))
+}
+
+fn params(p: &Pipeline, seed: u64) -> GenParams {
+    let d = &p.md.manifest.sampling_defaults;
+    GenParams { cfg: d.cfg, top_k: d.top_k, top_p: d.top_p, seed, stable_sampling: true }
+}
+
+#[test]
+fn demo_defaults_are_the_documented_ones() {
+    let p = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
+    let d = &p.md.manifest.sampling_defaults;
+    assert_eq!((d.cfg, d.top_k, d.top_p), (3.0, 64, 0.9));
+}
+
+#[test]
+fn demo_follows_prompt_colours() {
+    let mut p = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
+    let (mut both, mut shape_ok, mut bg_ok, mut total) = (0, 0, 0, 0);
+    for prompt in PROMPTS {
+        let words: Vec<&str> = prompt.split(' ').collect();
+        let (want_shape, want_bg) = (words[1], words[5]);
+        // Seeds 1..4: one call with four images (image i uses seed 1 + i).
+        let prompts = vec![prompt.to_string(); 4];
+        let g = p.generate(&prompts, "", &params(&p, 1), &mut NoHooks).unwrap();
+        let (h, w) = (g.image.shape[2], g.image.shape[3]);
+        for i in 0..4 {
+            let rgb = to_rgb8(g.image.as_f32().unwrap(), i, h, w);
+            let (s, b) = judge(&rgb, w, h);
+            let (so, bo) = (s == Some(want_shape), b == want_bg);
+            shape_ok += so as usize;
+            bg_ok += bo as usize;
+            both += (so && bo) as usize;
+            total += 1;
+        }
+    }
+    let rate = both as f64 / total as f64;
+    println!(
+        "demo adherence over {total} images: both colours right {:.1}% (shape {:.1}%, background {:.1}%); official implementation: 68.8%",
+        100.0 * rate,
+        100.0 * shape_ok as f64 / total as f64,
+        100.0 * bg_ok as f64 / total as f64
+    );
+    assert_eq!(total, 48);
+    assert!(rate >= 0.55, "both-right rate {:.1}% is below 55%", 100.0 * rate);
+}
+
+#[test]
+fn batch_of_different_prompts_equals_each_alone() {
+    let mut p = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
+    let prompts: Vec<String> = PROMPTS[..3].iter().map(|s| s.to_string()).collect();
+    let batch = p.generate(&prompts, "", &params(&p, 7), &mut NoHooks).unwrap();
+    let (h, w) = (batch.image.shape[2], batch.image.shape[3]);
+    for (i, pr) in prompts.iter().enumerate() {
+        let alone = p.generate(std::slice::from_ref(pr), "", &params(&p, 7 + i as u64), &mut NoHooks).unwrap();
+        let a = to_rgb8(alone.image.as_f32().unwrap(), 0, h, w);
+        let b = to_rgb8(batch.image.as_f32().unwrap(), i, h, w);
+        assert_eq!(a, b, "image {i} of the batch differs from its single generation with seed {}", 7 + i);
+    }
+}
+
+#[test]
+fn same_seed_same_image_other_seed_other_image() {
+    let mut p = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
+    let pr = vec![PROMPTS[0].to_string()];
+    let a = p.generate(&pr, "", &params(&p, 5), &mut NoHooks).unwrap();
+    let b = p.generate(&pr, "", &params(&p, 5), &mut NoHooks).unwrap();
+    let c = p.generate(&pr, "", &params(&p, 6), &mut NoHooks).unwrap();
+    assert_eq!(a.image.as_f32().unwrap(), b.image.as_f32().unwrap());
+    assert_ne!(a.image.as_f32().unwrap(), c.image.as_f32().unwrap());
+}
