@@ -36,13 +36,20 @@ pub struct BackendOptions {
 
 impl Default for BackendOptions {
     fn default() -> Self {
-        BackendOptions { name: "ort-cpu".into(), threads: 0 }
+        BackendOptions {
+            name: "ort-cpu".into(),
+            threads: 0,
+        }
     }
 }
 
 pub const BACKENDS: &[&str] = &["ort-cpu"];
 
-pub fn open_session(opts: &BackendOptions, graph: &Path, label: &str) -> Result<Box<dyn StageSession>> {
+pub fn open_session(
+    opts: &BackendOptions,
+    graph: &Path,
+    label: &str,
+) -> Result<Box<dyn StageSession>> {
     match opts.name.as_str() {
         "ort-cpu" => Ok(Box::new(OrtSession::load(graph, label, opts.threads)?)),
         other => Err(EngineError::UnknownBackend(other.to_string())),
@@ -51,7 +58,10 @@ pub fn open_session(opts: &BackendOptions, graph: &Path, label: &str) -> Result<
 
 fn ort_err(context: impl Into<String>) -> impl FnOnce(ort::Error) -> EngineError {
     let context = context.into();
-    move |e| EngineError::Ort { context, message: e.to_string() }
+    move |e| EngineError::Ort {
+        context,
+        message: e.to_string(),
+    }
 }
 
 static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
@@ -61,7 +71,11 @@ static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>>
 fn find_ort_library() -> std::result::Result<PathBuf, String> {
     if let Ok(p) = std::env::var("ORT_DYLIB_PATH") {
         let p = PathBuf::from(p);
-        return if p.is_file() { Ok(p) } else { Err(format!("ORT_DYLIB_PATH={} does not exist", p.display())) };
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("ORT_DYLIB_PATH={} does not exist", p.display()))
+        };
     }
     let mut roots: Vec<PathBuf> = vec![];
     if let Ok(cwd) = std::env::current_dir() {
@@ -72,14 +86,22 @@ fn find_ort_library() -> std::result::Result<PathBuf, String> {
     }
     for venv in roots {
         let lib = venv.join("lib");
-        let Ok(rd) = std::fs::read_dir(&lib) else { continue };
+        let Ok(rd) = std::fs::read_dir(&lib) else {
+            continue;
+        };
         for py in rd.flatten() {
             let capi = py.path().join("site-packages/onnxruntime/capi");
-            let Ok(files) = std::fs::read_dir(&capi) else { continue };
+            let Ok(files) = std::fs::read_dir(&capi) else {
+                continue;
+            };
             let mut libs: Vec<PathBuf> = files
                 .flatten()
                 .map(|f| f.path())
-                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+                })
                 .collect();
             libs.sort();
             if let Some(l) = libs.pop() {
@@ -94,10 +116,15 @@ fn find_ort_library() -> std::result::Result<PathBuf, String> {
 pub fn ort_environment() -> Result<&'static ort::environment::Environment> {
     let r = ENV.get_or_init(|| {
         let lib = find_ort_library()?;
-        let builder = ort::init_from(&lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
-        builder.with_name("star").build().map_err(|e| format!("creating the environment from {}: {e}", lib.display()))
+        let builder =
+            ort::init_from(&lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
+        builder
+            .with_name("star")
+            .build()
+            .map_err(|e| format!("creating the environment from {}: {e}", lib.display()))
     });
-    r.as_ref().map_err(|why| EngineError::OrtLibrary { why: why.clone() })
+    r.as_ref()
+        .map_err(|why| EngineError::OrtLibrary { why: why.clone() })
 }
 
 pub struct OrtSession {
@@ -112,12 +139,19 @@ impl OrtSession {
         let mut b = ort::session::Session::builder(env).map_err(ort_err(ctx.clone()))?;
         // Weights are shared between the per-scale graphs through one mmapped external-data file;
         // pre-packing would give every session its own private copy of every matrix.
-        b = b.with_config_entry("session.disable_prepacking", "1").map_err(|e| ort_err(ctx.clone())(e.into()))?;
+        b = b
+            .with_config_entry("session.disable_prepacking", "1")
+            .map_err(|e| ort_err(ctx.clone())(e.into()))?;
         if threads > 0 {
-            b = b.with_intra_threads(threads).map_err(|e| ort_err(ctx.clone())(e.into()))?;
+            b = b
+                .with_intra_threads(threads)
+                .map_err(|e| ort_err(ctx.clone())(e.into()))?;
         }
         let session = b.commit_from_file(graph).map_err(ort_err(ctx))?;
-        Ok(OrtSession { label: label.to_string(), session })
+        Ok(OrtSession {
+            label: label.to_string(),
+            session,
+        })
     }
 }
 
@@ -129,16 +163,23 @@ impl StageSession for OrtSession {
     fn run(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<HashMap<String, Tensor>> {
         use ort::value::TensorRef;
         let ctx = format!("running stage {}", self.label);
-        let mut vals: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
+        let mut vals: Vec<(
+            std::borrow::Cow<'_, str>,
+            ort::session::SessionInputValue<'_>,
+        )> = Vec::with_capacity(inputs.len());
         for (name, inp) in inputs {
             let v: ort::session::SessionInputValue<'_> = match inp {
                 Input::F32(shape, data) => {
                     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                    TensorRef::from_array_view((shape, *data)).map_err(ort_err(ctx.clone()))?.into()
+                    TensorRef::from_array_view((shape, *data))
+                        .map_err(ort_err(ctx.clone()))?
+                        .into()
                 }
                 Input::I64(shape, data) => {
                     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                    TensorRef::from_array_view((shape, *data)).map_err(ort_err(ctx.clone()))?.into()
+                    TensorRef::from_array_view((shape, *data))
+                        .map_err(ort_err(ctx.clone()))?
+                        .into()
                 }
             };
             vals.push((std::borrow::Cow::Owned(name.to_string()), v));
@@ -149,7 +190,9 @@ impl StageSession for OrtSession {
             let t = if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
                 Tensor::f32(shape.iter().map(|&d| d as usize).collect(), data.to_vec())
             } else {
-                let (shape, data) = value.try_extract_tensor::<i64>().map_err(ort_err(format!("{ctx}: output {name}")))?;
+                let (shape, data) = value
+                    .try_extract_tensor::<i64>()
+                    .map_err(ort_err(format!("{ctx}: output {name}")))?;
                 Tensor::i64(shape.iter().map(|&d| d as usize).collect(), data.to_vec())
             };
             out.insert(name.to_string(), t);

@@ -3,7 +3,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a safetensors file: {why}")]
     BadSafetensors { path: PathBuf, why: String },
     #[error("{path}: no tensor '{name}'")]
@@ -11,9 +14,17 @@ pub enum EngineError {
     #[error("{path}: manifest: {why}")]
     Manifest { path: PathBuf, why: String },
     #[error("{path}: manifest schema version {found}, this build reads version {expected}; re-export the model with this version of star-export")]
-    SchemaVersion { path: PathBuf, found: u32, expected: u32 },
+    SchemaVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
     #[error("{path}: sha256 {found} does not match the manifest's {expected}: the file was modified or truncated; re-export the model")]
-    HashMismatch { path: PathBuf, expected: String, found: String },
+    HashMismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("ONNX Runtime library not found ({why}). Install it with `python3 -m pip install onnxruntime==1.31.*` and set ORT_DYLIB_PATH to .../site-packages/onnxruntime/capi/libonnxruntime.so.<version>")]
     OrtLibrary { why: String },
     #[error("ONNX Runtime: {context}: {message}")]
@@ -21,7 +32,11 @@ pub enum EngineError {
     #[error("backend '{0}' is not available in this build (available: ort-cpu)")]
     UnknownBackend(String),
     #[error("stage '{stage}': input '{input}' {why}")]
-    BadInput { stage: String, input: String, why: String },
+    BadInput {
+        stage: String,
+        input: String,
+        why: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

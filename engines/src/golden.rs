@@ -24,9 +24,15 @@ impl Record {
         let st = SafeTensors::open(&stem.with_extension("safetensors"))?;
         let jp = stem.with_extension("json");
         let text = std::fs::read_to_string(&jp).map_err(io_err(&jp))?;
-        let index = serde_json::from_str(&text)
-            .map_err(|e| EngineError::BadSafetensors { path: jp.clone(), why: format!("index is not JSON: {e}") })?;
-        Ok(Record { stem: stem.to_path_buf(), st, index })
+        let index = serde_json::from_str(&text).map_err(|e| EngineError::BadSafetensors {
+            path: jp.clone(),
+            why: format!("index is not JSON: {e}"),
+        })?;
+        Ok(Record {
+            stem: stem.to_path_buf(),
+            st,
+            index,
+        })
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -52,7 +58,12 @@ impl Record {
         let Some(probed) = meta.get("probed").and_then(|p| p.as_str()) else {
             // Images may be probed through image_probe_rows/cols.
             if name.ends_with("image") || name.ends_with("image_raw") {
-                let want = meta["shape"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect::<Vec<_>>());
+                let want = meta["shape"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as usize)
+                        .collect::<Vec<_>>()
+                });
                 if want.as_deref() != Some(&ours.shape[..]) && self.has("image_probe_rows") {
                     let rows = to_usize(&self.get("image_probe_rows")?);
                     let cols = to_usize(&self.get("image_probe_cols")?);
@@ -74,7 +85,9 @@ impl Record {
         let probe_name = probed.split_whitespace().next().unwrap_or_default();
         let mut idx = to_usize(&self.get(probe_name)?);
         if probed.contains("prefix row 0 kept") {
-            idx = std::iter::once(0).chain(idx.iter().map(|i| i + 1)).collect();
+            idx = std::iter::once(0)
+                .chain(idx.iter().map(|i| i + 1))
+                .collect();
         }
         let axis = meta["token_axis"].as_u64().unwrap_or(1) as usize;
         Ok(ours.select(axis, &idx))
@@ -116,7 +129,11 @@ pub fn compare(stage: &str, tensor: &str, ours: &Tensor, golden: &Tensor, tol: f
     let b = golden.to_f64();
     if golden.as_i64().is_some() {
         let bad = a.iter().zip(&b).filter(|(x, y)| x != y).count();
-        c.max_abs = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        c.max_abs = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
         c.max_rel = if bad == 0 { 0.0 } else { 1.0 };
         c.tol = 0.0;
         c.pass = bad == 0;
@@ -139,7 +156,13 @@ pub fn compare(stage: &str, tensor: &str, ours: &Tensor, golden: &Tensor, tol: f
             nonfinite_mismatch += 1;
         }
     }
-    c.max_rel = if scale > 0.0 { c.max_abs / scale } else if c.max_abs == 0.0 { 0.0 } else { f64::INFINITY };
+    c.max_rel = if scale > 0.0 {
+        c.max_abs / scale
+    } else if c.max_abs == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    };
     c.pass = nonfinite_mismatch == 0 && c.max_rel <= tol;
     if nonfinite_mismatch > 0 {
         c.note = format!("{nonfinite_mismatch} non-finite entries differ");
@@ -163,7 +186,10 @@ impl Report {
         self.checks.iter().filter(|c| !c.pass).count()
     }
     pub fn table(&self) -> String {
-        let mut s = format!("{:<14} {:<34} {:>11} {:>11} {:>8}  {}\n", "stage", "tensor", "max_abs", "max_rel", "tol", "result");
+        let mut s = format!(
+            "{:<14} {:<34} {:>11} {:>11} {:>8}  {}\n",
+            "stage", "tensor", "max_abs", "max_rel", "tol", "result"
+        );
         for c in &self.checks {
             s.push_str(&format!(
                 "{:<14} {:<34} {:>11.3e} {:>11.3e} {:>8.0e}  {}{}\n",
@@ -173,11 +199,25 @@ impl Report {
                 c.max_rel,
                 c.tol,
                 if c.pass { "pass" } else { "FAIL" },
-                if c.note.is_empty() { String::new() } else { format!(" ({})", c.note) }
+                if c.note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", c.note)
+                }
             ));
         }
-        let worst = self.checks.iter().map(|c| c.max_rel).filter(|x| x.is_finite()).fold(0.0, f64::max);
-        s.push_str(&format!("{} checks, {} failed, worst relative error {:.3e}\n", self.checks.len(), self.failures(), worst));
+        let worst = self
+            .checks
+            .iter()
+            .map(|c| c.max_rel)
+            .filter(|x| x.is_finite())
+            .fold(0.0, f64::max);
+        s.push_str(&format!(
+            "{} checks, {} failed, worst relative error {:.3e}\n",
+            self.checks.len(),
+            self.failures(),
+            worst
+        ));
         s
     }
 }

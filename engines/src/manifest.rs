@@ -124,16 +124,31 @@ impl Manifest {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
         let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| EngineError::Manifest { path: path.clone(), why: format!("not JSON: {e}") })?;
-        let found = v.get("schema_version").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
+            serde_json::from_str(&text).map_err(|e| EngineError::Manifest {
+                path: path.clone(),
+                why: format!("not JSON: {e}"),
+            })?;
+        let found = v
+            .get("schema_version")
+            .and_then(|x| x.as_u64())
+            .unwrap_or(0) as u32;
         if found != SCHEMA_VERSION {
-            return Err(EngineError::SchemaVersion { path, found, expected: SCHEMA_VERSION });
+            return Err(EngineError::SchemaVersion {
+                path,
+                found,
+                expected: SCHEMA_VERSION,
+            });
         }
-        serde_json::from_value(v).map_err(|e| EngineError::Manifest { path, why: e.to_string() })
+        serde_json::from_value(v).map_err(|e| EngineError::Manifest {
+            path,
+            why: e.to_string(),
+        })
     }
 
     pub fn graph(&self, stage: &str, scale: Option<usize>) -> Option<&GraphEntry> {
-        self.graphs.iter().find(|g| g.stage == stage && g.scale == scale)
+        self.graphs
+            .iter()
+            .find(|g| g.stage == stage && g.scale == scale)
     }
 
     /// Check that every file the manifest lists exists with its recorded hash.
@@ -142,12 +157,20 @@ impl Manifest {
             .files
             .iter()
             .map(|f| (f.file.as_str(), f.sha256.as_str()))
-            .chain(self.graphs.iter().map(|g| (g.file.as_str(), g.sha256.as_str())));
+            .chain(
+                self.graphs
+                    .iter()
+                    .map(|g| (g.file.as_str(), g.sha256.as_str())),
+            );
         for (file, want) in all {
             let p = dir.join(file);
             let got = sha256_file(&p)?;
             if got != want {
-                return Err(EngineError::HashMismatch { path: p, expected: want.to_string(), found: got });
+                return Err(EngineError::HashMismatch {
+                    path: p,
+                    expected: want.to_string(),
+                    found: got,
+                });
             }
         }
         Ok(())

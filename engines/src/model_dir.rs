@@ -21,20 +21,34 @@ impl ModelDir {
             return Err(EngineError::UnknownBackend(opts.name.clone()));
         }
         if !dir.is_dir() {
-            return Err(EngineError::Manifest { path: dir.to_path_buf(), why: "no such model directory (make one with `star-export export`)".into() });
+            return Err(EngineError::Manifest {
+                path: dir.to_path_buf(),
+                why: "no such model directory (make one with `star-export export`)".into(),
+            });
         }
         let manifest = Manifest::load(dir)?;
         manifest.verify_files(dir)?;
-        Ok(ModelDir { dir: dir.to_path_buf(), manifest, opts, sessions: HashMap::new() })
+        Ok(ModelDir {
+            dir: dir.to_path_buf(),
+            manifest,
+            opts,
+            sessions: HashMap::new(),
+        })
     }
 
     fn session(&mut self, stage: &str, scale: Option<usize>) -> Result<&mut Box<dyn StageSession>> {
         let key = (stage.to_string(), scale);
         if !self.sessions.contains_key(&key) {
-            let g = self.manifest.graph(stage, scale).ok_or_else(|| EngineError::Manifest {
-                path: self.dir.join(crate::manifest::MANIFEST_FILE),
-                why: format!("no graph for stage '{stage}'{}", scale.map(|s| format!(" scale {s}")).unwrap_or_default()),
-            })?;
+            let g = self
+                .manifest
+                .graph(stage, scale)
+                .ok_or_else(|| EngineError::Manifest {
+                    path: self.dir.join(crate::manifest::MANIFEST_FILE),
+                    why: format!(
+                        "no graph for stage '{stage}'{}",
+                        scale.map(|s| format!(" scale {s}")).unwrap_or_default()
+                    ),
+                })?;
             let label = match scale {
                 Some(s) => format!("{stage}[{s}]"),
                 None => stage.to_string(),
@@ -51,14 +65,24 @@ impl ModelDir {
 
     /// Open every session now (so that timing runs do not include session creation).
     pub fn load_all(&mut self) -> Result<()> {
-        let keys: Vec<(String, Option<usize>)> = self.manifest.graphs.iter().map(|g| (g.stage.clone(), g.scale)).collect();
+        let keys: Vec<(String, Option<usize>)> = self
+            .manifest
+            .graphs
+            .iter()
+            .map(|g| (g.stage.clone(), g.scale))
+            .collect();
         for (s, k) in keys {
             self.session(&s, k)?;
         }
         Ok(())
     }
 
-    pub fn run(&mut self, stage: &str, scale: Option<usize>, inputs: &[(&str, Input<'_>)]) -> Result<HashMap<String, Tensor>> {
+    pub fn run(
+        &mut self,
+        stage: &str,
+        scale: Option<usize>,
+        inputs: &[(&str, Input<'_>)],
+    ) -> Result<HashMap<String, Tensor>> {
         self.session(stage, scale)?.run(inputs)
     }
 }

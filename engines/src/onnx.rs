@@ -211,14 +211,23 @@ impl ValueInfoProto {
         let dim = dims
             .iter()
             .map(|d| match d {
-                Dim::Fixed(v) => Dimension { dim_value: Some(*v), dim_param: None },
-                Dim::Sym(s) => Dimension { dim_value: None, dim_param: Some(s.clone()) },
+                Dim::Fixed(v) => Dimension {
+                    dim_value: Some(*v),
+                    dim_param: None,
+                },
+                Dim::Sym(s) => Dimension {
+                    dim_value: None,
+                    dim_param: Some(s.clone()),
+                },
             })
             .collect();
         ValueInfoProto {
             name: name.to_string(),
             r#type: Some(TypeProto {
-                tensor_type: Some(TypeProtoTensor { elem_type, shape: Some(TensorShapeProto { dim }) }),
+                tensor_type: Some(TypeProtoTensor {
+                    elem_type,
+                    shape: Some(TensorShapeProto { dim }),
+                }),
             }),
             doc_string: String::new(),
         }
@@ -227,19 +236,44 @@ impl ValueInfoProto {
 
 impl AttributeProto {
     pub fn int(name: &str, v: i64) -> Self {
-        AttributeProto { name: name.into(), i: v, r#type: attr_type::INT, ..Default::default() }
+        AttributeProto {
+            name: name.into(),
+            i: v,
+            r#type: attr_type::INT,
+            ..Default::default()
+        }
     }
     pub fn float(name: &str, v: f32) -> Self {
-        AttributeProto { name: name.into(), f: v, r#type: attr_type::FLOAT, ..Default::default() }
+        AttributeProto {
+            name: name.into(),
+            f: v,
+            r#type: attr_type::FLOAT,
+            ..Default::default()
+        }
     }
     pub fn ints(name: &str, v: &[i64]) -> Self {
-        AttributeProto { name: name.into(), ints: v.to_vec(), r#type: attr_type::INTS, ..Default::default() }
+        AttributeProto {
+            name: name.into(),
+            ints: v.to_vec(),
+            r#type: attr_type::INTS,
+            ..Default::default()
+        }
     }
     pub fn string(name: &str, v: &str) -> Self {
-        AttributeProto { name: name.into(), s: v.as_bytes().to_vec(), r#type: attr_type::STRING, ..Default::default() }
+        AttributeProto {
+            name: name.into(),
+            s: v.as_bytes().to_vec(),
+            r#type: attr_type::STRING,
+            ..Default::default()
+        }
     }
     pub fn tensor(name: &str, t: TensorProto) -> Self {
-        AttributeProto { name: name.into(), t: Some(t), r#type: attr_type::TENSOR, ..Default::default() }
+        AttributeProto {
+            name: name.into(),
+            t: Some(t),
+            r#type: attr_type::TENSOR,
+            ..Default::default()
+        }
     }
 }
 

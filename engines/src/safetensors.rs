@@ -64,12 +64,30 @@ impl DType {
 /// Little-endian bytes of one tensor converted to f32 (the exporter's working precision).
 pub fn bytes_to_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-        DType::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-        DType::I32 => bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        DType::I64 => bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        DType::I32 => bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
         DType::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
         DType::U8 | DType::Bool => bytes.iter().map(|&b| b as f32).collect(),
     })
@@ -93,7 +111,10 @@ pub struct SafeTensors {
 
 impl SafeTensors {
     pub fn open(path: &Path) -> Result<Self> {
-        let bad = |why: String| EngineError::BadSafetensors { path: path.to_path_buf(), why };
+        let bad = |why: String| EngineError::BadSafetensors {
+            path: path.to_path_buf(),
+            why,
+        };
         let file = std::fs::File::open(path).map_err(io_err(path))?;
         // SAFETY: read-only mapping; the file is not expected to change while we read it.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
@@ -102,11 +123,16 @@ impl SafeTensors {
         }
         let n = u64::from_le_bytes(mmap[..8].try_into().unwrap()) as usize;
         if n > 100 << 20 || 8 + n > mmap.len() {
-            return Err(bad(format!("header length {n} exceeds the file ({} bytes): truncated?", mmap.len())));
+            return Err(bad(format!(
+                "header length {n} exceeds the file ({} bytes): truncated?",
+                mmap.len()
+            )));
         }
-        let header: serde_json::Value =
-            serde_json::from_slice(&mmap[8..8 + n]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-        let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+        let header: serde_json::Value = serde_json::from_slice(&mmap[8..8 + n])
+            .map_err(|e| bad(format!("header is not JSON: {e}")))?;
+        let obj = header
+            .as_object()
+            .ok_or_else(|| bad("header is not a JSON object".into()))?;
         let data_len = mmap.len() - 8 - n;
         let mut entries = BTreeMap::new();
         let mut metadata = BTreeMap::new();
@@ -119,7 +145,10 @@ impl SafeTensors {
                 }
                 continue;
             }
-            let dt = v["dtype"].as_str().and_then(DType::parse).ok_or_else(|| bad(format!("tensor '{k}': unsupported dtype {}", v["dtype"])))?;
+            let dt = v["dtype"]
+                .as_str()
+                .and_then(DType::parse)
+                .ok_or_else(|| bad(format!("tensor '{k}': unsupported dtype {}", v["dtype"])))?;
             let shape: Vec<usize> = v["shape"]
                 .as_array()
                 .ok_or_else(|| bad(format!("tensor '{k}': no shape")))?
@@ -127,21 +156,44 @@ impl SafeTensors {
                 .map(|d| d.as_u64().map(|x| x as usize))
                 .collect::<Option<_>>()
                 .ok_or_else(|| bad(format!("tensor '{k}': bad shape")))?;
-            let offs = v["data_offsets"].as_array().ok_or_else(|| bad(format!("tensor '{k}': no data_offsets")))?;
-            let (start, end) = match (offs.first().and_then(|x| x.as_u64()), offs.get(1).and_then(|x| x.as_u64())) {
+            let offs = v["data_offsets"]
+                .as_array()
+                .ok_or_else(|| bad(format!("tensor '{k}': no data_offsets")))?;
+            let (start, end) = match (
+                offs.first().and_then(|x| x.as_u64()),
+                offs.get(1).and_then(|x| x.as_u64()),
+            ) {
                 (Some(s), Some(e)) => (s as usize, e as usize),
                 _ => return Err(bad(format!("tensor '{k}': bad data_offsets"))),
             };
             let want = shape.iter().product::<usize>() * dt.size();
             if end < start || end - start != want {
-                return Err(bad(format!("tensor '{k}': {} bytes for shape {shape:?} {}", end.saturating_sub(start), dt.name())));
+                return Err(bad(format!(
+                    "tensor '{k}': {} bytes for shape {shape:?} {}",
+                    end.saturating_sub(start),
+                    dt.name()
+                )));
             }
             if end > data_len {
                 return Err(bad(format!("tensor '{k}' ends at byte {end} past the data ({data_len} bytes): truncated file")));
             }
-            entries.insert(k.clone(), Entry { dtype: dt, shape, start, end });
+            entries.insert(
+                k.clone(),
+                Entry {
+                    dtype: dt,
+                    shape,
+                    start,
+                    end,
+                },
+            );
         }
-        Ok(SafeTensors { path: path.to_path_buf(), mmap, data_offset: 8 + n, entries, metadata })
+        Ok(SafeTensors {
+            path: path.to_path_buf(),
+            mmap,
+            data_offset: 8 + n,
+            entries,
+            metadata,
+        })
     }
 
     pub fn bytes(&self, e: &Entry) -> &[u8] {
@@ -157,11 +209,24 @@ impl SafeTensors {
         let e = self
             .entries
             .get(name)
-            .ok_or_else(|| EngineError::MissingTensor { path: self.path.clone(), name: name.to_string() })?;
+            .ok_or_else(|| EngineError::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })?;
         let b = self.bytes(e);
         Ok(match e.dtype {
-            DType::I64 => Tensor::i64(e.shape.clone(), b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
-            DType::I32 => Tensor::i64(e.shape.clone(), b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+            DType::I64 => Tensor::i64(
+                e.shape.clone(),
+                b.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            DType::I32 => Tensor::i64(
+                e.shape.clone(),
+                b.chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect(),
+            ),
             dt => Tensor::f32(e.shape.clone(), bytes_to_f32(dt, b).unwrap()),
         })
     }

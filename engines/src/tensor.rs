@@ -16,11 +16,17 @@ pub struct Tensor {
 impl Tensor {
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        Tensor { shape, data: Data::F32(data) }
+        Tensor {
+            shape,
+            data: Data::F32(data),
+        }
     }
     pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        Tensor { shape, data: Data::I64(data) }
+        Tensor {
+            shape,
+            data: Data::I64(data),
+        }
     }
     pub fn zeros(shape: Vec<usize>) -> Self {
         let n = shape.iter().product();

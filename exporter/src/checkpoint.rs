@@ -20,10 +20,21 @@ pub struct TensorInfo {
 #[derive(Clone, Debug)]
 pub enum Loc {
     /// Byte range of a stored (uncompressed) zip member in the mapping, plus the tensor view.
-    Pth { data: (usize, usize), offset: usize, stride: Vec<usize> },
+    Pth {
+        data: (usize, usize),
+        offset: usize,
+        stride: Vec<usize>,
+    },
     /// Compressed member: bytes were inflated into `inflated[key]`.
-    PthInflated { key: String, offset: usize, stride: Vec<usize> },
-    Safe { file: usize, name: String },
+    PthInflated {
+        key: String,
+        offset: usize,
+        stride: Vec<usize>,
+    },
+    Safe {
+        file: usize,
+        name: String,
+    },
 }
 
 pub struct Checkpoint {
@@ -79,7 +90,10 @@ impl Checkpoint {
         if bin.is_file() {
             return Self::open_pth(&bin, &[]);
         }
-        Err(ExportError::BadCheckpoint { path: dir.to_path_buf(), why: "folder holds no model.safetensors or pytorch_model.bin".into() })
+        Err(ExportError::BadCheckpoint {
+            path: dir.to_path_buf(),
+            why: "folder holds no model.safetensors or pytorch_model.bin".into(),
+        })
     }
 
     fn open_safetensors(files: &[PathBuf]) -> Result<Checkpoint> {
@@ -88,16 +102,38 @@ impl Checkpoint {
         for (i, f) in files.iter().enumerate() {
             let st = SafeTensors::open(f)?;
             for (name, e) in &st.entries {
-                tensors.insert(name.clone(), (TensorInfo { dtype: e.dtype, shape: e.shape.clone() }, Loc::Safe { file: i, name: name.clone() }));
+                tensors.insert(
+                    name.clone(),
+                    (
+                        TensorInfo {
+                            dtype: e.dtype,
+                            shape: e.shape.clone(),
+                        },
+                        Loc::Safe {
+                            file: i,
+                            name: name.clone(),
+                        },
+                    ),
+                );
             }
             safes.push(st);
         }
-        Ok(Checkpoint { path: files[0].clone(), format: "safetensors", tensors, mmap: None, inflated: BTreeMap::new(), safes })
+        Ok(Checkpoint {
+            path: files[0].clone(),
+            format: "safetensors",
+            tensors,
+            mmap: None,
+            inflated: BTreeMap::new(),
+            safes,
+        })
     }
 
     fn open_pth(path: &Path, state_path: &[&str]) -> Result<Checkpoint> {
         let file = std::fs::File::open(path).map_err(io_err(path))?;
-        let not_zip = |why: String| ExportError::NotZip { path: path.to_path_buf(), why };
+        let not_zip = |why: String| ExportError::NotZip {
+            path: path.to_path_buf(),
+            why,
+        };
         let mut zip = zip::ZipArchive::new(&file).map_err(|e| not_zip(e.to_string()))?;
         let names: Vec<String> = zip.file_names().map(|s| s.to_string()).collect();
         let pkl = names
@@ -112,8 +148,14 @@ impl Checkpoint {
             .read_to_end(&mut pkl_bytes)
             .map_err(|e| not_zip(format!("reading data.pkl: {e}")))?;
         let root = pickle::load(&pkl_bytes).map_err(|e| match e {
-            PickleError::Foreign(g) => ExportError::ForeignGlobal { path: path.to_path_buf(), global: g },
-            PickleError::Malformed(why) => ExportError::BadPickle { path: path.to_path_buf(), why },
+            PickleError::Foreign(g) => ExportError::ForeignGlobal {
+                path: path.to_path_buf(),
+                global: g,
+            },
+            PickleError::Malformed(why) => ExportError::BadPickle {
+                path: path.to_path_buf(),
+                why,
+            },
         })?;
         // SAFETY: read-only mapping of a file we do not modify.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
@@ -134,7 +176,10 @@ impl Checkpoint {
             state = root.clone();
         }
         let Value::Dict(d) = &state else {
-            return Err(ExportError::BadCheckpoint { path: path.to_path_buf(), why: format!("the pickle holds a {}, not a state_dict", state.kind()) });
+            return Err(ExportError::BadCheckpoint {
+                path: path.to_path_buf(),
+                why: format!("the pickle holds a {}, not a state_dict", state.kind()),
+            });
         };
         let mut tensors = BTreeMap::new();
         let mut inflated = BTreeMap::new();
@@ -143,26 +188,32 @@ impl Checkpoint {
             let Some(name) = k.as_str() else { continue };
             let Value::Tensor(t) = v else { continue };
             let t: &Rc<pickle::TensorRef> = t;
-            let dtype = storage_dtype(&t.storage.kind).ok_or_else(|| ExportError::BadCheckpoint {
-                path: path.to_path_buf(),
-                why: format!("tensor '{name}': unsupported storage {}", t.storage.kind),
-            })?;
+            let dtype =
+                storage_dtype(&t.storage.kind).ok_or_else(|| ExportError::BadCheckpoint {
+                    path: path.to_path_buf(),
+                    why: format!("tensor '{name}': unsupported storage {}", t.storage.kind),
+                })?;
             let member = format!("{prefix}data/{}", t.storage.key);
             if !storage_loc.contains_key(&t.storage.key) {
-                let mut zf = zip.by_name(&member).map_err(|e| ExportError::BadCheckpoint {
-                    path: path.to_path_buf(),
-                    why: format!("tensor '{name}': storage member {member}: {e}"),
-                })?;
+                let mut zf = zip
+                    .by_name(&member)
+                    .map_err(|e| ExportError::BadCheckpoint {
+                        path: path.to_path_buf(),
+                        why: format!("tensor '{name}': storage member {member}: {e}"),
+                    })?;
                 let loc = if zf.compression() == zip::CompressionMethod::Stored {
                     let start = zf.data_start() as usize;
                     let end = start + zf.size() as usize;
                     if end > mmap.len() {
-                        return Err(not_zip(format!("member {member} runs past the end of the file")));
+                        return Err(not_zip(format!(
+                            "member {member} runs past the end of the file"
+                        )));
                     }
                     Some((start, end))
                 } else {
                     let mut buf = vec![];
-                    zf.read_to_end(&mut buf).map_err(|e| not_zip(format!("inflating {member}: {e}")))?;
+                    zf.read_to_end(&mut buf)
+                        .map_err(|e| not_zip(format!("inflating {member}: {e}")))?;
                     inflated.insert(t.storage.key.clone(), buf);
                     None
                 };
@@ -174,7 +225,17 @@ impl Checkpoint {
                 None => inflated[&t.storage.key].len(),
             };
             let numel: usize = t.shape.iter().product();
-            let last = if numel == 0 { 0 } else { t.offset + t.shape.iter().zip(&t.stride).map(|(d, s)| (d - 1) * s).sum::<usize>() + 1 };
+            let last = if numel == 0 {
+                0
+            } else {
+                t.offset
+                    + t.shape
+                        .iter()
+                        .zip(&t.stride)
+                        .map(|(d, s)| (d - 1) * s)
+                        .sum::<usize>()
+                    + 1
+            };
             if last * dtype.size() > storage_bytes {
                 return Err(ExportError::BadCheckpoint {
                     path: path.to_path_buf(),
@@ -182,15 +243,42 @@ impl Checkpoint {
                 });
             }
             let loc = match storage_loc[&t.storage.key] {
-                Some(range) => Loc::Pth { data: range, offset: t.offset, stride: t.stride.clone() },
-                None => Loc::PthInflated { key: t.storage.key.clone(), offset: t.offset, stride: t.stride.clone() },
+                Some(range) => Loc::Pth {
+                    data: range,
+                    offset: t.offset,
+                    stride: t.stride.clone(),
+                },
+                None => Loc::PthInflated {
+                    key: t.storage.key.clone(),
+                    offset: t.offset,
+                    stride: t.stride.clone(),
+                },
             };
-            tensors.insert(name.to_string(), (TensorInfo { dtype, shape: t.shape.clone() }, loc));
+            tensors.insert(
+                name.to_string(),
+                (
+                    TensorInfo {
+                        dtype,
+                        shape: t.shape.clone(),
+                    },
+                    loc,
+                ),
+            );
         }
         if tensors.is_empty() {
-            return Err(ExportError::BadCheckpoint { path: path.to_path_buf(), why: "no tensors found in the state_dict".into() });
+            return Err(ExportError::BadCheckpoint {
+                path: path.to_path_buf(),
+                why: "no tensors found in the state_dict".into(),
+            });
         }
-        Ok(Checkpoint { path: path.to_path_buf(), format: "pytorch-zip", tensors, mmap: Some(mmap), inflated, safes: vec![] })
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            format: "pytorch-zip",
+            tensors,
+            mmap: Some(mmap),
+            inflated,
+            safes: vec![],
+        })
     }
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
@@ -203,7 +291,13 @@ impl Checkpoint {
 
     /// Read one tensor as f32 (fp16/bf16/fp64 are converted exactly or rounded to nearest).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let (info, loc) = self.tensors.get(name).ok_or_else(|| ExportError::MissingTensor { path: self.path.clone(), name: name.to_string() })?;
+        let (info, loc) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ExportError::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })?;
         let el = info.dtype.size();
         let strided = |bytes: &[u8], offset: usize, stride: &[usize]| -> Vec<f32> {
             let numel: usize = info.shape.iter().product();
@@ -219,7 +313,8 @@ impl Checkpoint {
                 ok
             };
             if contiguous {
-                return bytes_to_f32(info.dtype, &bytes[offset * el..(offset + numel) * el]).unwrap();
+                return bytes_to_f32(info.dtype, &bytes[offset * el..(offset + numel) * el])
+                    .unwrap();
             }
             // A non-contiguous view (e.g. saved from a transpose): gather element by element.
             let mut out = Vec::with_capacity(numel);
@@ -238,8 +333,20 @@ impl Checkpoint {
             out
         };
         Ok(match loc {
-            Loc::Pth { data, offset, stride } => strided(&self.mmap.as_ref().unwrap()[data.0..data.1], *offset, stride),
-            Loc::PthInflated { key, offset, stride } => strided(&self.inflated[key], *offset, stride),
+            Loc::Pth {
+                data,
+                offset,
+                stride,
+            } => strided(
+                &self.mmap.as_ref().unwrap()[data.0..data.1],
+                *offset,
+                stride,
+            ),
+            Loc::PthInflated {
+                key,
+                offset,
+                stride,
+            } => strided(&self.inflated[key], *offset, stride),
             Loc::Safe { file, name } => {
                 let st = &self.safes[*file];
                 bytes_to_f32(info.dtype, st.bytes(&st.entries[name])).unwrap()
@@ -258,11 +365,21 @@ pub struct Weights<'a> {
 
 impl<'a> Weights<'a> {
     pub fn new(ckpt: &'a Checkpoint, prefix: &str) -> Self {
-        Weights { ckpt, prefix: prefix.to_string() }
+        Weights {
+            ckpt,
+            prefix: prefix.to_string(),
+        }
     }
     pub fn pp(&self, sub: &str) -> Weights<'a> {
-        let prefix = if self.prefix.is_empty() { sub.to_string() } else { format!("{}.{}", self.prefix, sub) };
-        Weights { ckpt: self.ckpt, prefix }
+        let prefix = if self.prefix.is_empty() {
+            sub.to_string()
+        } else {
+            format!("{}.{}", self.prefix, sub)
+        };
+        Weights {
+            ckpt: self.ckpt,
+            prefix,
+        }
     }
     pub fn key(&self, name: &str) -> String {
         if self.prefix.is_empty() {
@@ -279,14 +396,22 @@ impl<'a> Weights<'a> {
         self.ckpt
             .info(&key)
             .map(|i| i.shape.clone())
-            .ok_or(ExportError::MissingTensor { path: self.ckpt.path.clone(), name: key })
+            .ok_or(ExportError::MissingTensor {
+                path: self.ckpt.path.clone(),
+                name: key,
+            })
     }
     /// Check name and shape without reading data.
     pub fn check(&self, name: &str, shape: &[usize]) -> Result<String> {
         let key = self.key(name);
         let got = self.shape(name)?;
         if got != shape {
-            return Err(ExportError::ShapeMismatch { path: self.ckpt.path.clone(), name: key, expected: shape.to_vec(), got });
+            return Err(ExportError::ShapeMismatch {
+                path: self.ckpt.path.clone(),
+                name: key,
+                expected: shape.to_vec(),
+                got,
+            });
         }
         Ok(key)
     }

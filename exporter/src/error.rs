@@ -5,7 +5,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a PyTorch zip checkpoint ({why}); truncated download, or a legacy non-zip torch.save file?")]
     NotZip { path: PathBuf, why: String },
     #[error("{path}: refusing to unpickle global '{global}': only tensors, dicts, lists, tuples and primitives are read, nothing is executed")]
@@ -17,10 +20,17 @@ pub enum ExportError {
     #[error("{path}: missing tensor '{name}'")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: tensor '{name}' has shape {got:?}, expected {expected:?}")]
-    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     #[error("inconsistent checkpoints: {0}")]
     Mismatch(String),
-    #[error("unsupported resolution {0}: choose 256, 512 or 1024, or give an explicit --patch-nums")]
+    #[error(
+        "unsupported resolution {0}: choose 256, 512 or 1024, or give an explicit --patch-nums"
+    )]
     Resolution(usize),
     #[error("bad schedule: {0}")]
     Schedule(String),

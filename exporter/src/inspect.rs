@@ -15,12 +15,24 @@ pub fn inspect(path: &Path, list_keys: bool) -> Result<String> {
     };
     let s = shapes(&ckpt);
     let mut out = String::new();
-    let params: usize = ckpt.tensors.values().map(|(i, _)| i.shape.iter().product::<usize>()).sum();
+    let params: usize = ckpt
+        .tensors
+        .values()
+        .map(|(i, _)| i.shape.iter().product::<usize>())
+        .sum();
     let mut dtypes: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, _) in ckpt.tensors.values() {
         *dtypes.entry(i.dtype.name()).or_default() += 1;
     }
-    out.push_str(&format!("file:     {}\nformat:   {}\ntensors:  {}\nelements: {} ({:.2} M)\ndtypes:   {:?}\n", ckpt.path.display(), ckpt.format, ckpt.tensors.len(), params, params as f64 / 1e6, dtypes));
+    out.push_str(&format!(
+        "file:     {}\nformat:   {}\ntensors:  {}\nelements: {} ({:.2} M)\ndtypes:   {:?}\n",
+        ckpt.path.display(),
+        ckpt.format,
+        ckpt.tensors.len(),
+        params,
+        params as f64 / 1e6,
+        dtypes
+    ));
     if let Ok(t) = config::infer_transformer(&s) {
         out.push_str(&format!(
             "model:    STAR transformer d{} (width {}, {} heads x {}, vocab {}, Cvae {}, text width {}, {} scales){}\n",
@@ -38,8 +50,17 @@ pub fn inspect(path: &Path, list_keys: bool) -> Result<String> {
         out.push_str(&format!("model:    VAR multi-scale VQVAE (vocab {}, Cvae {}, decoder widths {:?}, {} phi convs)\n", v.vocab, v.cvae, v.decoder_widths, v.phi_count));
     } else if s.contains_key("text_model.embeddings.token_embedding.weight") {
         let d = &s["text_model.embeddings.token_embedding.weight"];
-        let layers = (0..).take_while(|i| s.contains_key(&format!("text_model.encoder.layers.{i}.self_attn.q_proj.weight"))).count();
-        out.push_str(&format!("model:    CLIP text encoder (width {}, {} layers, vocab {})\n", d[1], layers, d[0]));
+        let layers = (0..)
+            .take_while(|i| {
+                s.contains_key(&format!(
+                    "text_model.encoder.layers.{i}.self_attn.q_proj.weight"
+                ))
+            })
+            .count();
+        out.push_str(&format!(
+            "model:    CLIP text encoder (width {}, {} layers, vocab {})\n",
+            d[1], layers, d[0]
+        ));
     } else {
         out.push_str("model:    not recognised (no STAR, VQVAE or CLIP text-encoder keys)\n");
     }

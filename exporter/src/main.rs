@@ -91,8 +91,34 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> star_export::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Export { transformer, vae, text_encoder, tokenizer, resolution, patch_nums, out, precision, default_cfg, default_top_k, default_top_p, quiet } => {
-            let a = ExportArgs { transformer, vae, text_encoder, tokenizer, resolution, patch_nums, out: out.clone(), precision, cfg: default_cfg, top_k: default_top_k, top_p: default_top_p, quiet };
+        Cmd::Export {
+            transformer,
+            vae,
+            text_encoder,
+            tokenizer,
+            resolution,
+            patch_nums,
+            out,
+            precision,
+            default_cfg,
+            default_top_k,
+            default_top_p,
+            quiet,
+        } => {
+            let a = ExportArgs {
+                transformer,
+                vae,
+                text_encoder,
+                tokenizer,
+                resolution,
+                patch_nums,
+                out: out.clone(),
+                precision,
+                cfg: default_cfg,
+                top_k: default_top_k,
+                top_p: default_top_p,
+                quiet,
+            };
             let t = std::time::Instant::now();
             let m = export(&a)?;
             let c = &m.config;
@@ -101,7 +127,11 @@ fn run(cli: Cli) -> star_export::Result<ExitCode> {
                 c.depth,
                 m.schedule.patch_nums.len(),
                 m.schedule.image_size,
-                if c.sampler_blocks > 0 { ", stable sampler" } else { "" },
+                if c.sampler_blocks > 0 {
+                    ", stable sampler"
+                } else {
+                    ""
+                },
                 out.display(),
                 t.elapsed().as_secs_f64(),
                 m.graphs.len(),
@@ -109,10 +139,25 @@ fn run(cli: Cli) -> star_export::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Validate { model, golden, threads } => {
-            let rep = star_export::validate::validate(&model, &golden, BackendOptions { name: "ort-cpu".into(), threads })?;
+        Cmd::Validate {
+            model,
+            golden,
+            threads,
+        } => {
+            let rep = star_export::validate::validate(
+                &model,
+                &golden,
+                BackendOptions {
+                    name: "ort-cpu".into(),
+                    threads,
+                },
+            )?;
             print!("{}", rep.table());
-            Ok(if rep.all_pass() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if rep.all_pass() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Cmd::Inspect { path, keys } => {
             print!("{}", star_export::inspect::inspect(&path, keys)?);

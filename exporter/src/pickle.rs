@@ -47,7 +47,11 @@ impl Value {
     }
     pub fn dict_get(&self, key: &str) -> Option<Value> {
         match self {
-            Value::Dict(d) => d.borrow().iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v.clone()),
+            Value::Dict(d) => d
+                .borrow()
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v.clone()),
             _ => None,
         }
     }
@@ -148,7 +152,9 @@ fn to_usize_vec(v: &Value) -> R<Vec<usize>> {
 }
 
 fn reduce(func: &Value, args: Value) -> R<Value> {
-    let Value::Global(name) = func else { return bad(format!("REDUCE on a {}", func.kind())) };
+    let Value::Global(name) = func else {
+        return bad(format!("REDUCE on a {}", func.kind()));
+    };
     let args: Vec<Value> = match args {
         Value::Tuple(t) => t.as_ref().clone(),
         _ => return bad("REDUCE arguments are not a tuple"),
@@ -159,16 +165,28 @@ fn reduce(func: &Value, args: Value) -> R<Value> {
             if args.len() < 4 {
                 return bad("_rebuild_tensor_v2 with fewer than 4 arguments");
             }
-            let Value::Storage(storage) = &args[0] else { return bad("_rebuild_tensor_v2 without a storage") };
-            let Value::Int(offset) = args[1] else { return bad("_rebuild_tensor_v2: bad offset") };
+            let Value::Storage(storage) = &args[0] else {
+                return bad("_rebuild_tensor_v2 without a storage");
+            };
+            let Value::Int(offset) = args[1] else {
+                return bad("_rebuild_tensor_v2: bad offset");
+            };
             let shape = to_usize_vec(&args[2])?;
             let stride = to_usize_vec(&args[3])?;
             if shape.len() != stride.len() {
                 return bad("_rebuild_tensor_v2: size and stride differ in length");
             }
-            Ok(Value::Tensor(Rc::new(TensorRef { storage: storage.clone(), offset: offset.max(0) as usize, shape, stride })))
+            Ok(Value::Tensor(Rc::new(TensorRef {
+                storage: storage.clone(),
+                offset: offset.max(0) as usize,
+                shape,
+                stride,
+            })))
         }
-        "torch._utils._rebuild_parameter" => args.into_iter().next().ok_or(PickleError::Malformed("empty _rebuild_parameter".into())),
+        "torch._utils._rebuild_parameter" => args
+            .into_iter()
+            .next()
+            .ok_or(PickleError::Malformed("empty _rebuild_parameter".into())),
         other => Err(PickleError::Foreign(other.to_string())),
     }
 }
@@ -178,9 +196,16 @@ pub fn load(data: &[u8]) -> R<Value> {
     let mut r = Reader { b: data, pos: 0 };
     let mut stack: Vec<Value> = Vec::new();
     let mut memo: HashMap<u32, Value> = HashMap::new();
-    let pop = |stack: &mut Vec<Value>| stack.pop().ok_or(PickleError::Malformed("stack underflow".into()));
+    let pop = |stack: &mut Vec<Value>| {
+        stack
+            .pop()
+            .ok_or(PickleError::Malformed("stack underflow".into()))
+    };
     let pop_mark = |stack: &mut Vec<Value>| -> R<Vec<Value>> {
-        let pos = stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or(PickleError::Malformed("no MARK".into()))?;
+        let pos = stack
+            .iter()
+            .rposition(|v| matches!(v, Value::Mark))
+            .ok_or(PickleError::Malformed("no MARK".into()))?;
         let items = stack.split_off(pos + 1);
         stack.pop();
         Ok(items)
@@ -213,23 +238,49 @@ pub fn load(data: &[u8]) -> R<Value> {
             }
             b'q' => {
                 let k = r.u8()? as u32;
-                memo.insert(k, stack.last().cloned().ok_or(PickleError::Malformed("BINPUT on empty stack".into()))?);
+                memo.insert(
+                    k,
+                    stack
+                        .last()
+                        .cloned()
+                        .ok_or(PickleError::Malformed("BINPUT on empty stack".into()))?,
+                );
             }
             b'r' => {
                 let k = r.u32()?;
-                memo.insert(k, stack.last().cloned().ok_or(PickleError::Malformed("LONG_BINPUT on empty stack".into()))?);
+                memo.insert(
+                    k,
+                    stack
+                        .last()
+                        .cloned()
+                        .ok_or(PickleError::Malformed("LONG_BINPUT on empty stack".into()))?,
+                );
             }
             0x94 => {
                 let k = memo.len() as u32;
-                memo.insert(k, stack.last().cloned().ok_or(PickleError::Malformed("MEMOIZE on empty stack".into()))?);
+                memo.insert(
+                    k,
+                    stack
+                        .last()
+                        .cloned()
+                        .ok_or(PickleError::Malformed("MEMOIZE on empty stack".into()))?,
+                );
             }
             b'h' => {
                 let k = r.u8()? as u32;
-                stack.push(memo.get(&k).cloned().ok_or(PickleError::Malformed(format!("BINGET {k} unknown")))?);
+                stack.push(
+                    memo.get(&k)
+                        .cloned()
+                        .ok_or(PickleError::Malformed(format!("BINGET {k} unknown")))?,
+                );
             }
             b'j' => {
                 let k = r.u32()?;
-                stack.push(memo.get(&k).cloned().ok_or(PickleError::Malformed(format!("LONG_BINGET {k} unknown")))?);
+                stack.push(
+                    memo.get(&k)
+                        .cloned()
+                        .ok_or(PickleError::Malformed(format!("LONG_BINGET {k} unknown")))?,
+                );
             }
             b'X' => {
                 let n = r.u32()? as usize;
@@ -259,9 +310,13 @@ pub fn load(data: &[u8]) -> R<Value> {
                 let n = r.u32()? as usize;
                 stack.push(Value::Bytes(r.take(n)?.to_vec()));
             }
-            b'J' => stack.push(Value::Int(i32::from_le_bytes(r.take(4)?.try_into().unwrap()) as i64)),
+            b'J' => stack.push(Value::Int(
+                i32::from_le_bytes(r.take(4)?.try_into().unwrap()) as i64,
+            )),
             b'K' => stack.push(Value::Int(r.u8()? as i64)),
-            b'M' => stack.push(Value::Int(u16::from_le_bytes(r.take(2)?.try_into().unwrap()) as i64)),
+            b'M' => stack.push(Value::Int(
+                u16::from_le_bytes(r.take(2)?.try_into().unwrap()) as i64,
+            )),
             0x8a => {
                 let n = r.u8()? as usize;
                 let bytes = r.take(n)?;
@@ -277,7 +332,9 @@ pub fn load(data: &[u8]) -> R<Value> {
                 }
                 stack.push(Value::Int(v));
             }
-            b'G' => stack.push(Value::Float(f64::from_be_bytes(r.take(8)?.try_into().unwrap()))),
+            b'G' => stack.push(Value::Float(f64::from_be_bytes(
+                r.take(8)?.try_into().unwrap(),
+            ))),
             0x88 => stack.push(Value::Bool(true)),
             0x89 => stack.push(Value::Bool(false)),
             b'N' => stack.push(Value::None),
@@ -293,7 +350,11 @@ pub fn load(data: &[u8]) -> R<Value> {
             0x93 => {
                 let name = pop(&mut stack)?;
                 let module = pop(&mut stack)?;
-                let full = format!("{}.{}", module.as_str().unwrap_or("?"), name.as_str().unwrap_or("?"));
+                let full = format!(
+                    "{}.{}",
+                    module.as_str().unwrap_or("?"),
+                    name.as_str().unwrap_or("?")
+                );
                 if !ALLOWED.contains(&full.as_str()) {
                     return Err(PickleError::Foreign(full));
                 }
@@ -316,17 +377,24 @@ pub fn load(data: &[u8]) -> R<Value> {
             }
             b'Q' => {
                 let pid = pop(&mut stack)?;
-                let Value::Tuple(t) = pid else { return bad("persistent id is not a tuple") };
+                let Value::Tuple(t) = pid else {
+                    return bad("persistent id is not a tuple");
+                };
                 if t.len() < 3 || t[0].as_str() != Some("storage") {
                     return bad("persistent id is not a torch storage");
                 }
-                let Value::Global(kind) = &t[1] else { return bad("storage type is not a class") };
+                let Value::Global(kind) = &t[1] else {
+                    return bad("storage type is not a class");
+                };
                 let key = match &t[2] {
                     Value::Str(s) => s.clone(),
                     Value::Int(i) => i.to_string(),
                     _ => return bad("storage key"),
                 };
-                stack.push(Value::Storage(StorageRef { key, kind: kind.trim_start_matches("torch.").to_string() }));
+                stack.push(Value::Storage(StorageRef {
+                    key,
+                    kind: kind.trim_start_matches("torch.").to_string(),
+                }));
             }
             b's' => {
                 let v = pop(&mut stack)?;
@@ -371,10 +439,18 @@ pub fn load(data: &[u8]) -> R<Value> {
                 pop_mark(&mut stack)?;
             }
             b'2' => {
-                let v = stack.last().cloned().ok_or(PickleError::Malformed("DUP on empty stack".into()))?;
+                let v = stack
+                    .last()
+                    .cloned()
+                    .ok_or(PickleError::Malformed("DUP on empty stack".into()))?;
                 stack.push(v);
             }
-            other => return bad(format!("unsupported opcode 0x{other:02x} at byte {}", r.pos - 1)),
+            other => {
+                return bad(format!(
+                    "unsupported opcode 0x{other:02x} at byte {}",
+                    r.pos - 1
+                ))
+            }
         }
     }
 }

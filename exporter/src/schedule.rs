@@ -30,12 +30,19 @@ pub fn substep_count(pn: usize) -> usize {
 pub fn reveal_counts(n: usize, s: usize) -> Vec<usize> {
     let v: Vec<f64> = (0..s)
         .map(|i| {
-            let r = if s == 1 { 1.0 } else { 1.0 - i as f64 / (s - 1) as f64 };
+            let r = if s == 1 {
+                1.0
+            } else {
+                1.0 - i as f64 / (s - 1) as f64
+            };
             r.acos() / std::f64::consts::FRAC_PI_2
         })
         .collect();
     let total: f64 = v.iter().sum();
-    let mut c: Vec<i64> = v.iter().map(|x| round_half_even(x / total * n as f64) as i64).collect();
+    let mut c: Vec<i64> = v
+        .iter()
+        .map(|x| round_half_even(x / total * n as f64) as i64)
+        .collect();
     for x in c.iter_mut() {
         if *x == 0 {
             *x = 1;
@@ -57,12 +64,20 @@ fn round_half_even(x: f64) -> f64 {
 
 /// Phi used at scale si: the one whose tick in linspace(1/(3K), 1-1/(3K), K) is nearest si/(SN-1).
 pub fn phi_index(si: usize, sn: usize, k: usize) -> usize {
-    let at = if sn > 1 { si as f64 / (sn - 1) as f64 } else { 0.0 };
+    let at = if sn > 1 {
+        si as f64 / (sn - 1) as f64
+    } else {
+        0.0
+    };
     // numpy.linspace's own arithmetic (start + i * step): some scales sit exactly between two
     // ticks, and the release's choice there depends on these roundings.
     let start = 1.0 / 3.0 / k as f64;
     let stop = 1.0 - start;
-    let step = if k > 1 { (stop - start) / (k - 1) as f64 } else { 0.0 };
+    let step = if k > 1 {
+        (stop - start) / (k - 1) as f64
+    } else {
+        0.0
+    };
     let ticks: Vec<f64> = (0..k).map(|i| i as f64 * step + start).collect();
     let mut best = 0;
     for i in 1..k {
@@ -78,10 +93,15 @@ pub fn build(patch_nums: &[usize], phi_count: usize, with_sampler: bool) -> Resu
         return Err(ExportError::Schedule("empty patch_nums".into()));
     }
     if patch_nums[0] != 1 {
-        return Err(ExportError::Schedule(format!("the first scale must have side 1 (got {})", patch_nums[0])));
+        return Err(ExportError::Schedule(format!(
+            "the first scale must have side 1 (got {})",
+            patch_nums[0]
+        )));
     }
     if patch_nums.windows(2).any(|w| w[1] <= w[0]) {
-        return Err(ExportError::Schedule(format!("patch_nums must increase strictly: {patch_nums:?}")));
+        return Err(ExportError::Schedule(format!(
+            "patch_nums must increase strictly: {patch_nums:?}"
+        )));
     }
     let sn = patch_nums.len();
     let mut begin_end = vec![];
@@ -93,7 +113,13 @@ pub fn build(patch_nums: &[usize], phi_count: usize, with_sampler: bool) -> Resu
     let substeps = patch_nums
         .iter()
         .enumerate()
-        .map(|(si, &pn)| if with_sampler && si >= SAMPLER_FROM_SCALE { reveal_counts(pn * pn, substep_count(pn)) } else { vec![] })
+        .map(|(si, &pn)| {
+            if with_sampler && si >= SAMPLER_FROM_SCALE {
+                reveal_counts(pn * pn, substep_count(pn))
+            } else {
+                vec![]
+            }
+        })
         .collect();
     Ok(Schedule {
         patch_nums: patch_nums.to_vec(),
@@ -108,7 +134,9 @@ pub fn build(patch_nums: &[usize], phi_count: usize, with_sampler: bool) -> Resu
 /// RoPE table of one scale as (cos, sin), each (pn*pn, 32), computed in f32 as the release does:
 /// positions c/(pn-1)*64 and r/(pn-1)*64, frequencies 10000^(-4j/64); pairs 0-15 use x, 16-31 y.
 pub fn rope_table(pn: usize) -> (Vec<f32>, Vec<f32>) {
-    let freqs: Vec<f32> = (0..16).map(|j| 1.0f32 / 10000f32.powf((4 * j) as f32 / 64.0)).collect();
+    let freqs: Vec<f32> = (0..16)
+        .map(|j| 1.0f32 / 10000f32.powf((4 * j) as f32 / 64.0))
+        .collect();
     let n = pn * pn;
     let mut cos = Vec::with_capacity(n * 32);
     let mut sin = Vec::with_capacity(n * 32);
@@ -122,7 +150,11 @@ pub fn rope_table(pn: usize) -> (Vec<f32>, Vec<f32>) {
     for t in 0..n {
         let (x, y) = (norm(t % pn), norm(t / pn));
         for j in 0..32 {
-            let a = if j < 16 { x * freqs[j] } else { y * freqs[j - 16] };
+            let a = if j < 16 {
+                x * freqs[j]
+            } else {
+                y * freqs[j - 16]
+            };
             cos.push(a.cos());
             sin.push(a.sin());
         }
@@ -172,10 +204,22 @@ mod tests {
     #[test]
     fn reveal_counts_match_the_release_table() {
         assert_eq!(reveal_counts(441, 8), vec![1, 31, 44, 55, 65, 74, 82, 89]);
-        assert_eq!(reveal_counts(729, 8), vec![1, 51, 74, 91, 107, 122, 135, 148]);
-        assert_eq!(reveal_counts(1296, 8), vec![1, 91, 131, 162, 190, 216, 241, 264]);
-        assert_eq!(reveal_counts(2304, 8), vec![1, 162, 232, 289, 338, 384, 428, 470]);
-        assert_eq!(reveal_counts(4096, 15), vec![1, 106, 151, 186, 216, 243, 268, 292, 314, 336, 357, 377, 397, 417, 435]);
+        assert_eq!(
+            reveal_counts(729, 8),
+            vec![1, 51, 74, 91, 107, 122, 135, 148]
+        );
+        assert_eq!(
+            reveal_counts(1296, 8),
+            vec![1, 91, 131, 162, 190, 216, 241, 264]
+        );
+        assert_eq!(
+            reveal_counts(2304, 8),
+            vec![1, 162, 232, 289, 338, 384, 428, 470]
+        );
+        assert_eq!(
+            reveal_counts(4096, 15),
+            vec![1, 106, 151, 186, 216, 243, 268, 292, 314, 336, 357, 377, 397, 417, 435]
+        );
     }
 
     #[test]

@@ -28,7 +28,10 @@ pub fn validate(model: &Path, golden: &Path, opts: BackendOptions) -> Result<Rep
         vq_record(&mut md, &Record::open(&golden.join("vq"))?, &mut rep)?;
     }
     let mut gens: Vec<_> = std::fs::read_dir(golden)
-        .map_err(|e| ExportError::Io { path: golden.to_path_buf(), source: e })?
+        .map_err(|e| ExportError::Io {
+            path: golden.to_path_buf(),
+            source: e,
+        })?
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
@@ -41,7 +44,10 @@ pub fn validate(model: &Path, golden: &Path, opts: BackendOptions) -> Result<Rep
         gen_record(&mut md, &Record::open(&g.with_extension(""))?, &mut rep)?;
     }
     if rep.checks.is_empty() {
-        return Err(ExportError::Validation(format!("{}: no text/rope/vq/gen_* records found", golden.display())));
+        return Err(ExportError::Validation(format!(
+            "{}: no text/rope/vq/gen_* records found",
+            golden.display()
+        )));
     }
     Ok(rep)
 }
@@ -49,9 +55,28 @@ pub fn validate(model: &Path, golden: &Path, opts: BackendOptions) -> Result<Rep
 fn text_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     let ids = r.get("input_ids")?;
     let mask = r.get("attention_mask")?;
-    let out = md.run("text_encoder", None, &[("input_ids", (&ids).into()), ("attention_mask", (&mask).into())])?;
-    rep.push(compare("text", "last_hidden_state", &out["hidden"], &r.get("last_hidden_state")?, FP32_TOL));
-    rep.push(compare("text", "pooled", &out["pooled"], &r.get("pooled")?, FP32_TOL));
+    let out = md.run(
+        "text_encoder",
+        None,
+        &[
+            ("input_ids", (&ids).into()),
+            ("attention_mask", (&mask).into()),
+        ],
+    )?;
+    rep.push(compare(
+        "text",
+        "last_hidden_state",
+        &out["hidden"],
+        &r.get("last_hidden_state")?,
+        FP32_TOL,
+    ));
+    rep.push(compare(
+        "text",
+        "pooled",
+        &out["pooled"],
+        &r.get("pooled")?,
+        FP32_TOL,
+    ));
     Ok(())
 }
 
@@ -72,8 +97,20 @@ fn rope_record(md: &ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
         ours_c = ours_c.select(0, &rows);
         ours_s = ours_s.select(0, &rows);
     }
-    rep.push(compare("rope", "freqs_cis.real", &ours_c, &r.get("freqs_cis.real")?, FP32_TOL));
-    rep.push(compare("rope", "freqs_cis.imag", &ours_s, &r.get("freqs_cis.imag")?, FP32_TOL));
+    rep.push(compare(
+        "rope",
+        "freqs_cis.real",
+        &ours_c,
+        &r.get("freqs_cis.real")?,
+        FP32_TOL,
+    ));
+    rep.push(compare(
+        "rope",
+        "freqs_cis.imag",
+        &ours_s,
+        &r.get("freqs_cis.imag")?,
+        FP32_TOL,
+    ));
     Ok(())
 }
 
@@ -100,12 +137,24 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     for (si, &pn) in sch.patch_nums.iter().enumerate().take(sn - 1) {
         let name = format!("mat.bicubic.{pn}to{p}");
         if r.has(&name) {
-            rep.push(compare("vq-matrices", &name, &Tensor::f32(vec![p, pn], bicubic_matrix(pn, p)), &r.get(&name)?, FP32_TOL));
+            rep.push(compare(
+                "vq-matrices",
+                &name,
+                &Tensor::f32(vec![p, pn], bicubic_matrix(pn, p)),
+                &r.get(&name)?,
+                FP32_TOL,
+            ));
         }
         let pn2 = sch.patch_nums[si + 1];
         let name = format!("mat.area.{p}to{pn2}");
         if r.has(&name) {
-            rep.push(compare("vq-matrices", &name, &Tensor::f32(vec![pn2, p], area_matrix(p, pn2)), &r.get(&name)?, FP32_TOL));
+            rep.push(compare(
+                "vq-matrices",
+                &name,
+                &Tensor::f32(vec![pn2, p], area_matrix(p, pn2)),
+                &r.get(&name)?,
+                FP32_TOL,
+            ));
         }
     }
     let b = r.get("s00.idx")?.shape[0];
@@ -113,25 +162,58 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     let mut f_hat = Tensor::zeros(vec![b, cv, p, p]);
     for si in 0..sn {
         let idx = r.get(&format!("s{si:02}.idx"))?;
-        let out = md.run("vq", Some(si), &[("idx", (&idx).into()), ("f_hat", (&f_hat).into())])?;
+        let out = md.run(
+            "vq",
+            Some(si),
+            &[("idx", (&idx).into()), ("f_hat", (&f_hat).into())],
+        )?;
         let fname = format!("s{si:02}.f_hat");
         if r.has(&fname) {
-            rep.push(compare(&format!("vq[{si}]"), &fname, &r.align(&fname, &out["f_hat_out"])?, &r.get(&fname)?, FP32_TOL));
+            rep.push(compare(
+                &format!("vq[{si}]"),
+                &fname,
+                &r.align(&fname, &out["f_hat_out"])?,
+                &r.get(&fname)?,
+                FP32_TOL,
+            ));
         }
         let dname = format!("s{si:02}.down");
         if let (Some(n), true) = (out.get("next_in"), r.has(&dname)) {
-            rep.push(compare(&format!("vq[{si}]"), &dname, &r.align(&dname, &tokens_to_map(n))?, &r.get(&dname)?, FP32_TOL));
+            rep.push(compare(
+                &format!("vq[{si}]"),
+                &dname,
+                &r.align(&dname, &tokens_to_map(n))?,
+                &r.get(&dname)?,
+                FP32_TOL,
+            ));
         }
         f_hat = out["f_hat_out"].clone();
     }
     let fe = r.get("fhat_embed_to_fhat")?;
     rep.push(compare("vq", "fhat_embed_to_fhat", &f_hat, &fe, FP32_TOL));
     let out = md.run("decoder", None, &[("f_hat", (&fe).into())])?;
-    rep.push(compare("decoder", "dec.image_raw", &r.align("dec.image_raw", &out["image_raw"])?, &r.get("dec.image_raw")?, FP32_TOL));
+    rep.push(compare(
+        "decoder",
+        "dec.image_raw",
+        &r.align("dec.image_raw", &out["image_raw"])?,
+        &r.get("dec.image_raw")?,
+        FP32_TOL,
+    ));
     // This record's `dec.image` is fhat_to_img's output: clamped to [-1, 1], before (x + 1) / 2.
-    let clamped = out["image"].as_f32().unwrap().iter().map(|v| v * 2.0 - 1.0).collect();
+    let clamped = out["image"]
+        .as_f32()
+        .unwrap()
+        .iter()
+        .map(|v| v * 2.0 - 1.0)
+        .collect();
     let clamped = Tensor::f32(out["image"].shape.clone(), clamped);
-    rep.push(compare("decoder", "dec.image", &r.align("dec.image", &clamped)?, &r.get("dec.image")?, FP32_TOL));
+    rep.push(compare(
+        "decoder",
+        "dec.image",
+        &r.align("dec.image", &clamped)?,
+        &r.get("dec.image")?,
+        FP32_TOL,
+    ));
     Ok(())
 }
 
@@ -144,13 +226,39 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     let mask = r.get("text.attention_mask")?;
     let b2 = ids.shape[0];
     let b = b2 / 2;
-    let out = md.run("text_encoder", None, &[("input_ids", (&ids).into()), ("attention_mask", (&mask).into())])?;
-    rep.push(compare("text_encoder", "text.hidden", &out["hidden"], &r.get("text.hidden")?, FP32_TOL));
-    rep.push(compare("text_encoder", "text.pooled", &out["pooled"], &r.get("text.pooled")?, FP32_TOL));
+    let out = md.run(
+        "text_encoder",
+        None,
+        &[
+            ("input_ids", (&ids).into()),
+            ("attention_mask", (&mask).into()),
+        ],
+    )?;
+    rep.push(compare(
+        "text_encoder",
+        "text.hidden",
+        &out["hidden"],
+        &r.get("text.hidden")?,
+        FP32_TOL,
+    ));
+    rep.push(compare(
+        "text_encoder",
+        "text.pooled",
+        &out["pooled"],
+        &r.get("text.pooled")?,
+        FP32_TOL,
+    ));
     // Later stages take the recorded text features (stage isolation).
     let hidden = r.get("text.hidden")?;
     let pooled = r.get("text.pooled")?;
-    let tkv = md.run("text_kv", None, &[("hidden", (&hidden.slice(0, 0, b)).into()), ("attention_mask", (&mask.slice(0, 0, b)).into())])?;
+    let tkv = md.run(
+        "text_kv",
+        None,
+        &[
+            ("hidden", (&hidden.slice(0, 0, b)).into()),
+            ("attention_mask", (&mask.slice(0, 0, b)).into()),
+        ],
+    )?;
     let (text_kv, text_bias) = (tkv["text_kv"].clone(), tkv["text_bias"].clone());
 
     let (depth, h, hd, l) = (cfg.depth, cfg.heads, cfg.head_dim, sch.total_tokens);
@@ -162,10 +270,27 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
         let n = pn * pn;
         let stage = format!("step[{si}]");
         let out = if si == 0 {
-            md.run("step", Some(0), &[("pooled", (&pooled).into()), ("text_kv", (&text_kv).into()), ("text_bias", (&text_bias).into())])?
+            md.run(
+                "step",
+                Some(0),
+                &[
+                    ("pooled", (&pooled).into()),
+                    ("text_kv", (&text_kv).into()),
+                    ("text_bias", (&text_bias).into()),
+                ],
+            )?
         } else {
             let ni = next_in.as_ref().unwrap();
-            md.run("step", Some(si), &[("next_in", ni.into()), ("kv_cache", (&cache).into()), ("text_kv", (&text_kv).into()), ("text_bias", (&text_bias).into())])?
+            md.run(
+                "step",
+                Some(si),
+                &[
+                    ("next_in", ni.into()),
+                    ("kv_cache", (&cache).into()),
+                    ("text_kv", (&text_kv).into()),
+                    ("text_bias", (&text_bias).into()),
+                ],
+            )?
         };
         let kv = &out["kv_new"];
         for i in 0..depth {
@@ -174,17 +299,35 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
                 if r.has(&name) {
                     let ours = kv.slice(0, i, i + 1).slice(1, j, j + 1);
                     let ours = Tensor::f32(vec![b2, h, n, hd], f32v(&ours).to_vec());
-                    rep.push(compare(&stage, &name, &r.align(&name, &ours)?, &r.get(&name)?, FP32_TOL));
+                    rep.push(compare(
+                        &stage,
+                        &name,
+                        &r.align(&name, &ours)?,
+                        &r.get(&name)?,
+                        FP32_TOL,
+                    ));
                 }
             }
         }
         let oname = format!("s{si:02}.b{}.out", depth - 1);
         if r.has(&oname) {
-            rep.push(compare(&stage, &oname, &r.align(&oname, &out["hidden"])?, &r.get(&oname)?, FP32_TOL));
+            rep.push(compare(
+                &stage,
+                &oname,
+                &r.align(&oname, &out["hidden"])?,
+                &r.get(&oname)?,
+                FP32_TOL,
+            ));
         }
         let lname = format!("s{si:02}.logits");
         if r.has(&lname) {
-            rep.push(compare(&stage, &lname, &r.align(&lname, &out["logits"])?, &r.get(&lname)?, FP32_TOL));
+            rep.push(compare(
+                &stage,
+                &lname,
+                &r.align(&lname, &out["logits"])?,
+                &r.get(&lname)?,
+                FP32_TOL,
+            ));
         }
         write_cache(&mut cache, kv, sch.begin_end[si].0);
 
@@ -199,31 +342,66 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
                 let so = md.run(
                     "sampler",
                     Some(si),
-                    &[("hidden", (&out["hidden"]).into()), ("pooled", (&pooled).into()), ("idx", (&idx).into()), ("mask", (&m).into())],
+                    &[
+                        ("hidden", (&out["hidden"]).into()),
+                        ("pooled", (&pooled).into()),
+                        ("idx", (&idx).into()),
+                        ("mask", (&m).into()),
+                    ],
                 )?;
-                rep.push(compare(&format!("sampler[{si}]"), &name, &r.align(&name, &so["logits"])?, &r.get(&name)?, FP32_TOL));
+                rep.push(compare(
+                    &format!("sampler[{si}]"),
+                    &name,
+                    &r.align(&name, &so["logits"])?,
+                    &r.get(&name)?,
+                    FP32_TOL,
+                ));
             }
         }
-        let vo = md.run("vq", Some(si), &[("idx", (&idx).into()), ("f_hat", (&f_hat).into())])?;
+        let vo = md.run(
+            "vq",
+            Some(si),
+            &[("idx", (&idx).into()), ("f_hat", (&f_hat).into())],
+        )?;
         let fname = format!("s{si:02}.f_hat");
         if r.has(&fname) {
-            rep.push(compare(&format!("vq[{si}]"), &fname, &r.align(&fname, &vo["f_hat_out"])?, &r.get(&fname)?, FP32_TOL));
+            rep.push(compare(
+                &format!("vq[{si}]"),
+                &fname,
+                &r.align(&fname, &vo["f_hat_out"])?,
+                &r.get(&fname)?,
+                FP32_TOL,
+            ));
         }
         f_hat = vo["f_hat_out"].clone();
         if let Some(ni) = vo.get("next_in") {
             let nname = format!("s{si:02}.next_in");
             if r.has(&nname) {
-                rep.push(compare(&format!("vq[{si}]"), &nname, &r.align(&nname, ni)?, &r.get(&nname)?, FP32_TOL));
+                rep.push(compare(
+                    &format!("vq[{si}]"),
+                    &nname,
+                    &r.align(&nname, ni)?,
+                    &r.get(&nname)?,
+                    FP32_TOL,
+                ));
             }
             // The recorded input when it is stored whole, else ours.
-            let full = r.has(&nname) && r.meta(&nname).get("probed").is_none() && r.get(&nname)?.shape == ni.shape;
+            let full = r.has(&nname)
+                && r.meta(&nname).get("probed").is_none()
+                && r.get(&nname)?.shape == ni.shape;
             next_in = Some(if full { r.get(&nname)? } else { ni.clone() });
         }
     }
     let dec = md.run("decoder", None, &[("f_hat", (&f_hat).into())])?;
     for (ours, name) in [("image_raw", "image_raw"), ("image", "image")] {
         if r.has(name) {
-            rep.push(compare("decoder", name, &r.align(name, &dec[ours])?, &r.get(name)?, FP32_TOL));
+            rep.push(compare(
+                "decoder",
+                name,
+                &r.align(name, &dec[ours])?,
+                &r.get(name)?,
+                FP32_TOL,
+            ));
         }
     }
     Ok(())

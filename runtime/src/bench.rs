@@ -21,13 +21,26 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64, f64, f64) {
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     format!("{cpu}, {cores} cores")
 }
 
-pub fn bench(p: &mut Pipeline, prompt: &str, params: &GenParams, warmup: usize, runs: usize, threads: usize) -> Result<BenchResult> {
+pub fn bench(
+    p: &mut Pipeline,
+    prompt: &str,
+    params: &GenParams,
+    warmup: usize,
+    runs: usize,
+    threads: usize,
+) -> Result<BenchResult> {
     p.md.load_all()?;
     let prompts = vec![prompt.to_string()];
     for _ in 0..warmup {
@@ -58,7 +71,10 @@ pub fn bench(p: &mut Pipeline, prompt: &str, params: &GenParams, warmup: usize, 
         m.schedule.image_size
     );
     let mut table = head.clone();
-    table.push_str(&format!("{:<18} {:>10} {:>10} {:>10} {:>16}\n", "stage", "median ms", "p90 ms", "min ms", "mean ± std"));
+    table.push_str(&format!(
+        "{:<18} {:>10} {:>10} {:>10} {:>16}\n",
+        "stage", "median ms", "p90 ms", "min ms", "mean ± std"
+    ));
     let mut rows = serde_json::Map::new();
     let order = |k: &str| if k == "end_to_end" { 1 } else { 0 };
     let mut keys: Vec<&String> = samples.keys().collect();
@@ -66,7 +82,10 @@ pub fn bench(p: &mut Pipeline, prompt: &str, params: &GenParams, warmup: usize, 
     for k in keys {
         let mut v = samples[k].clone();
         let (med, p90, min, mean, sd) = stats(&mut v);
-        table.push_str(&format!("{k:<18} {med:>10.3} {p90:>10.3} {min:>10.3} {:>9.3} ± {sd:<6.3}\n", mean));
+        table.push_str(&format!(
+            "{k:<18} {med:>10.3} {p90:>10.3} {min:>10.3} {:>9.3} ± {sd:<6.3}\n",
+            mean
+        ));
         rows.insert(k.clone(), serde_json::json!({"median_ms": med, "p90_ms": p90, "min_ms": min, "mean_ms": mean, "std_ms": sd}));
     }
     let (oh_med, ..) = stats(&mut overhead.clone());

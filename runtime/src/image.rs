@@ -18,8 +18,17 @@ pub fn to_rgb8(data: &[f32], index: usize, h: usize, w: usize) -> Vec<u8> {
     out
 }
 
-pub fn write_png(path: &Path, rgb: &[u8], w: usize, h: usize, meta: &[(String, String)]) -> Result<()> {
-    let err = |why: String| RunError::Output { path: path.display().to_string(), why };
+pub fn write_png(
+    path: &Path,
+    rgb: &[u8],
+    w: usize,
+    h: usize,
+    meta: &[(String, String)],
+) -> Result<()> {
+    let err = |why: String| RunError::Output {
+        path: path.display().to_string(),
+        why,
+    };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -27,13 +36,22 @@ pub fn write_png(path: &Path, rgb: &[u8], w: usize, h: usize, meta: &[(String, S
     if !dir.is_dir() {
         return Err(err(format!("directory {} does not exist", dir.display())));
     }
-    let mut tmp = tempfile::Builder::new().prefix(".star-run-").suffix(".png.tmp").tempfile_in(&dir).map_err(|e| err(format!("cannot write in {}: {e}", dir.display())))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".star-run-")
+        .suffix(".png.tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| err(format!("cannot write in {}: {e}", dir.display())))?;
     {
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(tmp.as_file_mut()), w as u32, h as u32);
+        let mut enc = png::Encoder::new(
+            std::io::BufWriter::new(tmp.as_file_mut()),
+            w as u32,
+            h as u32,
+        );
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (k, v) in meta {
-            enc.add_text_chunk(k.clone(), v.clone()).map_err(|e| err(e.to_string()))?;
+            enc.add_text_chunk(k.clone(), v.clone())
+                .map_err(|e| err(e.to_string()))?;
         }
         let mut wr = enc.write_header().map_err(|e| err(e.to_string()))?;
         wr.write_image_data(rgb).map_err(|e| err(e.to_string()))?;

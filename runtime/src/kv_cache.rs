@@ -11,7 +11,10 @@ impl KvCache {
     pub fn new(depth: usize, rows: usize, heads: usize, capacity: usize, head_dim: usize) -> Self {
         let shape = vec![depth, 2, rows, heads, capacity, head_dim];
         let n = shape.iter().product();
-        KvCache { shape, data: vec![0.0; n] }
+        KvCache {
+            shape,
+            data: vec![0.0; n],
+        }
     }
 
     /// Write this scale's K/V, shaped (depth, 2, rows, H, n, hd), at token offset `begin`.

@@ -116,14 +116,29 @@ fn main() -> ExitCode {
 }
 
 fn open(m: &ModelArgs) -> anyhow::Result<(Pipeline, PathBuf)> {
-    let dir = m.model.clone().unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL));
-    let p = Pipeline::open(&dir, BackendOptions { name: m.backend.clone(), threads: m.threads })?;
+    let dir = m
+        .model
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL));
+    let p = Pipeline::open(
+        &dir,
+        BackendOptions {
+            name: m.backend.clone(),
+            threads: m.threads,
+        },
+    )?;
     Ok((p, dir))
 }
 
 fn params(p: &Pipeline, s: &SamplingArgs) -> GenParams {
     let d = &p.md.manifest.sampling_defaults;
-    GenParams { cfg: s.cfg.unwrap_or(d.cfg), top_k: s.top_k.unwrap_or(d.top_k), top_p: s.top_p.unwrap_or(d.top_p), seed: s.seed, stable_sampling: !s.no_stable_sampling }
+    GenParams {
+        cfg: s.cfg.unwrap_or(d.cfg),
+        top_k: s.top_k.unwrap_or(d.top_k),
+        top_p: s.top_p.unwrap_or(d.top_p),
+        seed: s.seed,
+        stable_sampling: !s.no_stable_sampling,
+    }
 }
 
 struct Progress {
@@ -132,7 +147,10 @@ struct Progress {
 impl Hooks for Progress {
     fn scale_done(&mut self, si: usize, pn: usize, ms: f64) {
         if !self.quiet {
-            eprintln!("scale {si:>2}  {pn:>2}x{pn:<2} {:>5} tokens  {ms:>8.1} ms", pn * pn);
+            eprintln!(
+                "scale {si:>2}  {pn:>2}x{pn:<2} {:>5} tokens  {ms:>8.1} ms",
+                pn * pn
+            );
         }
     }
 }
@@ -143,15 +161,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (mut p, _) = open(&model)?;
             let rep = star_runtime::replay::replay(&mut p, &golden)?;
             print!("{}", rep.table());
-            Ok(if rep.all_pass() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if rep.all_pass() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
-        Some(Cmd::Bench { model, prompt, warmup, runs, json, sampling }) => {
+        Some(Cmd::Bench {
+            model,
+            prompt,
+            warmup,
+            runs,
+            json,
+            sampling,
+        }) => {
             let (mut p, _) = open(&model)?;
             let gp = params(&p, &sampling);
             let r = star_runtime::bench::bench(&mut p, &prompt, &gp, warmup, runs, model.threads)?;
             print!("{}", r.table);
             if let Some(j) = json {
-                std::fs::write(&j, serde_json::to_string_pretty(&r.json)?).with_context(|| format!("writing {}", j.display()))?;
+                std::fs::write(&j, serde_json::to_string_pretty(&r.json)?)
+                    .with_context(|| format!("writing {}", j.display()))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -166,14 +196,20 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
     if a.batch == 0 {
         anyhow::bail!("--batch must be at least 1");
     }
-    let prompts: Vec<String> = a.prompt.iter().flat_map(|p| std::iter::repeat_n(p.clone(), a.batch)).collect();
+    let prompts: Vec<String> = a
+        .prompt
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), a.batch))
+        .collect();
     let outs: Vec<PathBuf> = match (&a.out, &a.out_dir) {
         (Some(_), Some(_)) => anyhow::bail!("give --out or --out-dir, not both"),
         (Some(o), None) if prompts.len() == 1 => vec![o.clone()],
         (Some(_), None) => anyhow::bail!("{} images requested: use --out-dir", prompts.len()),
         (None, Some(d)) => {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            (0..prompts.len()).map(|i| d.join(format!("img_{i:03}.png"))).collect()
+            (0..prompts.len())
+                .map(|i| d.join(format!("img_{i:03}.png")))
+                .collect()
         }
         (None, None) if prompts.len() == 1 => vec![PathBuf::from("star.png")],
         (None, None) => vec![],
@@ -185,7 +221,8 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
     let gp = params(&p, &a.sampling);
     let t = std::time::Instant::now();
     let mut prog = Progress { quiet: a.quiet };
-    let Generated { image, truncated } = p.generate(&prompts, &a.negative_prompt, &gp, &mut prog)?;
+    let Generated { image, truncated } =
+        p.generate(&prompts, &a.negative_prompt, &gp, &mut prog)?;
     for (i, tr) in truncated.iter().enumerate() {
         if *tr {
             eprintln!("warning: prompt {i} is longer than 75 CLIP tokens and was truncated");
@@ -198,7 +235,10 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
         let meta = vec![
             ("prompt".to_string(), prompts[i].clone()),
             ("negative_prompt".into(), a.negative_prompt.clone()),
-            ("seed".into(), star_runtime::rng::image_seed(gp.seed, i).to_string()),
+            (
+                "seed".into(),
+                star_runtime::rng::image_seed(gp.seed, i).to_string(),
+            ),
             ("cfg".into(), gp.cfg.to_string()),
             ("top_k".into(), gp.top_k.to_string()),
             ("top_p".into(), gp.top_p.to_string()),
@@ -206,7 +246,10 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
             ("model_hash".into(), m.model_hash.clone()),
             ("backend".into(), p.md.opts.name.clone()),
             ("precision".into(), m.precision.clone()),
-            ("software".into(), format!("star-run {}", env!("CARGO_PKG_VERSION"))),
+            (
+                "software".into(),
+                format!("star-run {}", env!("CARGO_PKG_VERSION")),
+            ),
         ];
         star_runtime::image::write_png(out, &rgb, w, h, &meta)?;
         if !a.quiet {
@@ -216,12 +259,33 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
     if !a.quiet {
         let tm = &p.timings;
         let mut parts: Vec<String> = vec![];
-        for k in ["tokenizer", "text_encoder", "text_kv", "sampling", "decoder"] {
+        for k in [
+            "tokenizer",
+            "text_encoder",
+            "text_kv",
+            "sampling",
+            "decoder",
+        ] {
             parts.push(format!("{k} {:.1}", tm.get(k)));
         }
-        let steps: f64 = tm.ms.iter().filter(|(k, _)| k.starts_with("step[")).map(|(_, v)| v.0).sum();
-        let vq: f64 = tm.ms.iter().filter(|(k, _)| k.starts_with("vq[")).map(|(_, v)| v.0).sum();
-        let smp: f64 = tm.ms.iter().filter(|(k, _)| k.starts_with("sampler[")).map(|(_, v)| v.0).sum();
+        let steps: f64 = tm
+            .ms
+            .iter()
+            .filter(|(k, _)| k.starts_with("step["))
+            .map(|(_, v)| v.0)
+            .sum();
+        let vq: f64 = tm
+            .ms
+            .iter()
+            .filter(|(k, _)| k.starts_with("vq["))
+            .map(|(_, v)| v.0)
+            .sum();
+        let smp: f64 = tm
+            .ms
+            .iter()
+            .filter(|(k, _)| k.starts_with("sampler["))
+            .map(|(_, v)| v.0)
+            .sum();
         eprintln!(
             "model {} ({}): {} ms total | scale steps {steps:.1}, stable sampler {smp:.1}, vq {vq:.1}, {} (ms)",
             dir.display(),

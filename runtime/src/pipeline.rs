@@ -73,26 +73,46 @@ impl Pipeline {
     pub fn open(dir: &Path, opts: BackendOptions) -> Result<Pipeline> {
         let md = ModelDir::open(dir, opts)?;
         let tok = Tokenizer::from_dir(&dir.join("tokenizer"))?;
-        Ok(Pipeline { md, tok, timings: Timings::default() })
+        Ok(Pipeline {
+            md,
+            tok,
+            timings: Timings::default(),
+        })
     }
 
-    fn run(&mut self, label: &str, stage: &str, scale: Option<usize>, inputs: &[(&str, Input<'_>)]) -> Result<std::collections::HashMap<String, Tensor>> {
+    fn run(
+        &mut self,
+        label: &str,
+        stage: &str,
+        scale: Option<usize>,
+        inputs: &[(&str, Input<'_>)],
+    ) -> Result<std::collections::HashMap<String, Tensor>> {
         let t = Instant::now();
         let out = self.md.run(stage, scale, inputs)?;
-        self.timings.add(label, t.elapsed().as_secs_f64() * 1e3, true);
+        self.timings
+            .add(label, t.elapsed().as_secs_f64() * 1e3, true);
         Ok(out)
     }
 
     fn timed<T>(&mut self, label: &str, f: impl FnOnce() -> T) -> T {
         let t = Instant::now();
         let r = f();
-        self.timings.add(label, t.elapsed().as_secs_f64() * 1e3, false);
+        self.timings
+            .add(label, t.elapsed().as_secs_f64() * 1e3, false);
         r
     }
 
     /// Filter each (n, V) row of guided logits and choose a token per position.
     #[allow(clippy::too_many_arguments)]
-    fn filter_and_draw(guided: &mut [f32], b: usize, n: usize, v: usize, p: &GenParams, si: usize, sub: usize) -> (Vec<i64>, Vec<f32>) {
+    fn filter_and_draw(
+        guided: &mut [f32],
+        b: usize,
+        n: usize,
+        v: usize,
+        p: &GenParams,
+        si: usize,
+        sub: usize,
+    ) -> (Vec<i64>, Vec<f32>) {
         let mut idx = vec![0i64; b * n];
         let mut conf = vec![0f32; b * n];
         for bi in 0..b {
@@ -109,7 +129,13 @@ impl Pipeline {
         (idx, conf)
     }
 
-    pub fn generate(&mut self, prompts: &[String], negative: &str, p: &GenParams, hooks: &mut dyn Hooks) -> Result<Generated> {
+    pub fn generate(
+        &mut self,
+        prompts: &[String],
+        negative: &str,
+        p: &GenParams,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Generated> {
         let t_all = Instant::now();
         let cfg = self.md.manifest.config.clone();
         let sch = self.md.manifest.schedule.clone();
@@ -118,34 +144,64 @@ impl Pipeline {
             return Err(RunError::Invalid("no prompt given".into()));
         }
         if p.top_k > cfg.vocab {
-            return Err(RunError::Invalid(format!("--top-k {} exceeds the model's vocabulary ({})", p.top_k, cfg.vocab)));
+            return Err(RunError::Invalid(format!(
+                "--top-k {} exceeds the model's vocabulary ({})",
+                p.top_k, cfg.vocab
+            )));
         }
         if !(0.0..=1.0).contains(&p.top_p) {
-            return Err(RunError::Invalid(format!("--top-p {} must be in [0, 1]", p.top_p)));
+            return Err(RunError::Invalid(format!(
+                "--top-p {} must be in [0, 1]",
+                p.top_p
+            )));
         }
         let (v, cv, sn) = (cfg.vocab, cfg.cvae, sch.patch_nums.len());
         let pside = sch.patch_nums[sn - 1];
 
         // Text: rows [prompts ; negatives].
         let t_tok = Instant::now();
-        let enc: Vec<Encoded> = prompts.iter().map(|s| s.as_str()).chain(std::iter::repeat_n(negative, b)).map(|s| self.tok.encode(s)).collect();
+        let enc: Vec<Encoded> = prompts
+            .iter()
+            .map(|s| s.as_str())
+            .chain(std::iter::repeat_n(negative, b))
+            .map(|s| self.tok.encode(s))
+            .collect();
         let ids: Vec<i64> = enc.iter().flat_map(|e| e.ids.clone()).collect();
         let mask: Vec<i64> = enc.iter().flat_map(|e| e.mask.clone()).collect();
         let truncated: Vec<bool> = enc.iter().take(b).map(|e| e.truncated).collect();
-        self.timings.add("tokenizer", t_tok.elapsed().as_secs_f64() * 1e3, false);
+        self.timings
+            .add("tokenizer", t_tok.elapsed().as_secs_f64() * 1e3, false);
         let ids = Tensor::i64(vec![2 * b, 77], ids);
         let mask = Tensor::i64(vec![2 * b, 77], mask);
         hooks.observe("text.input_ids", &ids);
         hooks.observe("text.attention_mask", &mask);
-        let te = self.run("text_encoder", "text_encoder", None, &[("input_ids", (&ids).into()), ("attention_mask", (&mask).into())])?;
+        let te = self.run(
+            "text_encoder",
+            "text_encoder",
+            None,
+            &[
+                ("input_ids", (&ids).into()),
+                ("attention_mask", (&mask).into()),
+            ],
+        )?;
         let (hidden, pooled) = (te["hidden"].clone(), te["pooled"].clone());
         hooks.observe("text.hidden", &hidden);
         hooks.observe("text.pooled", &pooled);
         // Cross-attention K/V from each image's own conditional row (batch invariance).
-        let tkv = self.run("text_kv", "text_kv", None, &[("hidden", (&hidden.slice(0, 0, b)).into()), ("attention_mask", (&mask.slice(0, 0, b)).into())])?;
+        let tkv = self.run(
+            "text_kv",
+            "text_kv",
+            None,
+            &[
+                ("hidden", (&hidden.slice(0, 0, b)).into()),
+                ("attention_mask", (&mask.slice(0, 0, b)).into()),
+            ],
+        )?;
         let (text_kv, text_bias) = (tkv["text_kv"].clone(), tkv["text_bias"].clone());
 
-        let mut cache = self.timed("kv_cache_alloc", || KvCache::new(cfg.depth, 2 * b, cfg.heads, sch.total_tokens, cfg.head_dim));
+        let mut cache = self.timed("kv_cache_alloc", || {
+            KvCache::new(cfg.depth, 2 * b, cfg.heads, sch.total_tokens, cfg.head_dim)
+        });
         let mut f_hat = Tensor::zeros(vec![b, cv, pside, pside]);
         let mut next_in: Option<Tensor> = None;
         for si in 0..sn {
@@ -154,18 +210,42 @@ impl Pipeline {
             let n = pn * pn;
             let label = format!("step[{si:02}]");
             let out = if si == 0 {
-                self.run(&label, "step", Some(0), &[("pooled", (&pooled).into()), ("text_kv", (&text_kv).into()), ("text_bias", (&text_bias).into())])?
+                self.run(
+                    &label,
+                    "step",
+                    Some(0),
+                    &[
+                        ("pooled", (&pooled).into()),
+                        ("text_kv", (&text_kv).into()),
+                        ("text_bias", (&text_bias).into()),
+                    ],
+                )?
             } else {
                 let ni = next_in.take().expect("next_in of the previous scale");
                 let cache_in = Input::F32(&cache.shape, &cache.data);
-                self.run(&label, "step", Some(si), &[("next_in", (&ni).into()), ("kv_cache", cache_in), ("text_kv", (&text_kv).into()), ("text_bias", (&text_bias).into())])?
+                self.run(
+                    &label,
+                    "step",
+                    Some(si),
+                    &[
+                        ("next_in", (&ni).into()),
+                        ("kv_cache", cache_in),
+                        ("text_kv", (&text_kv).into()),
+                        ("text_bias", (&text_bias).into()),
+                    ],
+                )?
             };
             let kv = &out["kv_new"];
-            self.timed("kv_cache_write", || cache.write(kv.as_f32().unwrap(), n, sch.begin_end[si].0));
+            self.timed("kv_cache_write", || {
+                cache.write(kv.as_f32().unwrap(), n, sch.begin_end[si].0)
+            });
             for i in 0..cfg.depth {
                 for (j, name) in ["k", "v"].iter().enumerate() {
                     let t = kv.slice(0, i, i + 1).slice(1, j, j + 1);
-                    let t = t_f32(vec![2 * b, cfg.heads, n, cfg.head_dim], t.as_f32().unwrap().to_vec());
+                    let t = t_f32(
+                        vec![2 * b, cfg.heads, n, cfg.head_dim],
+                        t.as_f32().unwrap().to_vec(),
+                    );
                     hooks.observe(&format!("s{si:02}.b{i}.{name}"), &t);
                 }
             }
@@ -174,20 +254,44 @@ impl Pipeline {
             let t = p.cfg * si as f64 / (sn - 1).max(1) as f64;
             let logits = out["logits"].as_f32().unwrap().to_vec();
             let guided = self.timed("sampling", || guide(&logits, b, n, v, t));
-            hooks.observe(&format!("s{si:02}.logits_cfg"), &t_f32(vec![b, n, v], guided.clone()));
+            hooks.observe(
+                &format!("s{si:02}.logits_cfg"),
+                &t_f32(vec![b, n, v], guided.clone()),
+            );
 
             let counts = &sch.substeps[si];
-            let idx: Vec<i64> = if !counts.is_empty() && p.stable_sampling && cfg.sampler_blocks > 0 {
-                self.stable_scale(si, pn, counts, &guided, &out["hidden"], &pooled, b, p, hooks)?
+            let idx: Vec<i64> = if !counts.is_empty() && p.stable_sampling && cfg.sampler_blocks > 0
+            {
+                self.stable_scale(
+                    si,
+                    pn,
+                    counts,
+                    &guided,
+                    &out["hidden"],
+                    &pooled,
+                    b,
+                    p,
+                    hooks,
+                )?
             } else {
                 let mut g = guided.clone();
-                let (drawn, _) = self.timed("sampling", || Self::filter_and_draw(&mut g, b, n, v, p, si, 0));
-                hooks.observe(&format!("s{si:02}.logits_filtered"), &t_f32(vec![b, n, v], g));
+                let (drawn, _) = self.timed("sampling", || {
+                    Self::filter_and_draw(&mut g, b, n, v, p, si, 0)
+                });
+                hooks.observe(
+                    &format!("s{si:02}.logits_filtered"),
+                    &t_f32(vec![b, n, v], g),
+                );
                 hooks.plain_tokens(si).unwrap_or(drawn)
             };
             let idx_t = Tensor::i64(vec![b, n], idx);
             hooks.observe(&format!("s{si:02}.idx"), &idx_t);
-            let vo = self.run(&format!("vq[{si:02}]"), "vq", Some(si), &[("idx", (&idx_t).into()), ("f_hat", (&f_hat).into())])?;
+            let vo = self.run(
+                &format!("vq[{si:02}]"),
+                "vq",
+                Some(si),
+                &[("idx", (&idx_t).into()), ("f_hat", (&f_hat).into())],
+            )?;
             f_hat = vo["f_hat_out"].clone();
             hooks.observe(&format!("s{si:02}.f_hat"), &f_hat);
             if let Some(ni) = vo.get("next_in") {
@@ -199,13 +303,28 @@ impl Pipeline {
         let dec = self.run("decoder", "decoder", None, &[("f_hat", (&f_hat).into())])?;
         hooks.observe("image_raw", &dec["image_raw"]);
         hooks.observe("image", &dec["image"]);
-        self.timings.add("end_to_end", t_all.elapsed().as_secs_f64() * 1e3, false);
-        Ok(Generated { image: dec["image"].clone(), truncated })
+        self.timings
+            .add("end_to_end", t_all.elapsed().as_secs_f64() * 1e3, false);
+        Ok(Generated {
+            image: dec["image"].clone(),
+            truncated,
+        })
     }
 
     /// Stable-sampler sub-steps of one scale (STAR-SPEC §5).
     #[allow(clippy::too_many_arguments)]
-    fn stable_scale(&mut self, si: usize, pn: usize, counts: &[usize], guided_a: &[f32], hidden: &Tensor, pooled: &Tensor, b: usize, p: &GenParams, hooks: &mut dyn Hooks) -> Result<Vec<i64>> {
+    fn stable_scale(
+        &mut self,
+        si: usize,
+        pn: usize,
+        counts: &[usize],
+        guided_a: &[f32],
+        hidden: &Tensor,
+        pooled: &Tensor,
+        b: usize,
+        p: &GenParams,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Vec<i64>> {
         let v = self.md.manifest.config.vocab;
         let n = pn * pn;
         let mut tokens = vec![0i64; b * n];
@@ -231,18 +350,29 @@ impl Pipeline {
                     &format!("sampler[{si:02}]"),
                     "sampler",
                     Some(si),
-                    &[("hidden", hidden.into()), ("pooled", pooled.into()), ("idx", (&idx_t).into()), ("mask", (&mask_t).into())],
+                    &[
+                        ("hidden", hidden.into()),
+                        ("pooled", pooled.into()),
+                        ("idx", (&idx_t).into()),
+                        ("mask", (&mask_t).into()),
+                    ],
                 )?;
                 hooks.observe(&format!("s{si:02}.u{s:02}.sampler_logits"), &so["logits"]);
                 let logits = so["logits"].as_f32().unwrap().to_vec();
                 let mut g = self.timed("sampling", || guide(&logits, b, n, v, p.cfg));
-                hooks.observe(&format!("s{si:02}.u{s:02}.logits_cfg"), &t_f32(vec![b, n, v], g.clone()));
+                hooks.observe(
+                    &format!("s{si:02}.u{s:02}.logits_cfg"),
+                    &t_f32(vec![b, n, v], g.clone()),
+                );
                 self.timed("sampling", || {
                     for r in 0..b * n {
                         filter_row(&mut g[r * v..(r + 1) * v], p.top_k, p.top_p);
                     }
                 });
-                hooks.observe(&format!("s{si:02}.u{s:02}.logits_filtered"), &t_f32(vec![b, n, v], g.clone()));
+                hooks.observe(
+                    &format!("s{si:02}.u{s:02}.logits_filtered"),
+                    &t_f32(vec![b, n, v], g.clone()),
+                );
                 g
             };
             // Draw a token (and its probability) for every position.
@@ -273,7 +403,9 @@ impl Pipeline {
                 let seed = image_seed(p.seed, bi);
                 let row = bi * n..(bi + 1) * n;
                 let mut m = mask[row.clone()].to_vec();
-                let rand: Vec<f32> = (0..n).map(|t| uniform(seed, si, s, t, Purpose::Reveal) as f32).collect();
+                let rand: Vec<f32> = (0..n)
+                    .map(|t| uniform(seed, si, s, t, Purpose::Reveal) as f32)
+                    .collect();
                 if branch_a {
                     // k by main-head confidence over all positions, then k random unrevealed ones.
                     for t in top_positions(&conf[row.clone()], k) {

@@ -24,7 +24,10 @@ impl Hooks for ReplayHooks<'_> {
         }
     }
     fn plain_tokens(&mut self, si: usize) -> Option<Vec<i64>> {
-        self.rec.get(&format!("s{si:02}.idx")).ok().and_then(|t| t.as_i64().map(|v| v.to_vec()))
+        self.rec
+            .get(&format!("s{si:02}.idx"))
+            .ok()
+            .and_then(|t| t.as_i64().map(|v| v.to_vec()))
     }
     fn substep(&mut self, si: usize, s: usize) -> Option<(Vec<f32>, Vec<i64>)> {
         let m = self.rec.get(&format!("s{si:02}.u{s:02}.mask_after")).ok()?;
@@ -45,14 +48,27 @@ pub fn replay(p: &mut Pipeline, golden: &Path) -> Result<Report> {
         .collect();
     gens.sort();
     if gens.is_empty() {
-        return Err(RunError::Invalid(format!("{}: no gen_*.safetensors generation record", golden.display())));
+        return Err(RunError::Invalid(format!(
+            "{}: no gen_*.safetensors generation record",
+            golden.display()
+        )));
     }
     let mut all = Report::default();
     for g in gens {
         let rec = Record::open(&g.with_extension(""))?;
         let call = rec.info()["call"].clone();
-        let prompts: Vec<String> = call["prompts"].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
-        let distinct = prompts.iter().collect::<std::collections::HashSet<_>>().len();
+        let prompts: Vec<String> = call["prompts"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let distinct = prompts
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len();
         if distinct > 1 {
             // The release broadcasts row 0's cross-attention to every row; we follow batch
             // invariance instead, so such a record is not reproducible by design.
@@ -68,7 +84,11 @@ pub fn replay(p: &mut Pipeline, golden: &Path) -> Result<Report> {
             seed: call["g_seed"].as_u64().unwrap_or(0),
             stable_sampling: call["w_mask"].as_bool().unwrap_or(true),
         };
-        let mut hooks = ReplayHooks { rec: &rec, rep: Report::default(), err: None };
+        let mut hooks = ReplayHooks {
+            rec: &rec,
+            rep: Report::default(),
+            err: None,
+        };
         p.generate(&prompts, "", &params, &mut hooks)?;
         if let Some(e) = hooks.err {
             return Err(RunError::Invalid(e));

@@ -22,7 +22,13 @@ pub enum Purpose {
 }
 
 /// A uniform in [0, 1) with 53 random bits.
-pub fn uniform(image_seed: u64, scale: usize, substep: usize, position: usize, purpose: Purpose) -> f64 {
+pub fn uniform(
+    image_seed: u64,
+    scale: usize,
+    substep: usize,
+    position: usize,
+    purpose: Purpose,
+) -> f64 {
     let mut h = mix(image_seed);
     h = mix(h ^ (scale as u64 + 1));
     h = mix(h ^ ((substep as u64 + 1) | ((purpose as u64) << 32)));
@@ -48,7 +54,10 @@ mod tests {
         assert_ne!(a, uniform(43, 3, 0, 7, Purpose::Token));
         assert_ne!(a, uniform(42, 3, 0, 8, Purpose::Token));
         let n = 20000;
-        let mean: f64 = (0..n).map(|i| uniform(1, 0, 0, i, Purpose::Token)).sum::<f64>() / n as f64;
+        let mean: f64 = (0..n)
+            .map(|i| uniform(1, 0, 0, i, Purpose::Token))
+            .sum::<f64>()
+            / n as f64;
         assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
         assert!((0..n).all(|i| (0.0..1.0).contains(&uniform(9, 1, 2, i, Purpose::Reveal))));
     }

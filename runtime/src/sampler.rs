@@ -8,7 +8,10 @@ pub fn guide(logits: &[f32], b: usize, n: usize, v: usize, t: f64) -> Vec<f32> {
     let tt = t as f32;
     let half = b * n * v;
     let (cond, uncond) = logits.split_at(half);
-    cond.iter().zip(&uncond[..half]).map(|(&c, &u)| a * c - tt * u).collect()
+    cond.iter()
+        .zip(&uncond[..half])
+        .map(|(&c, &u)| a * c - tt * u)
+        .collect()
 }
 
 /// The release's `sample_with_top_k_top_p_` filter on one row, in place (removed = -inf):
@@ -30,7 +33,11 @@ pub fn filter_row(row: &mut [f32], top_k: usize, top_p: f64) {
     }
     if top_p > 0.0 {
         let mut order: Vec<usize> = (0..v).collect();
-        order.sort_by(|&a, &b| row[a].partial_cmp(&row[b]).unwrap_or(std::cmp::Ordering::Equal));
+        order.sort_by(|&a, &b| {
+            row[a]
+                .partial_cmp(&row[b])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         let sorted: Vec<f32> = order.iter().map(|&i| row[i]).collect();
         let probs = softmax(&sorted);
         let thr = (1.0 - top_p) as f32;
@@ -79,7 +86,12 @@ pub fn pick(probs: &[f32], u: f64) -> (usize, f32) {
 /// Indices of the `k` largest keys (ties: lower index first).
 pub fn top_positions(keys: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..keys.len()).collect();
-    idx.sort_by(|&a, &b| keys[b].partial_cmp(&keys[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        keys[b]
+            .partial_cmp(&keys[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
     idx.truncate(k.min(keys.len()));
     idx
 }

@@ -42,7 +42,10 @@ pub struct Encoded {
 }
 
 fn bytes_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -61,7 +64,11 @@ fn bytes_to_unicode() -> Vec<char> {
 
 fn html_entity(name: &str) -> Option<String> {
     if let Some(num) = name.strip_prefix('#') {
-        let v = if let Some(h) = num.strip_prefix('x').or_else(|| num.strip_prefix('X')) { u32::from_str_radix(h, 16).ok() } else { num.parse().ok() };
+        let v = if let Some(h) = num.strip_prefix('x').or_else(|| num.strip_prefix('X')) {
+            u32::from_str_radix(h, 16).ok()
+        } else {
+            num.parse().ok()
+        };
         return v.and_then(char::from_u32).map(|c| c.to_string());
     }
     let s = match name {
@@ -111,7 +118,11 @@ pub fn clean(text: &str) -> String {
     let mut s = text.to_string();
     if !s.contains('<') {
         let re = Regex::new(r"&(#?[0-9A-Za-z]{1,24});").unwrap();
-        s = re.replace_all(&s, |c: &regex::Captures| html_entity(&c[1]).unwrap_or_else(|| c[0].to_string())).into_owned();
+        s = re
+            .replace_all(&s, |c: &regex::Captures| {
+                html_entity(&c[1]).unwrap_or_else(|| c[0].to_string())
+            })
+            .into_owned();
     }
     let mut out = String::with_capacity(s.len());
     for ch in s.chars() {
@@ -146,14 +157,26 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Tokenizer, TokenizerError> {
         let load = |f: &str| -> Result<String, TokenizerError> {
             let p = dir.join(f);
-            std::fs::read_to_string(&p).map_err(|e| TokenizerError::Load { path: p.display().to_string(), why: e.to_string() })
+            std::fs::read_to_string(&p).map_err(|e| TokenizerError::Load {
+                path: p.display().to_string(),
+                why: e.to_string(),
+            })
         };
         let vocab: HashMap<String, i64> =
-            serde_json::from_str(&load("vocab.json")?).map_err(|e| TokenizerError::Load { path: dir.join("vocab.json").display().to_string(), why: e.to_string() })?;
+            serde_json::from_str(&load("vocab.json")?).map_err(|e| TokenizerError::Load {
+                path: dir.join("vocab.json").display().to_string(),
+                why: e.to_string(),
+            })?;
         let merges = load("merges.txt")?;
         let mut ranks = HashMap::new();
         // The reference reads merges[1 : 49152 - 256 - 2 + 1] (skipping the version header).
-        for (i, line) in merges.trim().split('\n').skip(1).take(49152 - 256 - 2).enumerate() {
+        for (i, line) in merges
+            .trim()
+            .split('\n')
+            .skip(1)
+            .take(49152 - 256 - 2)
+            .enumerate()
+        {
             let mut parts = line.split(' ');
             if let (Some(a), Some(b)) = (parts.next(), parts.next()) {
                 ranks.insert((a.to_string(), b.to_string()), i);
@@ -164,12 +187,24 @@ impl Tokenizer {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| {
                 let p = &v["pad_token"];
-                p.as_str().map(|s| s.to_string()).or_else(|| p["content"].as_str().map(|s| s.to_string()))
+                p.as_str()
+                    .map(|s| s.to_string())
+                    .or_else(|| p["content"].as_str().map(|s| s.to_string()))
             })
             .unwrap_or_else(|| "!".to_string());
-        let pad_id = *vocab.get(&pad_token).or_else(|| vocab.get(&format!("{pad_token}</w>"))).unwrap_or(&0);
+        let pad_id = *vocab
+            .get(&pad_token)
+            .or_else(|| vocab.get(&format!("{pad_token}</w>")))
+            .unwrap_or(&0);
         let pattern = Regex::new(r"(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+").unwrap();
-        Ok(Tokenizer { encoder: vocab, ranks, byte_map: bytes_to_unicode(), pattern, pad_id, pad_token })
+        Ok(Tokenizer {
+            encoder: vocab,
+            ranks,
+            byte_map: bytes_to_unicode(),
+            pattern,
+            pad_id,
+            pad_token,
+        })
     }
 
     fn bpe(&self, token: &str) -> Vec<String> {
@@ -211,7 +246,11 @@ impl Tokenizer {
     fn encode_chunk(&self, text: &str, out: &mut Vec<i64>) {
         let t = whitespace_clean(&clean(text)).to_lowercase();
         for m in self.pattern.find_iter(&t) {
-            let mapped: String = m.as_str().bytes().map(|b| self.byte_map[b as usize]).collect();
+            let mapped: String = m
+                .as_str()
+                .bytes()
+                .map(|b| self.byte_map[b as usize])
+                .collect();
             for piece in self.bpe(&mapped) {
                 out.push(*self.encoder.get(&piece).unwrap_or(&EOS));
             }
@@ -224,7 +263,10 @@ impl Tokenizer {
         let specials = [self.pad_token.as_str(), "<|startoftext|>", "<|endoftext|>"];
         let mut rest = text;
         while !rest.is_empty() {
-            let hit = specials.iter().filter_map(|s| rest.find(s).map(|p| (p, *s))).min_by_key(|(p, s)| (*p, usize::MAX - s.len()));
+            let hit = specials
+                .iter()
+                .filter_map(|s| rest.find(s).map(|p| (p, *s)))
+                .min_by_key(|(p, s)| (*p, usize::MAX - s.len()));
             match hit {
                 Some((p, s)) => {
                     self.encode_chunk(&rest[..p], &mut out);
@@ -255,6 +297,10 @@ impl Tokenizer {
         let used = ids.len();
         ids.resize(CONTEXT, self.pad_id);
         let mask = (0..CONTEXT).map(|i| (i < used) as i64).collect();
-        Encoded { ids, mask, truncated }
+        Encoded {
+            ids,
+            mask,
+            truncated,
+        }
     }
 }

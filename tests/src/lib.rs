@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The golden fixtures, copied into the repository (tests/fixtures) from the official set.
@@ -16,7 +19,11 @@ pub fn demo_model() -> PathBuf {
 }
 
 /// Export one fixture variant into `out`.
-pub fn export_fixture(variant: &str, resolution: usize, out: &Path) -> star_engines::manifest::Manifest {
+pub fn export_fixture(
+    variant: &str,
+    resolution: usize,
+    out: &Path,
+) -> star_engines::manifest::Manifest {
     let f = fixtures();
     let a = star_export::export::ExportArgs {
         transformer: f.join(variant).join("star.pth"),
@@ -38,7 +45,9 @@ pub fn export_fixture(variant: &str, resolution: usize, out: &Path) -> star_engi
 /// `onnx.checker.check_model(full_check=True)` on every graph of a model directory, with the
 /// Python `onnx` package .ci/run installs (STAR_PYTHON or ./.venv/bin/python).
 pub fn onnx_check(dir: &Path) -> Result<String, String> {
-    let py = std::env::var("STAR_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root().join(".venv/bin/python"));
+    let py = std::env::var("STAR_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".venv/bin/python"));
     let script = r#"
 import sys, glob, onnx
 files = sorted(glob.glob(sys.argv[1] + '/*.onnx'))
@@ -47,7 +56,12 @@ for f in files:
     onnx.checker.check_model(f, full_check=True)
 print(f'{len(files)} graphs pass onnx.checker (full_check)')
 "#;
-    let out = std::process::Command::new(&py).arg("-c").arg(script).arg(dir).output().map_err(|e| format!("running {}: {e}", py.display()))?;
+    let out = std::process::Command::new(&py)
+        .arg("-c")
+        .arg(script)
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("running {}: {e}", py.display()))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {

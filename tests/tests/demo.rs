@@ -74,7 +74,11 @@ fn judge(rgb: &[u8], w: usize, h: usize) -> (Option<&'static str>, &'static str)
             }
         }
     }
-    let bg = [median(&mut ring[0]), median(&mut ring[1]), median(&mut ring[2])];
+    let bg = [
+        median(&mut ring[0]),
+        median(&mut ring[1]),
+        median(&mut ring[2]),
+    ];
     let (x0, y0) = ((w - 48) / 2, (h - 48) / 2);
     let mut fg: [Vec<f64>; 3] = Default::default();
     for y in y0..y0 + 48 {
@@ -87,13 +91,27 @@ fn judge(rgb: &[u8], w: usize, h: usize) -> (Option<&'static str>, &'static str)
             }
         }
     }
-    let shape = if fg[0].len() >= 20 { Some(nearest([median(&mut fg[0]), median(&mut fg[1]), median(&mut fg[2])])) } else { None };
+    let shape = if fg[0].len() >= 20 {
+        Some(nearest([
+            median(&mut fg[0]),
+            median(&mut fg[1]),
+            median(&mut fg[2]),
+        ]))
+    } else {
+        None
+    };
     (shape, nearest(bg))
 }
 
 fn params(p: &Pipeline, seed: u64) -> GenParams {
     let d = &p.md.manifest.sampling_defaults;
-    GenParams { cfg: d.cfg, top_k: d.top_k, top_p: d.top_p, seed, stable_sampling: true }
+    GenParams {
+        cfg: d.cfg,
+        top_k: d.top_k,
+        top_p: d.top_p,
+        seed,
+        stable_sampling: true,
+    }
 }
 
 #[test]
@@ -112,7 +130,9 @@ fn demo_follows_prompt_colours() {
         let (want_shape, want_bg) = (words[1], words[5]);
         // Seeds 1..4: one call with four images (image i uses seed 1 + i).
         let prompts = vec![prompt.to_string(); 4];
-        let g = p.generate(&prompts, "", &params(&p, 1), &mut NoHooks).unwrap();
+        let g = p
+            .generate(&prompts, "", &params(&p, 1), &mut NoHooks)
+            .unwrap();
         let (h, w) = (g.image.shape[2], g.image.shape[3]);
         for i in 0..4 {
             let rgb = to_rgb8(g.image.as_f32().unwrap(), i, h, w);
@@ -132,20 +152,38 @@ fn demo_follows_prompt_colours() {
         100.0 * bg_ok as f64 / total as f64
     );
     assert_eq!(total, 48);
-    assert!(rate >= 0.55, "both-right rate {:.1}% is below 55%", 100.0 * rate);
+    assert!(
+        rate >= 0.55,
+        "both-right rate {:.1}% is below 55%",
+        100.0 * rate
+    );
 }
 
 #[test]
 fn batch_of_different_prompts_equals_each_alone() {
     let mut p = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
     let prompts: Vec<String> = PROMPTS[..3].iter().map(|s| s.to_string()).collect();
-    let batch = p.generate(&prompts, "", &params(&p, 7), &mut NoHooks).unwrap();
+    let batch = p
+        .generate(&prompts, "", &params(&p, 7), &mut NoHooks)
+        .unwrap();
     let (h, w) = (batch.image.shape[2], batch.image.shape[3]);
     for (i, pr) in prompts.iter().enumerate() {
-        let alone = p.generate(std::slice::from_ref(pr), "", &params(&p, 7 + i as u64), &mut NoHooks).unwrap();
+        let alone = p
+            .generate(
+                std::slice::from_ref(pr),
+                "",
+                &params(&p, 7 + i as u64),
+                &mut NoHooks,
+            )
+            .unwrap();
         let a = to_rgb8(alone.image.as_f32().unwrap(), 0, h, w);
         let b = to_rgb8(batch.image.as_f32().unwrap(), i, h, w);
-        assert_eq!(a, b, "image {i} of the batch differs from its single generation with seed {}", 7 + i);
+        assert_eq!(
+            a,
+            b,
+            "image {i} of the batch differs from its single generation with seed {}",
+            7 + i
+        );
     }
 }
 

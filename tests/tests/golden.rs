@@ -14,18 +14,30 @@ fn full_cycle(variant: &str, resolution: usize) {
     println!("{checked}");
 
     let golden = fixtures().join(variant);
-    let rep = star_export::validate::validate(&out, &golden, BackendOptions::default()).expect("validate");
+    let rep = star_export::validate::validate(&out, &golden, BackendOptions::default())
+        .expect("validate");
     println!("{}", rep.table());
-    assert!(rep.checks.len() > 100, "validate compared only {} tensors", rep.checks.len());
+    assert!(
+        rep.checks.len() > 100,
+        "validate compared only {} tensors",
+        rep.checks.len()
+    );
     assert!(rep.all_pass(), "validate: {} failures", rep.failures());
 
     let mut p = Pipeline::open(&out, BackendOptions::default()).unwrap();
     let rep = star_runtime::replay::replay(&mut p, &golden).expect("replay");
     println!("{}", rep.table());
-    assert!(rep.checks.len() > 100, "replay compared only {} tensors", rep.checks.len());
+    assert!(
+        rep.checks.len() > 100,
+        "replay compared only {} tensors",
+        rep.checks.len()
+    );
     assert!(rep.all_pass(), "replay: {} failures", rep.failures());
     for must in ["text.input_ids", "image"] {
-        assert!(rep.checks.iter().any(|c| c.tensor == must), "replay did not compare {must}");
+        assert!(
+            rep.checks.iter().any(|c| c.tensor == must),
+            "replay did not compare {must}"
+        );
     }
 }
 

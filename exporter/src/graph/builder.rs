@@ -4,7 +4,10 @@
 
 use crate::error::{io_err, ExportError, Result};
 use star_engines::manifest::IoSpec;
-use star_engines::onnx::{self, AttributeProto, Dim, GraphProto, NodeProto, StringStringEntryProto, TensorProto, ValueInfoProto};
+use star_engines::onnx::{
+    self, AttributeProto, Dim, GraphProto, NodeProto, StringStringEntryProto, TensorProto,
+    ValueInfoProto,
+};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -45,7 +48,13 @@ impl WeightStore {
     pub fn create(dir: &Path, file_name: &str) -> Result<Self> {
         let path = dir.join(file_name);
         let f = std::fs::File::create(&path).map_err(io_err(&path))?;
-        Ok(WeightStore { file_name: file_name.into(), path, out: BufWriter::with_capacity(1 << 20, f), pos: 0, index: HashMap::new() })
+        Ok(WeightStore {
+            file_name: file_name.into(),
+            path,
+            out: BufWriter::with_capacity(1 << 20, f),
+            pos: 0,
+            index: HashMap::new(),
+        })
     }
 
     pub fn contains(&self, key: &str) -> bool {
@@ -54,26 +63,41 @@ impl WeightStore {
 
     pub fn add(&mut self, key: &str, dims: &[usize], data: &[f32]) -> Result<()> {
         let bytes = (data.len() * 4) as u64;
-        let align = if bytes >= BIG_ALIGN { BIG_ALIGN } else { SMALL_ALIGN };
+        let align = if bytes >= BIG_ALIGN {
+            BIG_ALIGN
+        } else {
+            SMALL_ALIGN
+        };
         let pad = (align - self.pos % align) % align;
-        let io = |e| ExportError::Io { path: self.path.clone(), source: e };
+        let io = |e| ExportError::Io {
+            path: self.path.clone(),
+            source: e,
+        };
         self.out.write_all(&vec![0u8; pad as usize]).map_err(io)?;
         self.pos += pad;
         let mut buf = Vec::with_capacity(bytes as usize);
         for v in data {
             buf.extend_from_slice(&v.to_le_bytes());
         }
-        self.out.write_all(&buf).map_err(|e| ExportError::Io { path: self.path.clone(), source: e })?;
-        self.index.insert(key.to_string(), (self.pos, bytes, dims.to_vec()));
+        self.out.write_all(&buf).map_err(|e| ExportError::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        self.index
+            .insert(key.to_string(), (self.pos, bytes, dims.to_vec()));
         self.pos += bytes;
         Ok(())
     }
 
     pub fn finish(mut self) -> Result<PathBuf> {
         self.out.flush().map_err(io_err(&self.path))?;
-        let f = self.out.into_inner().map_err(|e| ExportError::Io { path: self.path.clone(), source: e.into_error() })?;
+        let f = self.out.into_inner().map_err(|e| ExportError::Io {
+            path: self.path.clone(),
+            source: e.into_error(),
+        })?;
         let mut f = f;
-        f.seek(std::io::SeekFrom::End(0)).map_err(io_err(&self.path))?;
+        f.seek(std::io::SeekFrom::End(0))
+            .map_err(io_err(&self.path))?;
         f.sync_all().map_err(io_err(&self.path))?;
         Ok(self.path)
     }
@@ -86,9 +110,18 @@ impl WeightStore {
             data_type: onnx::dtype::FLOAT,
             data_location: 1,
             external_data: vec![
-                StringStringEntryProto { key: "location".into(), value: self.file_name.clone() },
-                StringStringEntryProto { key: "offset".into(), value: off.to_string() },
-                StringStringEntryProto { key: "length".into(), value: len.to_string() },
+                StringStringEntryProto {
+                    key: "location".into(),
+                    value: self.file_name.clone(),
+                },
+                StringStringEntryProto {
+                    key: "offset".into(),
+                    value: off.to_string(),
+                },
+                StringStringEntryProto {
+                    key: "length".into(),
+                    value: len.to_string(),
+                },
             ],
             ..Default::default()
         }
@@ -133,17 +166,37 @@ impl<'s> G<'s> {
 
     pub fn input(&mut self, name: &str, dtype: i32, dims: &[Dim]) -> String {
         self.inputs.push(ValueInfoProto::tensor(name, dtype, dims));
-        self.in_specs.push(IoSpec { name: name.into(), dtype: onnx::dtype::name(dtype).into(), shape: dims.to_vec() });
+        self.in_specs.push(IoSpec {
+            name: name.into(),
+            dtype: onnx::dtype::name(dtype).into(),
+            shape: dims.to_vec(),
+        });
         name.to_string()
     }
 
     pub fn output(&mut self, value: &str, name: &str, dtype: i32, dims: &[Dim]) {
-        self.nodes.push(NodeProto { input: vec![value.into()], output: vec![name.into()], op_type: "Identity".into(), name: format!("out_{name}"), ..Default::default() });
+        self.nodes.push(NodeProto {
+            input: vec![value.into()],
+            output: vec![name.into()],
+            op_type: "Identity".into(),
+            name: format!("out_{name}"),
+            ..Default::default()
+        });
         self.outputs.push(ValueInfoProto::tensor(name, dtype, dims));
-        self.out_specs.push(IoSpec { name: name.into(), dtype: onnx::dtype::name(dtype).into(), shape: dims.to_vec() });
+        self.out_specs.push(IoSpec {
+            name: name.into(),
+            dtype: onnx::dtype::name(dtype).into(),
+            shape: dims.to_vec(),
+        });
     }
 
-    pub fn op_n(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, n: usize) -> Vec<String> {
+    pub fn op_n(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        n: usize,
+    ) -> Vec<String> {
         let name = self.fresh(op);
         let outs: Vec<String> = (0..n).map(|i| format!("{name}_o{i}")).collect();
         self.nodes.push(NodeProto {
@@ -163,7 +216,12 @@ impl<'s> G<'s> {
 
     /// A shared weight: produced (read from the checkpoint, maybe transformed) only the first time
     /// any graph asks for `key`.
-    pub fn weight(&mut self, key: &str, dims: &[usize], produce: impl FnOnce() -> Result<Vec<f32>>) -> Result<String> {
+    pub fn weight(
+        &mut self,
+        key: &str,
+        dims: &[usize],
+        produce: impl FnOnce() -> Result<Vec<f32>>,
+    ) -> Result<String> {
         if !self.store.contains(key) {
             let data = produce()?;
             debug_assert_eq!(data.len(), dims.iter().product::<usize>(), "{key}");
@@ -179,14 +237,26 @@ impl<'s> G<'s> {
     pub fn c_f32(&mut self, data: &[f32], dims: &[i64]) -> String {
         let name = self.fresh("const");
         let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.inits.push(TensorProto { name: name.clone(), dims: dims.to_vec(), data_type: onnx::dtype::FLOAT, raw_data: raw, ..Default::default() });
+        self.inits.push(TensorProto {
+            name: name.clone(),
+            dims: dims.to_vec(),
+            data_type: onnx::dtype::FLOAT,
+            raw_data: raw,
+            ..Default::default()
+        });
         name
     }
 
     pub fn c_i64(&mut self, data: &[i64], dims: &[i64]) -> String {
         let name = self.fresh("const");
         let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.inits.push(TensorProto { name: name.clone(), dims: dims.to_vec(), data_type: onnx::dtype::INT64, raw_data: raw, ..Default::default() });
+        self.inits.push(TensorProto {
+            name: name.clone(),
+            dims: dims.to_vec(),
+            data_type: onnx::dtype::INT64,
+            raw_data: raw,
+            ..Default::default()
+        });
         name
     }
 
@@ -209,7 +279,10 @@ impl<'s> G<'s> {
             producer_name: "star-export".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
             graph: Some(graph),
-            opset_import: vec![onnx::OperatorSetIdProto { domain: String::new(), version: onnx::OPSET }],
+            opset_import: vec![onnx::OperatorSetIdProto {
+                domain: String::new(),
+                version: onnx::OPSET,
+            }],
             ..Default::default()
         };
         (model, self.in_specs, self.out_specs)
@@ -262,7 +335,11 @@ impl<'s> G<'s> {
     /// Take index `i` along `axis`, removing that axis.
     pub fn pick(&mut self, x: &str, axis: i64, i: i64) -> String {
         let idx = self.c_i64(&[i], &[]);
-        self.op("Gather", &[x, &idx], vec![AttributeProto::int("axis", axis)])
+        self.op(
+            "Gather",
+            &[x, &idx],
+            vec![AttributeProto::int("axis", axis)],
+        )
     }
     pub fn split(&mut self, x: &str, axis: i64, n: usize) -> Vec<String> {
         self.op_n("Split", &[x], vec![AttributeProto::int("axis", axis)], n)
@@ -274,17 +351,40 @@ impl<'s> G<'s> {
     /// LayerNorm over the last axis without affine parameters (the STAR blocks' norms).
     pub fn layer_norm_plain(&mut self, x: &str, width: usize, eps: f32) -> String {
         let key = format!("__ones_{width}");
-        let ones = self.weight(&key, &[width], || Ok(vec![1.0; width])).unwrap_or_default();
-        self.op("LayerNormalization", &[x, &ones], vec![AttributeProto::int("axis", -1), AttributeProto::float("epsilon", eps)])
+        let ones = self
+            .weight(&key, &[width], || Ok(vec![1.0; width]))
+            .unwrap_or_default();
+        self.op(
+            "LayerNormalization",
+            &[x, &ones],
+            vec![
+                AttributeProto::int("axis", -1),
+                AttributeProto::float("epsilon", eps),
+            ],
+        )
     }
 
     pub fn layer_norm(&mut self, x: &str, gamma: &str, beta: &str, eps: f32) -> String {
-        self.op("LayerNormalization", &[x, gamma, beta], vec![AttributeProto::int("axis", -1), AttributeProto::float("epsilon", eps)])
+        self.op(
+            "LayerNormalization",
+            &[x, gamma, beta],
+            vec![
+                AttributeProto::int("axis", -1),
+                AttributeProto::float("epsilon", eps),
+            ],
+        )
     }
 
     /// F.normalize(x, dim=-1): x / max(||x||_2, 1e-12).
     pub fn l2_normalize(&mut self, x: &str) -> String {
-        let n = self.op("ReduceL2", &[x], vec![AttributeProto::ints("axes", &[-1]), AttributeProto::int("keepdims", 1)]);
+        let n = self.op(
+            "ReduceL2",
+            &[x],
+            vec![
+                AttributeProto::ints("axes", &[-1]),
+                AttributeProto::int("keepdims", 1),
+            ],
+        );
         let eps = self.scalar(1e-12);
         let n = self.op("Max", &[&n, &eps], vec![]);
         self.div(x, &n)
@@ -293,7 +393,8 @@ impl<'s> G<'s> {
     /// GELU with the tanh approximation, in the operation order of PyTorch's kernel.
     pub fn gelu_tanh(&mut self, x: &str) -> String {
         let kappa = self.scalar(0.044715);
-        let beta = self.scalar((std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32);
+        let beta =
+            self.scalar((std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32);
         let half = self.scalar(0.5);
         let one = self.scalar(1.0);
         let x2 = self.mul(x, x);
@@ -327,12 +428,35 @@ impl<'s> G<'s> {
     }
 
     /// GroupNorm(groups) with affine, eps; x is (B, C, H, W) with C and H*W known.
-    pub fn group_norm(&mut self, x: &str, c: usize, hw: usize, groups: usize, gamma: &str, beta: &str, eps: f32) -> String {
+    pub fn group_norm(
+        &mut self,
+        x: &str,
+        c: usize,
+        hw: usize,
+        groups: usize,
+        gamma: &str,
+        beta: &str,
+        eps: f32,
+    ) -> String {
         let g = self.reshape(x, &[0, groups as i64, ((c / groups) * hw) as i64]);
-        let mean = self.op("ReduceMean", &[&g], vec![AttributeProto::ints("axes", &[2]), AttributeProto::int("keepdims", 1)]);
+        let mean = self.op(
+            "ReduceMean",
+            &[&g],
+            vec![
+                AttributeProto::ints("axes", &[2]),
+                AttributeProto::int("keepdims", 1),
+            ],
+        );
         let d = self.sub(&g, &mean);
         let d2 = self.mul(&d, &d);
-        let var = self.op("ReduceMean", &[&d2], vec![AttributeProto::ints("axes", &[2]), AttributeProto::int("keepdims", 1)]);
+        let var = self.op(
+            "ReduceMean",
+            &[&d2],
+            vec![
+                AttributeProto::ints("axes", &[2]),
+                AttributeProto::int("keepdims", 1),
+            ],
+        );
         let e = self.scalar(eps);
         let var = self.add(&var, &e);
         let sd = self.op("Sqrt", &[&var], vec![]);
@@ -345,7 +469,14 @@ impl<'s> G<'s> {
 
     pub fn conv(&mut self, x: &str, w: &str, b: &str, k: usize) -> String {
         let p = (k / 2) as i64;
-        self.op("Conv", &[x, w, b], vec![AttributeProto::ints("kernel_shape", &[k as i64, k as i64]), AttributeProto::ints("pads", &[p, p, p, p])])
+        self.op(
+            "Conv",
+            &[x, w, b],
+            vec![
+                AttributeProto::ints("kernel_shape", &[k as i64, k as i64]),
+                AttributeProto::ints("pads", &[p, p, p, p]),
+            ],
+        )
     }
 }
 

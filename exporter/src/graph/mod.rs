@@ -19,7 +19,10 @@ pub struct Src<'a> {
 
 impl<'a> Src<'a> {
     pub fn pp(&self, sub: &str) -> Src<'a> {
-        Src { ns: self.ns, w: self.w.pp(sub) }
+        Src {
+            ns: self.ns,
+            w: self.w.pp(sub),
+        }
     }
     pub fn key(&self, name: &str) -> String {
         format!("{}/{}", self.ns, self.w.key(name))
@@ -33,13 +36,25 @@ impl<'a> Src<'a> {
         g.weight(&self.key(name), shape, move || w.get(&n, &s))
     }
     /// x · Wᵀ + b for a torch Linear(din -> dout); the weight is stored transposed once.
-    pub fn linear(&self, g: &mut G, x: &str, name: &str, din: usize, dout: usize, bias: bool) -> Result<String> {
+    pub fn linear(
+        &self,
+        g: &mut G,
+        x: &str,
+        name: &str,
+        din: usize,
+        dout: usize,
+        bias: bool,
+    ) -> Result<String> {
         let w = self.w.pp(name);
         w.check("weight", &[dout, din])?;
-        let wt = g.weight(&format!("{}^T", self.pp(name).key("weight")), &[din, dout], || {
-            let m = w.get("weight", &[dout, din])?;
-            Ok(transpose2(&m, dout, din))
-        })?;
+        let wt = g.weight(
+            &format!("{}^T", self.pp(name).key("weight")),
+            &[din, dout],
+            || {
+                let m = w.get("weight", &[dout, din])?;
+                Ok(transpose2(&m, dout, din))
+            },
+        )?;
         let y = g.matmul(x, &wt);
         if bias {
             let b = self.pp(name).raw(g, "bias", &[dout])?;

@@ -11,8 +11,16 @@ pub fn text_encoder(g: &mut G, t: &Src, tc: &TextConfig) -> Result<()> {
     let (d, h, l) = (tc.width, tc.heads, tc.max_positions);
     let hd = d / h;
     let n = Dim::Sym("N".into());
-    let ids = g.input("input_ids", dtype::INT64, &[n.clone(), Dim::Fixed(l as i64)]);
-    let mask = g.input("attention_mask", dtype::INT64, &[n.clone(), Dim::Fixed(l as i64)]);
+    let ids = g.input(
+        "input_ids",
+        dtype::INT64,
+        &[n.clone(), Dim::Fixed(l as i64)],
+    );
+    let mask = g.input(
+        "attention_mask",
+        dtype::INT64,
+        &[n.clone(), Dim::Fixed(l as i64)],
+    );
     let tok = t.raw(g, "embeddings.token_embedding.weight", &[tc.vocab, d])?;
     let pos = t.raw(g, "embeddings.position_embedding.weight", &[l, d])?;
     let x = g.op("Gather", &[&tok, &ids], vec![]);
@@ -63,14 +71,23 @@ pub fn text_encoder(g: &mut G, t: &Src, tc: &TextConfig) -> Result<()> {
         let ln2b = lyr.raw(g, "layer_norm2.bias", &[d])?;
         let hs = g.layer_norm(&x, &ln2w, &ln2b, tc.eps);
         let f = lyr.linear(g, &hs, "mlp.fc1", d, tc.mlp, true)?;
-        let f = if tc.act == "quick_gelu" { g.quick_gelu(&f) } else { g.gelu_erf(&f) };
+        let f = if tc.act == "quick_gelu" {
+            g.quick_gelu(&f)
+        } else {
+            g.gelu_erf(&f)
+        };
         let f = lyr.linear(g, &f, "mlp.fc2", tc.mlp, d, true)?;
         x = g.add(&x, &f);
     }
     let fw = t.raw(g, "final_layer_norm.weight", &[d])?;
     let fb = t.raw(g, "final_layer_norm.bias", &[d])?;
     let hidden = g.layer_norm(&x, &fw, &fb, tc.eps);
-    g.output(&hidden, "hidden", dtype::FLOAT, &[n.clone(), Dim::Fixed(l as i64), Dim::Fixed(d as i64)]);
+    g.output(
+        &hidden,
+        "hidden",
+        dtype::FLOAT,
+        &[n.clone(), Dim::Fixed(l as i64), Dim::Fixed(d as i64)],
+    );
 
     // One-hot of the first EOS (cumsum of the EOS indicator equals 1 there), then a matmul: exact.
     let eos = g.c_i64(&[tc.eos_id], &[]);

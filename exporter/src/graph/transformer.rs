@@ -59,7 +59,10 @@ fn rope_consts(g: &mut G, tables: &[(Vec<f32>, Vec<f32>)]) -> Rope {
         sin.extend_from_slice(s);
     }
     let n = (cos.len() / 32) as i64;
-    Rope { cos: g.c_f32(&cos, &[n, 32, 1]), sin: g.c_f32(&sin, &[n, 32, 1]) }
+    Rope {
+        cos: g.c_f32(&cos, &[n, 32, 1]),
+        sin: g.c_f32(&sin, &[n, 32, 1]),
+    }
 }
 
 /// (R, n, C) -> (R, H, n, hd)
@@ -77,7 +80,15 @@ fn heads_last(g: &mut G, x: &str, n: usize, c: usize) -> String {
 /// Self-attention of one block. Returns (output before residual, k, v) with k after RoPE and L2
 /// normalisation (what the cache stores) and v raw.
 #[allow(clippy::too_many_arguments)]
-fn self_attention(g: &mut G, a: &Src, cfg: &ModelConfig, x: &str, n: usize, rope: &Rope, past: Option<(&str, &str)>) -> Result<(String, String, String)> {
+fn self_attention(
+    g: &mut G,
+    a: &Src,
+    cfg: &ModelConfig,
+    x: &str,
+    n: usize,
+    rope: &Rope,
+    past: Option<(&str, &str)>,
+) -> Result<(String, String, String)> {
     let (c, h, hd) = (cfg.width, cfg.heads, cfg.head_dim);
     let qkv = a.linear(g, x, "mat_qkv", c, 3 * c, false)?;
     let bias_key = format!("{}^qkv_bias", a.key("q_bias"));
@@ -116,7 +127,16 @@ fn self_attention(g: &mut G, a: &Src, cfg: &ModelConfig, x: &str, n: usize, rope
 
 /// Cross-attention of one block for the conditional rows only (the release adds row 0's
 /// cross-attention to both guidance rows; per image that is its conditional row).
-fn cross_attention(g: &mut G, a: &Src, cfg: &ModelConfig, x_cond: &str, n: usize, tk: &str, tv: &str, bias: &str) -> Result<String> {
+fn cross_attention(
+    g: &mut G,
+    a: &Src,
+    cfg: &ModelConfig,
+    x_cond: &str,
+    n: usize,
+    tk: &str,
+    tv: &str,
+    bias: &str,
+) -> Result<String> {
     let (c, h, hd) = (cfg.width, cfg.heads, cfg.head_dim);
     let q = a.linear(g, x_cond, "mat_q", c, c, false)?;
     let qb = a.raw(g, "q_bias", &[c])?;
@@ -152,11 +172,15 @@ pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig) -> Result<()> {
         let kv = a.linear(g, &hidden, "mat_kv", dt, 2 * c, false)?;
         let w = a.w.clone();
         w.check("v_bias", &[c])?;
-        let bias = g.weight(&format!("{}^kv_bias", a.key("v_bias")), &[2 * c], move || {
-            let mut b = vec![0.0; c];
-            b.extend(w.get("v_bias", &[c])?);
-            Ok(b)
-        })?;
+        let bias = g.weight(
+            &format!("{}^kv_bias", a.key("v_bias")),
+            &[2 * c],
+            move || {
+                let mut b = vec![0.0; c];
+                b.extend(w.get("v_bias", &[c])?);
+                Ok(b)
+            },
+        )?;
         let kv = g.add(&kv, &bias);
         let kv = g.reshape(&kv, &[0, TEXT_LEN as i64, 2, h as i64, hd as i64]);
         let kv = g.transpose(&kv, &[2, 0, 3, 1, 4]);
@@ -167,14 +191,24 @@ pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig) -> Result<()> {
     }
     let refs: Vec<&str> = per_block.iter().map(|s| s.as_str()).collect();
     let all = g.concat(&refs, 0);
-    g.output(&all, "text_kv", dtype::FLOAT, &[fx(cfg.depth), fx(2), sym("B"), fx(h), fx(TEXT_LEN), fx(hd)]);
+    g.output(
+        &all,
+        "text_kv",
+        dtype::FLOAT,
+        &[fx(cfg.depth), fx(2), sym("B"), fx(h), fx(TEXT_LEN), fx(hd)],
+    );
     let m = g.cast(&mask, dtype::FLOAT);
     let one = g.scalar(1.0);
     let inv = g.sub(&one, &m);
     let big = g.scalar(-1e9);
     let b = g.mul(&inv, &big);
     let b = g.unsqueeze(&b, &[1, 2]);
-    g.output(&b, "text_bias", dtype::FLOAT, &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)]);
+    g.output(
+        &b,
+        "text_bias",
+        dtype::FLOAT,
+        &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)],
+    );
     Ok(())
 }
 
@@ -190,7 +224,11 @@ pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usi
     let lvl_w = t.w.clone();
     let sn = sch.patch_nums.len();
     lvl_w.check("lvl_embed.weight", &[sn, c])?;
-    let lvl = g.weight(&format!("{}[{si}]", t.key("lvl_embed.weight")), &[c], move || Ok(lvl_w.get("lvl_embed.weight", &[sn, c])?[si * c..(si + 1) * c].to_vec()))?;
+    let lvl = g.weight(
+        &format!("{}[{si}]", t.key("lvl_embed.weight")),
+        &[c],
+        move || Ok(lvl_w.get("lvl_embed.weight", &[sn, c])?[si * c..(si + 1) * c].to_vec()),
+    )?;
 
     let mut x = if si == 0 {
         let pooled = g.input("pooled", dtype::FLOAT, &[sym("B2"), fx(cfg.text_width)]);
@@ -206,13 +244,32 @@ pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usi
         g.concat(&[&e, &e], 0)
     };
     let past = if si > 0 {
-        let cache = g.input("kv_cache", dtype::FLOAT, &[fx(cfg.depth), fx(2), sym("B2"), fx(h), fx(sch.total_tokens), fx(hd)]);
+        let cache = g.input(
+            "kv_cache",
+            dtype::FLOAT,
+            &[
+                fx(cfg.depth),
+                fx(2),
+                sym("B2"),
+                fx(h),
+                fx(sch.total_tokens),
+                fx(hd),
+            ],
+        );
         Some(g.slice(&cache, 4, 0, begin as i64))
     } else {
         None
     };
-    let text_kv = g.input("text_kv", dtype::FLOAT, &[fx(cfg.depth), fx(2), sym("B"), fx(h), fx(TEXT_LEN), fx(hd)]);
-    let text_bias = g.input("text_bias", dtype::FLOAT, &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)]);
+    let text_kv = g.input(
+        "text_kv",
+        dtype::FLOAT,
+        &[fx(cfg.depth), fx(2), sym("B"), fx(h), fx(TEXT_LEN), fx(hd)],
+    );
+    let text_bias = g.input(
+        "text_bias",
+        dtype::FLOAT,
+        &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)],
+    );
     let rope = rope_consts(g, &[rope_table(pn)]);
 
     let mut new_kv = vec![];
@@ -223,7 +280,15 @@ pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usi
             (g.pick(&blk, 0, 0), g.pick(&blk, 0, 1))
         });
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
-        let (o, k, vv) = self_attention(g, &b.pp("attn"), cfg, &xn, n, &rope, pkv.as_ref().map(|(a, b)| (a.as_str(), b.as_str())))?;
+        let (o, k, vv) = self_attention(
+            g,
+            &b.pp("attn"),
+            cfg,
+            &xn,
+            n,
+            &rope,
+            pkv.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
+        )?;
         x = g.add(&x, &o);
         let k1 = g.unsqueeze(&k, &[0]);
         let v1 = g.unsqueeze(&vv, &[0]);
@@ -235,7 +300,16 @@ pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usi
         let tkv = g.pick(&text_kv, 0, i as i64);
         let tk = g.pick(&tkv, 0, 0);
         let tv = g.pick(&tkv, 0, 1);
-        let xa = cross_attention(g, &b.pp("cross_attn"), cfg, &rows[0], n, &tk, &tv, &text_bias)?;
+        let xa = cross_attention(
+            g,
+            &b.pp("cross_attn"),
+            cfg,
+            &rows[0],
+            n,
+            &tk,
+            &tv,
+            &text_bias,
+        )?;
         let xa = g.concat(&[&xa, &xa], 0);
         x = g.add(&x, &xa);
 
@@ -245,7 +319,12 @@ pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usi
     }
     let refs: Vec<&str> = new_kv.iter().map(|s| s.as_str()).collect();
     let kv = g.concat(&refs, 0);
-    g.output(&kv, "kv_new", dtype::FLOAT, &[fx(cfg.depth), fx(2), sym("B2"), fx(h), fx(n), fx(hd)]);
+    g.output(
+        &kv,
+        "kv_new",
+        dtype::FLOAT,
+        &[fx(cfg.depth), fx(2), sym("B2"), fx(h), fx(n), fx(hd)],
+    );
     g.output(&x, "hidden", dtype::FLOAT, &[sym("B2"), fx(n), fx(c)]);
     let xn = g.layer_norm_plain(&x, c, LN_EPS);
     let logits = t.linear(g, &xn, "head_logits", c, v, true)?;
@@ -255,7 +334,14 @@ pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usi
 
 /// The stable sampler for scale si: refiner blocks over [prefix ; revealed tokens] fused with the
 /// main transformer's hidden states. `idx` and `mask` pick the revealed codebook vectors.
-pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Schedule, si: usize) -> Result<()> {
+pub fn sampler_step(
+    g: &mut G,
+    t: &Src,
+    vq: &Src,
+    cfg: &ModelConfig,
+    sch: &Schedule,
+    si: usize,
+) -> Result<()> {
     let (c, v, cv) = (cfg.width, cfg.vocab, cfg.cvae);
     let pn = sch.patch_nums[si];
     let n = pn * pn;
@@ -277,7 +363,11 @@ pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Sched
     let e = t.linear(g, &h, "word_embed_head", cv, c, true)?;
     let lw = t.w.clone();
     lw.check("lvl_embed_2.weight", &[sn, c])?;
-    let lvl = g.weight(&format!("{}[{si}]", t.key("lvl_embed_2.weight")), &[c], move || Ok(lw.get("lvl_embed_2.weight", &[sn, c])?[si * c..(si + 1) * c].to_vec()))?;
+    let lvl = g.weight(
+        &format!("{}[{si}]", t.key("lvl_embed_2.weight")),
+        &[c],
+        move || Ok(lw.get("lvl_embed_2.weight", &[sn, c])?[si * c..(si + 1) * c].to_vec()),
+    )?;
     let e = g.add(&e, &lvl);
     let e = g.concat(&[&e, &e], 0);
     let feature = g.concat(&[&p, &e], 1);

@@ -41,8 +41,15 @@ pub fn vq_step(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule, si: usize
     let h = g.transpose(&h, &[0, 2, 1]);
     let h = g.reshape(&h, &[0, cv as i64, pn as i64, pn as i64]);
     let last = si == sn - 1;
-    let h = if last { h } else { resample(g, &h, &bicubic_matrix(pn, p), p, pn) };
-    let phi = vq.pp(&format!("quantize.quant_resi.qresi_ls.{}", sch.phi_index[si]));
+    let h = if last {
+        h
+    } else {
+        resample(g, &h, &bicubic_matrix(pn, p), p, pn)
+    };
+    let phi = vq.pp(&format!(
+        "quantize.quant_resi.qresi_ls.{}",
+        sch.phi_index[si]
+    ));
     let w = phi.raw(g, "weight", &[cv, cv, 3, 3])?;
     let b = phi.raw(g, "bias", &[cv])?;
     let conv = g.conv(&h, &w, &b, 3);
@@ -51,13 +58,23 @@ pub fn vq_step(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule, si: usize
     let c = g.mul(&conv, &half);
     let phi_out = g.add(&a, &c);
     let f = g.add(&f_hat, &phi_out);
-    g.output(&f, "f_hat_out", dtype::FLOAT, &[sym("B"), fx(cv), fx(p), fx(p)]);
+    g.output(
+        &f,
+        "f_hat_out",
+        dtype::FLOAT,
+        &[sym("B"), fx(cv), fx(p), fx(p)],
+    );
     if !last {
         let pn2 = sch.patch_nums[si + 1];
         let d = resample(g, &f, &area_matrix(p, pn2), pn2, p);
         let d = g.reshape(&d, &[0, cv as i64, (pn2 * pn2) as i64]);
         let d = g.transpose(&d, &[0, 2, 1]);
-        g.output(&d, "next_in", dtype::FLOAT, &[sym("B"), fx(pn2 * pn2), fx(cv)]);
+        g.output(
+            &d,
+            "next_in",
+            dtype::FLOAT,
+            &[sym("B"), fx(pn2 * pn2), fx(cv)],
+        );
     }
     Ok(())
 }
@@ -77,7 +94,9 @@ impl Dec<'_, '_, '_> {
         // (C,) -> (C,1,1) for broadcasting over (B,C,H,W)
         let gamma = self.g.reshape(&gamma, &[c as i64, 1, 1]);
         let beta = self.g.reshape(&beta, &[c as i64, 1, 1]);
-        Ok(self.g.group_norm(x, c, side * side, GN_GROUPS, &gamma, &beta, GN_EPS))
+        Ok(self
+            .g
+            .group_norm(x, c, side * side, GN_GROUPS, &gamma, &beta, GN_EPS))
     }
     fn conv(&mut self, x: &str, name: &str, cin: usize, cout: usize, k: usize) -> Result<String> {
         let w = self.w.pp(name).raw(self.g, "weight", &[cout, cin, k, k])?;
@@ -88,14 +107,25 @@ impl Dec<'_, '_, '_> {
         let s = self.g.op("Sigmoid", &[x], vec![]);
         self.g.mul(x, &s)
     }
-    fn resnet(&mut self, x: &str, name: &str, cin: usize, cout: usize, side: usize) -> Result<String> {
+    fn resnet(
+        &mut self,
+        x: &str,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        side: usize,
+    ) -> Result<String> {
         let h = self.norm(x, &format!("{name}.norm1"), cin, side)?;
         let h = self.silu(&h);
         let h = self.conv(&h, &format!("{name}.conv1"), cin, cout, 3)?;
         let h = self.norm(&h, &format!("{name}.norm2"), cout, side)?;
         let h = self.silu(&h);
         let h = self.conv(&h, &format!("{name}.conv2"), cout, cout, 3)?;
-        let skip = if cin != cout { self.conv(x, &format!("{name}.nin_shortcut"), cin, cout, 1)? } else { x.to_string() };
+        let skip = if cin != cout {
+            self.conv(x, &format!("{name}.nin_shortcut"), cin, cout, 1)?
+        } else {
+            x.to_string()
+        };
         Ok(self.g.add(&skip, &h))
     }
     fn attn(&mut self, x: &str, name: &str, c: usize, side: usize) -> Result<String> {
@@ -159,7 +189,10 @@ pub fn decoder(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result
                 &[&h, "", &scales],
                 vec![
                     star_engines::onnx::AttributeProto::string("mode", "nearest"),
-                    star_engines::onnx::AttributeProto::string("coordinate_transformation_mode", "asymmetric"),
+                    star_engines::onnx::AttributeProto::string(
+                        "coordinate_transformation_mode",
+                        "asymmetric",
+                    ),
                     star_engines::onnx::AttributeProto::string("nearest_mode", "floor"),
                 ],
             );
@@ -171,13 +204,23 @@ pub fn decoder(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result
     h = d.silu(&h);
     let raw = d.conv(&h, "conv_out", cin, 3, 3)?;
     let g = d.g;
-    g.output(&raw, "image_raw", dtype::FLOAT, &[sym("B"), fx(3), fx(side), fx(side)]);
+    g.output(
+        &raw,
+        "image_raw",
+        dtype::FLOAT,
+        &[sym("B"), fx(3), fx(side), fx(side)],
+    );
     let lo = g.scalar(-1.0);
     let hi = g.scalar(1.0);
     let c = g.op("Clip", &[&raw, &lo, &hi], vec![]);
     let c = g.add(&c, &hi);
     let half = g.scalar(0.5);
     let img = g.mul(&c, &half);
-    g.output(&img, "image", dtype::FLOAT, &[sym("B"), fx(3), fx(side), fx(side)]);
+    g.output(
+        &img,
+        "image",
+        dtype::FLOAT,
+        &[sym("B"), fx(3), fx(side), fx(side)],
+    );
     Ok(())
 }

@@ -1,0 +1,400 @@
+//! Checkpoint readers, config inference and the CLI's bad-input contract (one clear line, exit
+//! code 2, nothing written at --out).
+
+use star_export::checkpoint::Checkpoint;
+use star_export::config::{infer_transformer, Shapes};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// A minimal torch-style zip pickle: {name: tensor} with one storage per tensor, written by hand
+/// (protocol 2 opcodes), optionally with an extra GLOBAL to prove nothing foreign is executed.
+fn write_pth(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)], foreign: Option<&str>) {
+    let mut p: Vec<u8> = vec![0x80, 2, b'}', b'('];
+    for (i, (name, kind, shape, _)) in tensors.iter().enumerate() {
+        p.push(b'X');
+        p.extend((name.len() as u32).to_le_bytes());
+        p.extend(name.as_bytes());
+        p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        // persistent id ('storage', torch.<kind>, key, 'cpu', numel)
+        p.extend(b"(X\x07\x00\x00\x00storage");
+        p.extend(format!("ctorch\n{kind}\n").as_bytes());
+        let key = i.to_string();
+        p.push(b'X');
+        p.extend((key.len() as u32).to_le_bytes());
+        p.extend(key.as_bytes());
+        p.extend(b"X\x03\x00\x00\x00cpu");
+        p.push(b'J');
+        p.extend((shape.iter().product::<usize>() as i32).to_le_bytes());
+        p.extend(b"tQ");
+        p.push(b'J');
+        p.extend(0i32.to_le_bytes());
+        let mut stride = vec![1usize; shape.len()];
+        for d in (0..shape.len().saturating_sub(1)).rev() {
+            stride[d] = stride[d + 1] * shape[d + 1];
+        }
+        for v in [shape, &stride] {
+            p.push(b'(');
+            for d in v.iter() {
+                p.push(b'J');
+                p.extend((*d as i32).to_le_bytes());
+            }
+            p.push(b't');
+        }
+        p.extend(b"\x89N");
+        p.extend(b"tR");
+    }
+    if let Some(g) = foreign {
+        let (m, n) = g.split_once('.').unwrap();
+        p.extend(b"X\x01\x00\x00\x00x");
+        p.extend(format!("c{m}\n{n}\n").as_bytes());
+    }
+    p.extend(b"u.");
+    let f = std::fs::File::create(path).unwrap();
+    let mut z = zip::ZipWriter::new(f);
+    let opt =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("archive/data.pkl", opt).unwrap();
+    z.write_all(&p).unwrap();
+    for (i, (_, _, _, bytes)) in tensors.iter().enumerate() {
+        z.start_file(format!("archive/data/{i}"), opt).unwrap();
+        z.write_all(bytes).unwrap();
+    }
+    z.finish().unwrap();
+}
+
+#[test]
+fn pth_and_safetensors_twins_hold_identical_tensors() {
+    let f = fixtures().join("tiny-256");
+    let a = Checkpoint::open(&f.join("star.pth"), &["trainer", "var_wo_ddp"]).unwrap();
+    let b = Checkpoint::open(&f.join("star.safetensors"), &[]).unwrap();
+    assert_eq!(a.tensors.len(), 47);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for k in a.keys() {
+        assert_eq!(a.read_f32(k).unwrap(), b.read_f32(k).unwrap(), "{k}");
+    }
+}
+
+#[test]
+fn fp16_and_bf16_storages_are_converted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vals = [1.0f32, -2.5, 0.333, 65504.0, 1e-3, 7.0];
+    let f16: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    let bf16: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+        .collect();
+    let p = tmp.path().join("m.pth");
+    write_pth(
+        &p,
+        &[
+            ("h", "HalfStorage", vec![2, 3], f16),
+            ("b", "BFloat16Storage", vec![3, 2], bf16),
+        ],
+        None,
+    );
+    let c = Checkpoint::open(&p, &[]).unwrap();
+    assert_eq!(c.info("h").unwrap().shape, vec![2, 3]);
+    let h = c.read_f32("h").unwrap();
+    let b = c.read_f32("b").unwrap();
+    for (i, v) in vals.iter().enumerate() {
+        assert_eq!(h[i], half::f16::from_f32(*v).to_f32());
+        assert_eq!(b[i], half::bf16::from_f32(*v).to_f32());
+    }
+}
+
+/// Key/shape list of a full-size checkpoint built from the release's sizes (STAR-SPEC §2, §4, §5).
+fn release_shapes(depth: usize, scales: usize, sampler: bool) -> Shapes {
+    let c = 64 * depth;
+    let mut s = Shapes::new();
+    let mut put = |k: &str, v: &[usize]| {
+        s.insert(k.to_string(), v.to_vec());
+    };
+    put("word_embed.weight", &[c, 32]);
+    put("lvl_embed.weight", &[scales, c]);
+    put("pos_start", &[1, 1, c]);
+    put("encoder_proj.weight", &[c, 1024]);
+    put("head_logits.weight", &[4096, c]);
+    put("class_emb.weight", &[1001, c]);
+    let block = |put: &mut dyn FnMut(&str, &[usize]), pre: &str, cross: bool| {
+        put(&format!("{pre}.attn.mat_qkv.weight"), &[3 * c, c]);
+        put(&format!("{pre}.attn.scale_mul_1H11"), &[1, depth, 1, 1]);
+        put(&format!("{pre}.ffn.fc1.weight"), &[4 * c, c]);
+        if cross {
+            put(&format!("{pre}.cross_attn.mat_kv.weight"), &[2 * c, 1024]);
+        }
+    };
+    for i in 0..depth {
+        block(&mut put, &format!("blocks.{i}"), true);
+    }
+    if sampler {
+        for j in 0..3 {
+            block(&mut put, &format!("feat_extract_blocks.{j}"), false);
+        }
+        for (k, v) in [
+            ("word_embed_head.weight", vec![c, 32]),
+            ("lvl_embed_2.weight", vec![scales, c]),
+            ("encoder_proj2.weight", vec![c, 1024]),
+            ("pos_start_last", vec![1, 1, c]),
+            ("head_proj.weight", vec![c, 2 * c]),
+            ("head_logits2.weight", vec![4096, c]),
+        ] {
+            put(k, &v);
+        }
+    }
+    s
+}
+
+#[test]
+fn config_inference_on_release_key_lists() {
+    let d30 = infer_transformer(&release_shapes(30, 14, true)).unwrap();
+    assert_eq!(
+        (
+            d30.depth,
+            d30.width,
+            d30.heads,
+            d30.head_dim,
+            d30.vocab,
+            d30.cvae,
+            d30.text_width,
+            d30.scales,
+            d30.sampler_blocks
+        ),
+        (30, 1920, 30, 64, 4096, 32, 1024, 14, 3)
+    );
+    let d16 = infer_transformer(&release_shapes(16, 10, false)).unwrap();
+    assert_eq!(
+        (
+            d16.depth,
+            d16.width,
+            d16.heads,
+            d16.vocab,
+            d16.scales,
+            d16.sampler_blocks
+        ),
+        (16, 1024, 16, 4096, 10, 0)
+    );
+}
+
+// ---- CLI bad input ---------------------------------------------------------------------------
+
+struct Run {
+    code: i32,
+    stderr: String,
+}
+
+fn export(args: &[&str]) -> Run {
+    let o = Command::new(env!("CARGO_BIN_EXE_star-export"))
+        .arg("export")
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .unwrap();
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+fn args_with(
+    tmp: &Path,
+    transformer: &Path,
+    vae: &Path,
+    text: &Path,
+    res: &str,
+) -> (Vec<String>, PathBuf) {
+    let out = tmp.join("out");
+    let v = vec![
+        "--transformer".into(),
+        transformer.display().to_string(),
+        "--vae".into(),
+        vae.display().to_string(),
+        "--text-encoder".into(),
+        text.display().to_string(),
+        "--resolution".into(),
+        res.into(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    (v, out)
+}
+
+fn expect_fail(tmp: &Path, transformer: &Path, vae: &Path, text: &Path, res: &str, needle: &str) {
+    let (a, out) = args_with(tmp, transformer, vae, text, res);
+    let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    let r = export(&refs);
+    assert_eq!(r.code, 2, "stderr: {}", r.stderr);
+    assert_eq!(
+        r.stderr.trim().lines().count(),
+        1,
+        "one line expected: {}",
+        r.stderr
+    );
+    assert!(r.stderr.contains(needle), "'{needle}' not in: {}", r.stderr);
+    assert!(!out.exists(), "--out was created");
+    let leftovers: Vec<_> = std::fs::read_dir(tmp)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".star-export"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary directory left behind");
+}
+
+/// Rewrite the tiny-256 transformer with one change.
+fn mutated(tmp: &Path, f: impl Fn(&str, &mut Vec<usize>, &mut Vec<f32>) -> bool) -> PathBuf {
+    let c = Checkpoint::open(
+        &fixtures().join("tiny-256/star.pth"),
+        &["trainer", "var_wo_ddp"],
+    )
+    .unwrap();
+    let mut owned = vec![];
+    for k in c.keys() {
+        let mut shape = c.info(k).unwrap().shape.clone();
+        let mut data = c.read_f32(k).unwrap();
+        if f(k, &mut shape, &mut data) {
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            owned.push((k.clone(), shape, bytes));
+        }
+    }
+    let list: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = owned
+        .iter()
+        .map(|(k, s, b)| (k.as_str(), "FloatStorage", s.clone(), b.clone()))
+        .collect();
+    let p = tmp.join("mutated.pth");
+    write_pth(&p, &list, None);
+    p
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_with_exit_2_and_write_nothing() {
+    let f = fixtures();
+    let (star, vae, clip) = (
+        f.join("tiny-256/star.pth"),
+        f.join("vqvae.pth"),
+        f.join("clip_tiny"),
+    );
+    let t = tempfile::tempdir().unwrap();
+    let tmp = t.path();
+
+    let trunc = tmp.join("trunc.pth");
+    let bytes = std::fs::read(&star).unwrap();
+    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    expect_fail(
+        tmp,
+        &trunc,
+        &vae,
+        &clip,
+        "256",
+        "not a PyTorch zip checkpoint",
+    );
+
+    let notzip = tmp.join("notzip.pth");
+    std::fs::write(&notzip, b"hello, not a checkpoint").unwrap();
+    expect_fail(
+        tmp,
+        &notzip,
+        &vae,
+        &clip,
+        "256",
+        "not a PyTorch zip checkpoint",
+    );
+
+    let evil = tmp.join("evil.pth");
+    write_pth(
+        &evil,
+        &[("w", "FloatStorage", vec![1], 1f32.to_le_bytes().to_vec())],
+        Some("os.system"),
+    );
+    expect_fail(
+        tmp,
+        &evil,
+        &vae,
+        &clip,
+        "256",
+        "refusing to unpickle global 'os.system'",
+    );
+
+    let missing = mutated(tmp, |k, _, _| k != "blocks.1.ffn.fc2.weight");
+    expect_fail(
+        tmp,
+        &missing,
+        &vae,
+        &clip,
+        "256",
+        "missing tensor 'blocks.1.ffn.fc2.weight'",
+    );
+
+    let misshaped = mutated(tmp, |k, s, d| {
+        if k == "blocks.0.attn.proj.weight" {
+            *s = vec![128, 127];
+            d.truncate(128 * 127);
+        }
+        true
+    });
+    expect_fail(
+        tmp,
+        &misshaped,
+        &vae,
+        &clip,
+        "256",
+        "blocks.0.attn.proj.weight",
+    );
+
+    let vocab = mutated(tmp, |k, s, d| {
+        if k == "head_logits.weight" {
+            *s = vec![255, 128];
+            d.truncate(255 * 128);
+        }
+        true
+    });
+    expect_fail(tmp, &vocab, &vae, &clip, "256", "VQ codebook size");
+
+    let width = mutated(tmp, |k, s, d| {
+        if k == "encoder_proj.weight" {
+            *s = vec![128, 32];
+            d.truncate(128 * 32);
+        }
+        true
+    });
+    expect_fail(
+        tmp,
+        &width,
+        &vae,
+        &clip,
+        "256",
+        "text encoder width 64 != transformer encoder_proj input 32",
+    );
+
+    expect_fail(tmp, &star, &vae, &clip, "300", "unsupported resolution 300");
+}
+
+#[test]
+fn unwritable_out_fails_cleanly() {
+    let f = fixtures();
+    let t = tempfile::tempdir().unwrap();
+    let ro = t.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let target = ro.join("nested/missing/out");
+    let r = export(&[
+        "--transformer",
+        f.join("tiny-256/star.pth").to_str().unwrap(),
+        "--vae",
+        f.join("vqvae.pth").to_str().unwrap(),
+        "--text-encoder",
+        f.join("clip_tiny").to_str().unwrap(),
+        "--resolution",
+        "256",
+        "--out",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("does not exist"), "{}", r.stderr);
+    assert!(!target.exists());
+}
