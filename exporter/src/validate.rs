@@ -4,7 +4,7 @@
 
 use crate::error::{ExportError, Result};
 use crate::schedule::{area_matrix, bicubic_matrix, rope_table};
-use star_engines::backend::{BackendOptions, Input};
+use star_engines::backend::BackendOptions;
 use star_engines::golden::{compare, Record, Report, FP32_TOL};
 use star_engines::model_dir::ModelDir;
 use star_engines::Tensor;
@@ -421,6 +421,3 @@ pub fn write_cache(cache: &mut Tensor, kv: &Tensor, begin: usize) {
         }
     }
 }
-
-#[allow(dead_code)]
-fn _unused(_: Input) {}
