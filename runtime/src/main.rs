@@ -286,6 +286,8 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
             .filter(|(k, _)| k.starts_with("sampler["))
             .map(|(_, v)| v.0)
             .sum();
+        // An empty f64 sum is -0.0; show models without the sampler as 0.0.
+        let smp = smp + 0.0;
         eprintln!(
             "model {} ({}): {} ms total | scale steps {steps:.1}, stable sampler {smp:.1}, vq {vq:.1}, {} (ms)",
             dir.display(),
