@@ -94,6 +94,22 @@ impl Record {
     }
 }
 
+/// The generation records (`gen_*.safetensors`) of a fixture variant folder, sorted.
+pub fn generation_records(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut gens: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n.starts_with("gen_") && n.ends_with(".safetensors")
+        })
+        .map(|p| p.with_extension(""))
+        .collect();
+    gens.sort();
+    Ok(gens)
+}
+
 pub fn to_usize(t: &Tensor) -> Vec<usize> {
     t.to_f64().iter().map(|&x| x as usize).collect()
 }

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod error;
 pub mod golden;
+pub mod kv_cache;
 pub mod manifest;
 pub mod model_dir;
 pub mod onnx;

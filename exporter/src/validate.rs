@@ -4,11 +4,27 @@
 
 use crate::error::{ExportError, Result};
 use crate::schedule::{area_matrix, bicubic_matrix, rope_table};
-use star_engines::backend::BackendOptions;
+use star_engines::backend::{BackendOptions, Input};
 use star_engines::golden::{compare, Record, Report, FP32_TOL};
+use star_engines::kv_cache::KvCache;
 use star_engines::model_dir::ModelDir;
 use star_engines::Tensor;
 use std::path::Path;
+
+/// Compare `ours` with the record's tensor `name` (reduced to what the record stored), if the
+/// record has it.
+fn check(rep: &mut Report, r: &Record, stage: &str, name: &str, ours: &Tensor) -> Result<()> {
+    if r.has(name) {
+        rep.push(compare(
+            stage,
+            name,
+            &r.align(name, ours)?,
+            &r.get(name)?,
+            FP32_TOL,
+        ));
+    }
+    Ok(())
+}
 
 fn f32v(t: &Tensor) -> &[f32] {
     t.as_f32().expect("float tensor")
@@ -27,21 +43,9 @@ pub fn validate(model: &Path, golden: &Path, opts: BackendOptions) -> Result<Rep
     if golden.join("vq.safetensors").is_file() {
         vq_record(&mut md, &Record::open(&golden.join("vq"))?, &mut rep)?;
     }
-    let mut gens: Vec<_> = std::fs::read_dir(golden)
-        .map_err(|e| ExportError::Io {
-            path: golden.to_path_buf(),
-            source: e,
-        })?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            n.starts_with("gen_") && n.ends_with(".safetensors")
-        })
-        .collect();
-    gens.sort();
+    let gens = star_engines::golden::generation_records(golden)?;
     for g in gens {
-        gen_record(&mut md, &Record::open(&g.with_extension(""))?, &mut rep)?;
+        gen_record(&mut md, &Record::open(&g)?, &mut rep)?;
     }
     if rep.checks.is_empty() {
         return Err(ExportError::Validation(format!(
@@ -168,15 +172,7 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
             &[("idx", (&idx).into()), ("f_hat", (&f_hat).into())],
         )?;
         let fname = format!("s{si:02}.f_hat");
-        if r.has(&fname) {
-            rep.push(compare(
-                &format!("vq[{si}]"),
-                &fname,
-                &r.align(&fname, &out["f_hat_out"])?,
-                &r.get(&fname)?,
-                FP32_TOL,
-            ));
-        }
+        check(rep, r, &format!("vq[{si}]"), &fname, &out["f_hat_out"])?;
         let dname = format!("s{si:02}.down");
         if let (Some(n), true) = (out.get("next_in"), r.has(&dname)) {
             rep.push(compare(
@@ -262,7 +258,7 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     let (text_kv, text_bias) = (tkv["text_kv"].clone(), tkv["text_bias"].clone());
 
     let (depth, h, hd, l) = (cfg.depth, cfg.heads, cfg.head_dim, sch.total_tokens);
-    let mut cache = Tensor::zeros(vec![depth, 2, b2, h, l, hd]);
+    let mut cache = KvCache::new(depth, b2, h, l, hd);
     let mut f_hat = Tensor::zeros(vec![b, cfg.cvae, p, p]);
     let mut next_in: Option<Tensor> = None;
     for si in 0..sn {
@@ -286,7 +282,7 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
                 Some(si),
                 &[
                     ("next_in", ni.into()),
-                    ("kv_cache", (&cache).into()),
+                    ("kv_cache", Input::F32(&cache.shape, &cache.data)),
                     ("text_kv", (&text_kv).into()),
                     ("text_bias", (&text_bias).into()),
                 ],
@@ -310,26 +306,10 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
             }
         }
         let oname = format!("s{si:02}.b{}.out", depth - 1);
-        if r.has(&oname) {
-            rep.push(compare(
-                &stage,
-                &oname,
-                &r.align(&oname, &out["hidden"])?,
-                &r.get(&oname)?,
-                FP32_TOL,
-            ));
-        }
+        check(rep, r, &stage, &oname, &out["hidden"])?;
         let lname = format!("s{si:02}.logits");
-        if r.has(&lname) {
-            rep.push(compare(
-                &stage,
-                &lname,
-                &r.align(&lname, &out["logits"])?,
-                &r.get(&lname)?,
-                FP32_TOL,
-            ));
-        }
-        write_cache(&mut cache, kv, sch.begin_end[si].0);
+        check(rep, r, &stage, &lname, &out["logits"])?;
+        cache.write(f32v(kv), n, sch.begin_end[si].0);
 
         let idx = r.get(&format!("s{si:02}.idx"))?;
         if !sch.substeps[si].is_empty() {
@@ -364,27 +344,11 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
             &[("idx", (&idx).into()), ("f_hat", (&f_hat).into())],
         )?;
         let fname = format!("s{si:02}.f_hat");
-        if r.has(&fname) {
-            rep.push(compare(
-                &format!("vq[{si}]"),
-                &fname,
-                &r.align(&fname, &vo["f_hat_out"])?,
-                &r.get(&fname)?,
-                FP32_TOL,
-            ));
-        }
+        check(rep, r, &format!("vq[{si}]"), &fname, &vo["f_hat_out"])?;
         f_hat = vo["f_hat_out"].clone();
         if let Some(ni) = vo.get("next_in") {
             let nname = format!("s{si:02}.next_in");
-            if r.has(&nname) {
-                rep.push(compare(
-                    &format!("vq[{si}]"),
-                    &nname,
-                    &r.align(&nname, ni)?,
-                    &r.get(&nname)?,
-                    FP32_TOL,
-                ));
-            }
+            check(rep, r, &format!("vq[{si}]"), &nname, ni)?;
             // The recorded input when it is stored whole, else ours.
             let full = r.has(&nname)
                 && r.meta(&nname).get("probed").is_none()
@@ -405,19 +369,4 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Copy this scale's K/V (depth, 2, B2, H, n, hd) into the cache (depth, 2, B2, H, L, hd) at `begin`.
-pub fn write_cache(cache: &mut Tensor, kv: &Tensor, begin: usize) {
-    let (l, hd) = (cache.shape[4], cache.shape[5]);
-    let n = kv.shape[4];
-    let rows: usize = kv.shape[..4].iter().product();
-    let src = f32v(kv).to_vec();
-    if let star_engines::Data::F32(dst) = &mut cache.data {
-        for r in 0..rows {
-            let s = r * n * hd;
-            let d = (r * l + begin) * hd;
-            dst[d..d + n * hd].copy_from_slice(&src[s..s + n * hd]);
-        }
-    }
 }

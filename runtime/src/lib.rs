@@ -2,7 +2,6 @@
 
 pub mod bench;
 pub mod image;
-pub mod kv_cache;
 pub mod pipeline;
 pub mod replay;
 pub mod rng;

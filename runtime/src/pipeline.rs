@@ -2,12 +2,12 @@
 //! guidance, filter, token choice or stable-sampler sub-steps) -> VQ transitions -> decoder.
 //! `Hooks` let `replay` substitute recorded choices and observe every intermediate tensor.
 
-use crate::kv_cache::KvCache;
 use crate::rng::{image_seed, uniform, Purpose};
 use crate::sampler::{filter_row, guide, pick, softmax, top_positions};
 use crate::timing::Timings;
 use crate::tokenizer::{Encoded, Tokenizer};
 use star_engines::backend::{BackendOptions, Input};
+use star_engines::kv_cache::KvCache;
 use star_engines::model_dir::ModelDir;
 use star_engines::{EngineError, Tensor};
 use std::path::Path;

@@ -37,16 +37,7 @@ impl Hooks for ReplayHooks<'_> {
 }
 
 pub fn replay(p: &mut Pipeline, golden: &Path) -> Result<Report> {
-    let mut gens: Vec<_> = std::fs::read_dir(golden)
-        .map_err(|e| RunError::Invalid(format!("{}: {e}", golden.display())))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|x| {
-            let n = x.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            n.starts_with("gen_") && n.ends_with(".safetensors")
-        })
-        .collect();
-    gens.sort();
+    let gens = star_engines::golden::generation_records(golden)?;
     if gens.is_empty() {
         return Err(RunError::Invalid(format!(
             "{}: no gen_*.safetensors generation record",
@@ -55,7 +46,7 @@ pub fn replay(p: &mut Pipeline, golden: &Path) -> Result<Report> {
     }
     let mut all = Report::default();
     for g in gens {
-        let rec = Record::open(&g.with_extension(""))?;
+        let rec = Record::open(&g)?;
         let call = rec.info()["call"].clone();
         let prompts: Vec<String> = call["prompts"]
             .as_array()
