@@ -45,6 +45,15 @@ impl Default for BackendOptions {
 
 pub const BACKENDS: &[&str] = &["ort-cpu"];
 
+/// Graph precisions a backend executes. Nothing is converted silently: a model directory in any
+/// other precision is refused.
+pub fn precisions(backend: &str) -> &'static [&'static str] {
+    match backend {
+        "ort-cpu" => &["fp32"],
+        _ => &[],
+    }
+}
+
 pub fn open_session(
     opts: &BackendOptions,
     graph: &Path,

@@ -31,6 +31,8 @@ pub enum EngineError {
     Ort { context: String, message: String },
     #[error("backend '{0}' is not available in this build (available: ort-cpu)")]
     UnknownBackend(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("stage '{stage}': input '{input}' {why}")]
     BadInput {
         stage: String,

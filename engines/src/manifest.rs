@@ -164,6 +164,12 @@ impl Manifest {
             );
         for (file, want) in all {
             let p = dir.join(file);
+            if !p.is_file() {
+                return Err(EngineError::Manifest {
+                    path: dir.join(MANIFEST_FILE),
+                    why: format!("{file} is listed but missing: incomplete model directory; re-export it with star-export"),
+                });
+            }
             let got = sha256_file(&p)?;
             if got != want {
                 return Err(EngineError::HashMismatch {

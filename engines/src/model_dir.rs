@@ -27,6 +27,15 @@ impl ModelDir {
             });
         }
         let manifest = Manifest::load(dir)?;
+        if !crate::backend::precisions(&opts.name).contains(&manifest.precision.as_str()) {
+            return Err(EngineError::Unsupported(format!(
+                "precision '{}' of {} is not supported by backend '{}' (supported: {:?})",
+                manifest.precision,
+                dir.display(),
+                opts.name,
+                crate::backend::precisions(&opts.name)
+            )));
+        }
         manifest.verify_files(dir)?;
         Ok(ModelDir {
             dir: dir.to_path_buf(),

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 /// stable-sampler steps, VQ transitions, decoder), one shared weights file, the tokenizer files and
 /// manifest.json. Exit codes: 0 ok, 1 validation failed, 2 bad input.
 #[derive(Parser)]
-#[command(name = "star-export", version)]
+#[command(
+    name = "star-export",
+    version,
+    after_help = "Examples:\n  star-export inspect STAR.pth\n  star-export export --transformer STAR.pth --vae VAE.pth --text-encoder sd21/ --resolution 1024 --out model/\n  star-export export --transformer demo.pth --vae vqvae.pth --text-encoder demo/ --patch-nums 1,2,3,4 --default-cfg 3.0 --out demo-model/\n  star-export validate --model model/ --golden fixtures/tiny-1024s"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

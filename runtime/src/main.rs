@@ -10,7 +10,12 @@ use std::process::ExitCode;
 /// Without --model it uses the demo model the repository carries (64x64 coloured shapes).
 /// Exit codes: 0 ok, 1 replay mismatch, 2 bad input or missing files.
 #[derive(Parser)]
-#[command(name = "star-run", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "star-run",
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  star-run --prompt \"a red circle on a blue background\" --out red.png\n  star-run --model model/ --prompt \"a cat\" --batch 4 --seed 1 --out-dir cats/\n  star-run replay --model model/ --golden fixtures/tiny-256\n  star-run bench --model model/ --runs 10 --json bench.json\n\nONNX Runtime: set ORT_DYLIB_PATH to libonnxruntime.so (from the PyPI onnxruntime wheel), or run scripts/setup-ort.sh to install it into ./.venv."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,

@@ -1,0 +1,292 @@
+//! star-run's command-line contract: each bad input gives one clear line on stderr, exit code 2,
+//! and no PNG; `--help` texts are snapshotted.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn demo() -> PathBuf {
+    PathBuf::from(star_runtime::EMBEDDED_MODEL)
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn star_run(args: &[&str], env: &[(&str, &str)]) -> Out {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_star-run"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// A private copy of the demo model directory to damage.
+fn copy_demo(to: &Path) -> PathBuf {
+    let dst = to.join("model");
+    std::fs::create_dir_all(dst.join("tokenizer")).unwrap();
+    for e in std::fs::read_dir(demo()).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    for e in std::fs::read_dir(demo().join("tokenizer"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::copy(e.path(), dst.join("tokenizer").join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+fn expect_error(model: &Path, extra: &[&str], env: &[(&str, &str)], needle: &str) {
+    let t = tempfile::tempdir().unwrap();
+    let png = t.path().join("out.png");
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red circle on a blue background",
+        "--out",
+        png.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = star_run(&args, env);
+    assert_eq!(o.code, 2, "stdout: {} stderr: {}", o.stdout, o.stderr);
+    assert_eq!(
+        o.stderr.trim().lines().count(),
+        1,
+        "one line expected, got: {}",
+        o.stderr
+    );
+    assert!(o.stderr.starts_with("error: "), "{}", o.stderr);
+    assert!(o.stderr.contains(needle), "'{needle}' not in: {}", o.stderr);
+    assert!(!png.exists(), "a PNG was written despite the error");
+    let stray: Vec<_> = std::fs::read_dir(t.path()).unwrap().flatten().collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
+}
+
+#[test]
+fn missing_model_directory() {
+    expect_error(
+        Path::new("/nonexistent/model"),
+        &[],
+        &[],
+        "no such model directory",
+    );
+}
+
+#[test]
+fn partial_model_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let m = copy_demo(t.path());
+    std::fs::remove_file(m.join("step_s02.onnx")).unwrap();
+    expect_error(&m, &[], &[], "step_s02.onnx is listed but missing");
+}
+
+#[test]
+fn manifest_schema_mismatch() {
+    let t = tempfile::tempdir().unwrap();
+    let m = copy_demo(t.path());
+    let p = m.join("manifest.json");
+    let text = std::fs::read_to_string(&p).unwrap().replacen(
+        "\"schema_version\": 1",
+        "\"schema_version\": 99",
+        1,
+    );
+    std::fs::write(&p, text).unwrap();
+    expect_error(&m, &[], &[], "schema version 99");
+}
+
+#[test]
+fn weights_hash_mismatch() {
+    let t = tempfile::tempdir().unwrap();
+    let m = copy_demo(t.path());
+    let p = m.join("weights.bin");
+    let mut b = std::fs::read(&p).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0xff;
+    std::fs::write(&p, b).unwrap();
+    expect_error(&m, &[], &[], "does not match the manifest");
+}
+
+#[test]
+fn unsupported_precision_is_refused_not_converted() {
+    let t = tempfile::tempdir().unwrap();
+    let m = copy_demo(t.path());
+    let p = m.join("manifest.json");
+    let text = std::fs::read_to_string(&p).unwrap().replacen(
+        "\"precision\": \"fp32\"",
+        "\"precision\": \"fp16\"",
+        1,
+    );
+    std::fs::write(&p, text).unwrap();
+    expect_error(&m, &[], &[], "precision 'fp16'");
+}
+
+#[test]
+fn unknown_backend() {
+    expect_error(
+        &demo(),
+        &["--backend", "tensorrt"],
+        &[],
+        "backend 'tensorrt' is not available",
+    );
+}
+
+#[test]
+fn onnx_runtime_library_not_found_says_how_to_install() {
+    expect_error(
+        &demo(),
+        &[],
+        &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
+        "pip install onnxruntime",
+    );
+}
+
+#[test]
+fn bad_sampling_arguments() {
+    expect_error(
+        &demo(),
+        &["--top-k", "100000"],
+        &[],
+        "exceeds the model's vocabulary",
+    );
+    expect_error(&demo(), &["--top-p", "1.5"], &[], "must be in [0, 1]");
+    expect_error(
+        &demo(),
+        &["--batch", "0"],
+        &[],
+        "--batch must be at least 1",
+    );
+}
+
+#[test]
+fn unwritable_output() {
+    let o = star_run(
+        &[
+            "--prompt",
+            "a red circle on a blue background",
+            "--out",
+            "/nonexistent/dir/x.png",
+        ],
+        &[],
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("does not exist"), "{}", o.stderr);
+}
+
+#[test]
+fn over_long_prompt_warns_and_still_generates() {
+    let t = tempfile::tempdir().unwrap();
+    let png = t.path().join("long.png");
+    let long = "a red circle on a blue background ".repeat(20);
+    let o = star_run(&["--prompt", &long, "--out", png.to_str().unwrap()], &[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("longer than 75 CLIP tokens and was truncated"),
+        "{}",
+        o.stderr
+    );
+    assert!(png.is_file());
+}
+
+#[test]
+fn png_carries_metadata_and_same_seed_gives_same_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a.png"), t.path().join("b.png"));
+    for p in [&a, &b] {
+        let o = star_run(
+            &[
+                "--prompt",
+                "a white circle on a red background",
+                "--seed",
+                "3",
+                "--out",
+                p.to_str().unwrap(),
+                "--quiet",
+            ],
+            &[],
+        );
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        assert!(
+            o.stderr.is_empty() && o.stdout.is_empty(),
+            "--quiet printed something"
+        );
+    }
+    let bytes = std::fs::read(&a).unwrap();
+    assert_eq!(bytes, std::fs::read(&b).unwrap());
+    let dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    let r = dec.read_info().unwrap();
+    let info = r.info();
+    assert_eq!(
+        (info.width, info.height, info.color_type, info.bit_depth),
+        (64, 64, png::ColorType::Rgb, png::BitDepth::Eight)
+    );
+    let text: std::collections::HashMap<_, _> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    assert_eq!(text["prompt"], "a white circle on a red background");
+    assert_eq!(text["seed"], "3");
+    assert_eq!(text["cfg"], "3");
+    assert_eq!(text["top_k"], "64");
+    assert_eq!(text["backend"], "ort-cpu");
+    assert_eq!(text["precision"], "fp32");
+    for k in ["negative_prompt", "top_p", "model_hash", "software"] {
+        assert!(text.contains_key(k), "no {k}");
+    }
+}
+
+#[test]
+fn out_dir_names_one_file_per_image() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("imgs");
+    let o = star_run(
+        &[
+            "--prompt",
+            "a red circle on a blue background",
+            "--prompt",
+            "a green square on a yellow background",
+            "--batch",
+            "2",
+            "--out-dir",
+            d.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let mut names: Vec<String> = std::fs::read_dir(&d)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec!["img_000.png", "img_001.png", "img_002.png", "img_003.png"]
+    );
+}
+
+#[test]
+fn help_texts() {
+    for (name, args) in [
+        ("help", vec!["--help"]),
+        ("replay_help", vec!["replay", "--help"]),
+        ("bench_help", vec!["bench", "--help"]),
+    ] {
+        let o = star_run(&args, &[]);
+        assert_eq!(o.code, 0);
+        insta::assert_snapshot!(name, o.stdout);
+    }
+}
