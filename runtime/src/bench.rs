@@ -60,7 +60,7 @@ pub fn bench(
     }
     let m = &p.md.manifest;
     let head = format!(
-        "machine: {}\nbackend: {} (threads {}), precision {}, model {} (d{}, {} scales, {}px), batch 1, warm-up {warmup}, runs {runs}\n",
+        "machine: {}\nbackend: {} (threads {}), precision {}, model {} (d{}, {} scales, {}px), batch 1, KV cache {}, warm-up {warmup}, runs {runs}\n",
         machine(),
         p.md.opts.name,
         if threads == 0 { "all".to_string() } else { threads.to_string() },
@@ -68,7 +68,8 @@ pub fn bench(
         m.model_hash,
         m.config.depth,
         m.schedule.patch_nums.len(),
-        m.schedule.image_size
+        m.schedule.image_size,
+        if params.recompute_past { "off (earlier scales re-run)" } else { "on" }
     );
     let mut table = head.clone();
     table.push_str(&format!(
@@ -92,7 +93,7 @@ pub fn bench(
     table.push_str(&format!("runtime overhead (end to end minus ONNX Runtime calls): median {oh_med:.2}% of end to end\n"));
     let json = serde_json::json!({
         "machine": machine(), "backend": p.md.opts.name, "threads": threads, "precision": m.precision,
-        "model_hash": m.model_hash, "warmup": warmup, "runs": runs, "stages": rows, "runtime_overhead_pct_median": oh_med,
+        "model_hash": m.model_hash, "kv_cache": !params.recompute_past, "warmup": warmup, "runs": runs, "stages": rows, "runtime_overhead_pct_median": oh_med,
     });
     Ok(BenchResult { table, json })
 }

@@ -106,6 +106,9 @@ enum Cmd {
         json: Option<PathBuf>,
         #[command(flatten)]
         sampling: SamplingArgs,
+        /// Measure without the KV cache's benefit: re-run every earlier scale before each scale.
+        #[arg(long)]
+        no_kv_cache: bool,
     },
 }
 
@@ -143,6 +146,7 @@ fn params(p: &Pipeline, s: &SamplingArgs) -> GenParams {
         top_p: s.top_p.unwrap_or(d.top_p),
         seed: s.seed,
         stable_sampling: !s.no_stable_sampling,
+        recompute_past: false,
     }
 }
 
@@ -179,9 +183,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runs,
             json,
             sampling,
+            no_kv_cache,
         }) => {
             let (mut p, _) = open(&model)?;
-            let gp = params(&p, &sampling);
+            let mut gp = params(&p, &sampling);
+            gp.recompute_past = no_kv_cache;
             let r = star_runtime::bench::bench(&mut p, &prompt, &gp, warmup, runs, model.threads)?;
             print!("{}", r.table);
             if let Some(j) = json {

@@ -34,6 +34,9 @@ pub struct GenParams {
     pub top_p: f64,
     pub seed: u64,
     pub stable_sampling: bool,
+    /// Benchmark variant without the KV cache's benefit: before each scale, re-run every earlier
+    /// scale's step to rebuild its K/V (what a cache-less implementation computes). Same images.
+    pub recompute_past: bool,
 }
 
 /// Replay and observation points. Defaults: sample freely, observe nothing.
@@ -204,11 +207,15 @@ impl Pipeline {
         });
         let mut f_hat = Tensor::zeros(vec![b, cv, pside, pside]);
         let mut next_in: Option<Tensor> = None;
+        let mut past_inputs: Vec<Tensor> = vec![];
         for si in 0..sn {
             let t_scale = Instant::now();
             let pn = sch.patch_nums[si];
             let n = pn * pn;
             let label = format!("step[{si:02}]");
+            if p.recompute_past && si > 0 {
+                self.recompute_past(&mut cache, &past_inputs, &pooled, &text_kv, &text_bias)?;
+            }
             let out = if si == 0 {
                 self.run(
                     &label,
@@ -222,6 +229,9 @@ impl Pipeline {
                 )?
             } else {
                 let ni = next_in.take().expect("next_in of the previous scale");
+                if p.recompute_past {
+                    past_inputs.push(ni.clone());
+                }
                 let cache_in = Input::F32(&cache.shape, &cache.data);
                 self.run(
                     &label,
@@ -309,6 +319,48 @@ impl Pipeline {
             image: dec["image"].clone(),
             truncated,
         })
+    }
+
+    /// Rebuild the cache of scales 0..past_inputs.len() by running their steps again.
+    fn recompute_past(
+        &mut self,
+        cache: &mut KvCache,
+        past_inputs: &[Tensor],
+        pooled: &Tensor,
+        text_kv: &Tensor,
+        text_bias: &Tensor,
+    ) -> Result<()> {
+        let sch = self.md.manifest.schedule.clone();
+        for j in 0..=past_inputs.len() {
+            let n = sch.patch_nums[j] * sch.patch_nums[j];
+            let out = if j == 0 {
+                self.run(
+                    "recompute_past",
+                    "step",
+                    Some(0),
+                    &[
+                        ("pooled", pooled.into()),
+                        ("text_kv", text_kv.into()),
+                        ("text_bias", text_bias.into()),
+                    ],
+                )?
+            } else {
+                let c = Input::F32(&cache.shape, &cache.data);
+                self.run(
+                    "recompute_past",
+                    "step",
+                    Some(j),
+                    &[
+                        ("next_in", (&past_inputs[j - 1]).into()),
+                        ("kv_cache", c),
+                        ("text_kv", text_kv.into()),
+                        ("text_bias", text_bias.into()),
+                    ],
+                )?
+            };
+            cache.write(out["kv_new"].as_f32().unwrap(), n, sch.begin_end[j].0);
+        }
+        Ok(())
     }
 
     /// Stable-sampler sub-steps of one scale (STAR-SPEC §5).

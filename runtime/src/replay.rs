@@ -74,6 +74,7 @@ pub fn replay(p: &mut Pipeline, golden: &Path) -> Result<Report> {
             top_p: call["top_p"].as_f64().unwrap_or(0.0),
             seed: call["g_seed"].as_u64().unwrap_or(0),
             stable_sampling: call["w_mask"].as_bool().unwrap_or(true),
+            recompute_past: false,
         };
         let mut hooks = ReplayHooks {
             rec: &rec,

@@ -111,6 +111,7 @@ fn params(p: &Pipeline, seed: u64) -> GenParams {
         top_p: d.top_p,
         seed,
         stable_sampling: true,
+        recompute_past: false,
     }
 }
 
@@ -196,4 +197,23 @@ fn same_seed_same_image_other_seed_other_image() {
     let c = p.generate(&pr, "", &params(&p, 6), &mut NoHooks).unwrap();
     assert_eq!(a.image.as_f32().unwrap(), b.image.as_f32().unwrap());
     assert_ne!(a.image.as_f32().unwrap(), c.image.as_f32().unwrap());
+}
+
+#[test]
+fn recomputing_earlier_scales_gives_the_same_image_as_the_kv_cache() {
+    let mut p = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
+    let pr = vec![PROMPTS[4].to_string()];
+    let cached = p.generate(&pr, "", &params(&p, 11), &mut NoHooks).unwrap();
+    let mut gp = params(&p, 11);
+    gp.recompute_past = true;
+    p.timings.clear();
+    let recomputed = p.generate(&pr, "", &gp, &mut NoHooks).unwrap();
+    assert!(
+        p.timings.get("recompute_past") > 0.0,
+        "the variant did not re-run earlier scales"
+    );
+    assert_eq!(
+        cached.image.as_f32().unwrap(),
+        recomputed.image.as_f32().unwrap()
+    );
 }
