@@ -7,6 +7,7 @@ pub mod export;
 pub mod graph;
 pub mod inspect;
 pub mod pickle;
+pub mod pth_writer;
 pub mod schedule;
 pub mod validate;
 

@@ -3,7 +3,6 @@
 
 use star_export::checkpoint::Checkpoint;
 use star_export::config::{infer_transformer, Shapes};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,60 +10,14 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
-/// A minimal torch-style zip pickle: {name: tensor} with one storage per tensor, written by hand
-/// (protocol 2 opcodes), optionally with an extra GLOBAL to prove nothing foreign is executed.
+/// A torch-style checkpoint of the given tensors, optionally with a foreign GLOBAL.
 fn write_pth(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)], foreign: Option<&str>) {
-    let mut p: Vec<u8> = vec![0x80, 2, b'}', b'('];
-    for (i, (name, kind, shape, _)) in tensors.iter().enumerate() {
-        p.push(b'X');
-        p.extend((name.len() as u32).to_le_bytes());
-        p.extend(name.as_bytes());
-        p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
-        // persistent id ('storage', torch.<kind>, key, 'cpu', numel)
-        p.extend(b"(X\x07\x00\x00\x00storage");
-        p.extend(format!("ctorch\n{kind}\n").as_bytes());
-        let key = i.to_string();
-        p.push(b'X');
-        p.extend((key.len() as u32).to_le_bytes());
-        p.extend(key.as_bytes());
-        p.extend(b"X\x03\x00\x00\x00cpu");
-        p.push(b'J');
-        p.extend((shape.iter().product::<usize>() as i32).to_le_bytes());
-        p.extend(b"tQ");
-        p.push(b'J');
-        p.extend(0i32.to_le_bytes());
-        let mut stride = vec![1usize; shape.len()];
-        for d in (0..shape.len().saturating_sub(1)).rev() {
-            stride[d] = stride[d + 1] * shape[d + 1];
-        }
-        for v in [shape, &stride] {
-            p.push(b'(');
-            for d in v.iter() {
-                p.push(b'J');
-                p.extend((*d as i32).to_le_bytes());
-            }
-            p.push(b't');
-        }
-        p.extend(b"\x89N");
-        p.extend(b"tR");
+    let mut w = star_export::pth_writer::PthWriter::create(path).unwrap();
+    for (name, kind, shape, bytes) in tensors {
+        w.tensor(name, kind, shape, |out| out.write_all(bytes))
+            .unwrap();
     }
-    if let Some(g) = foreign {
-        let (m, n) = g.split_once('.').unwrap();
-        p.extend(b"X\x01\x00\x00\x00x");
-        p.extend(format!("c{m}\n{n}\n").as_bytes());
-    }
-    p.extend(b"u.");
-    let f = std::fs::File::create(path).unwrap();
-    let mut z = zip::ZipWriter::new(f);
-    let opt =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    z.start_file("archive/data.pkl", opt).unwrap();
-    z.write_all(&p).unwrap();
-    for (i, (_, _, _, bytes)) in tensors.iter().enumerate() {
-        z.start_file(format!("archive/data/{i}"), opt).unwrap();
-        z.write_all(bytes).unwrap();
-    }
-    z.finish().unwrap();
+    w.finish(&[], foreign).unwrap();
 }
 
 #[test]
@@ -263,13 +216,31 @@ fn mutated(tmp: &Path, f: impl Fn(&str, &mut Vec<usize>, &mut Vec<f32>) -> bool)
             owned.push((k.clone(), shape, bytes));
         }
     }
-    let list: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = owned
-        .iter()
-        .map(|(k, s, b)| (k.as_str(), "FloatStorage", s.clone(), b.clone()))
-        .collect();
+    // Nested like the release: {"trainer": {"var_wo_ddp": state_dict}}.
     let p = tmp.join("mutated.pth");
-    write_pth(&p, &list, None);
+    let mut w = star_export::pth_writer::PthWriter::create(&p).unwrap();
+    for (k, shape, bytes) in &owned {
+        w.tensor(k, "FloatStorage", shape, |out| out.write_all(bytes))
+            .unwrap();
+    }
+    w.finish(&["trainer", "var_wo_ddp"], None).unwrap();
     p
+}
+
+#[test]
+fn rewritten_nested_checkpoint_reads_back_identically() {
+    let t = tempfile::tempdir().unwrap();
+    let p = mutated(t.path(), |_, _, _| true);
+    let a = Checkpoint::open(
+        &fixtures().join("tiny-256/star.pth"),
+        &["trainer", "var_wo_ddp"],
+    )
+    .unwrap();
+    let b = Checkpoint::open(&p, &["trainer", "var_wo_ddp"]).unwrap();
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for k in a.keys() {
+        assert_eq!(a.read_f32(k).unwrap(), b.read_f32(k).unwrap(), "{k}");
+    }
 }
 
 #[test]
