@@ -41,6 +41,10 @@ pub struct GenParams {
 
 /// Replay and observation points. Defaults: sample freely, observe nothing.
 pub trait Hooks {
+    /// Whether `observe` wants tensors at all (building them costs copies on the hot path).
+    fn observing(&self) -> bool {
+        false
+    }
     fn observe(&mut self, _name: &str, _t: &Tensor) {}
     /// Tokens of a plain scale instead of sampling (B, n).
     fn plain_tokens(&mut self, _si: usize) -> Option<Vec<i64>> {
@@ -176,8 +180,12 @@ impl Pipeline {
             .add("tokenizer", t_tok.elapsed().as_secs_f64() * 1e3, false);
         let ids = Tensor::i64(vec![2 * b, 77], ids);
         let mask = Tensor::i64(vec![2 * b, 77], mask);
-        hooks.observe("text.input_ids", &ids);
-        hooks.observe("text.attention_mask", &mask);
+        if hooks.observing() {
+            hooks.observe("text.input_ids", &ids);
+        }
+        if hooks.observing() {
+            hooks.observe("text.attention_mask", &mask);
+        }
         let te = self.run(
             "text_encoder",
             "text_encoder",
@@ -188,8 +196,12 @@ impl Pipeline {
             ],
         )?;
         let (hidden, pooled) = (te["hidden"].clone(), te["pooled"].clone());
-        hooks.observe("text.hidden", &hidden);
-        hooks.observe("text.pooled", &pooled);
+        if hooks.observing() {
+            hooks.observe("text.hidden", &hidden);
+        }
+        if hooks.observing() {
+            hooks.observe("text.pooled", &pooled);
+        }
         // Cross-attention K/V from each image's own conditional row (batch invariance).
         let tkv = self.run(
             "text_kv",
@@ -249,25 +261,33 @@ impl Pipeline {
             self.timed("kv_cache_write", || {
                 cache.write(kv.as_f32().unwrap(), n, sch.begin_end[si].0)
             });
-            for i in 0..cfg.depth {
-                for (j, name) in ["k", "v"].iter().enumerate() {
-                    let t = kv.slice(0, i, i + 1).slice(1, j, j + 1);
-                    let t = t_f32(
-                        vec![2 * b, cfg.heads, n, cfg.head_dim],
-                        t.as_f32().unwrap().to_vec(),
-                    );
-                    hooks.observe(&format!("s{si:02}.b{i}.{name}"), &t);
+            if hooks.observing() {
+                for i in 0..cfg.depth {
+                    for (j, name) in ["k", "v"].iter().enumerate() {
+                        let t = kv.slice(0, i, i + 1).slice(1, j, j + 1);
+                        let t = t_f32(
+                            vec![2 * b, cfg.heads, n, cfg.head_dim],
+                            t.as_f32().unwrap().to_vec(),
+                        );
+                        hooks.observe(&format!("s{si:02}.b{i}.{name}"), &t);
+                    }
                 }
             }
-            hooks.observe(&format!("s{si:02}.b{}.out", cfg.depth - 1), &out["hidden"]);
-            hooks.observe(&format!("s{si:02}.logits"), &out["logits"]);
+            if hooks.observing() {
+                hooks.observe(&format!("s{si:02}.b{}.out", cfg.depth - 1), &out["hidden"]);
+            }
+            if hooks.observing() {
+                hooks.observe(&format!("s{si:02}.logits"), &out["logits"]);
+            }
             let t = p.cfg * si as f64 / (sn - 1).max(1) as f64;
-            let logits = out["logits"].as_f32().unwrap().to_vec();
-            let guided = self.timed("sampling", || guide(&logits, b, n, v, t));
-            hooks.observe(
-                &format!("s{si:02}.logits_cfg"),
-                &t_f32(vec![b, n, v], guided.clone()),
-            );
+            let logits = out["logits"].as_f32().unwrap();
+            let guided = self.timed("sampling", || guide(logits, b, n, v, t));
+            if hooks.observing() {
+                hooks.observe(
+                    &format!("s{si:02}.logits_cfg"),
+                    &t_f32(vec![b, n, v], guided.clone()),
+                );
+            }
 
             let counts = &sch.substeps[si];
             let idx: Vec<i64> = if !counts.is_empty() && p.stable_sampling && cfg.sampler_blocks > 0
@@ -288,14 +308,18 @@ impl Pipeline {
                 let (drawn, _) = self.timed("sampling", || {
                     Self::filter_and_draw(&mut g, b, n, v, p, si, 0)
                 });
-                hooks.observe(
-                    &format!("s{si:02}.logits_filtered"),
-                    &t_f32(vec![b, n, v], g),
-                );
+                if hooks.observing() {
+                    hooks.observe(
+                        &format!("s{si:02}.logits_filtered"),
+                        &t_f32(vec![b, n, v], g),
+                    );
+                }
                 hooks.plain_tokens(si).unwrap_or(drawn)
             };
             let idx_t = Tensor::i64(vec![b, n], idx);
-            hooks.observe(&format!("s{si:02}.idx"), &idx_t);
+            if hooks.observing() {
+                hooks.observe(&format!("s{si:02}.idx"), &idx_t);
+            }
             let vo = self.run(
                 &format!("vq[{si:02}]"),
                 "vq",
@@ -303,16 +327,24 @@ impl Pipeline {
                 &[("idx", (&idx_t).into()), ("f_hat", (&f_hat).into())],
             )?;
             f_hat = vo["f_hat_out"].clone();
-            hooks.observe(&format!("s{si:02}.f_hat"), &f_hat);
+            if hooks.observing() {
+                hooks.observe(&format!("s{si:02}.f_hat"), &f_hat);
+            }
             if let Some(ni) = vo.get("next_in") {
-                hooks.observe(&format!("s{si:02}.next_in"), ni);
+                if hooks.observing() {
+                    hooks.observe(&format!("s{si:02}.next_in"), ni);
+                }
                 next_in = Some(ni.clone());
             }
             hooks.scale_done(si, pn, t_scale.elapsed().as_secs_f64() * 1e3);
         }
         let dec = self.run("decoder", "decoder", None, &[("f_hat", (&f_hat).into())])?;
-        hooks.observe("image_raw", &dec["image_raw"]);
-        hooks.observe("image", &dec["image"]);
+        if hooks.observing() {
+            hooks.observe("image_raw", &dec["image_raw"]);
+        }
+        if hooks.observing() {
+            hooks.observe("image", &dec["image"]);
+        }
         self.timings
             .add("end_to_end", t_all.elapsed().as_secs_f64() * 1e3, false);
         Ok(Generated {
@@ -382,9 +414,11 @@ impl Pipeline {
         let mut tokens = vec![0i64; b * n];
         let mut mask = vec![0f32; b * n];
         let mut filtered_a: Option<Vec<f32>> = None;
+        let mut probs_a: Option<Vec<f32>> = None;
         for (s, &k) in counts.iter().enumerate() {
             let branch_a = s < 5 && pn != 64;
-            let filt = if branch_a {
+            let filt_b: Vec<f32>;
+            let filt: &[f32] = if branch_a {
                 if filtered_a.is_none() {
                     let mut g = guided_a.to_vec();
                     self.timed("sampling", || {
@@ -394,12 +428,12 @@ impl Pipeline {
                     });
                     filtered_a = Some(g);
                 }
-                filtered_a.clone().unwrap()
+                filtered_a.as_deref().unwrap()
             } else {
                 let idx_t = Tensor::i64(vec![b, n], tokens.clone());
                 let mask_t = t_f32(vec![b, n], mask.clone());
                 let so = self.run(
-                    &format!("sampler[{si:02}]"),
+                    &format!("sampler[{si:02}].u{s:02}"),
                     "sampler",
                     Some(si),
                     &[
@@ -409,33 +443,53 @@ impl Pipeline {
                         ("mask", (&mask_t).into()),
                     ],
                 )?;
-                hooks.observe(&format!("s{si:02}.u{s:02}.sampler_logits"), &so["logits"]);
+                if hooks.observing() {
+                    hooks.observe(&format!("s{si:02}.u{s:02}.sampler_logits"), &so["logits"]);
+                }
                 let logits = so["logits"].as_f32().unwrap().to_vec();
                 let mut g = self.timed("sampling", || guide(&logits, b, n, v, p.cfg));
-                hooks.observe(
-                    &format!("s{si:02}.u{s:02}.logits_cfg"),
-                    &t_f32(vec![b, n, v], g.clone()),
-                );
+                if hooks.observing() {
+                    hooks.observe(
+                        &format!("s{si:02}.u{s:02}.logits_cfg"),
+                        &t_f32(vec![b, n, v], g.clone()),
+                    );
+                }
                 self.timed("sampling", || {
                     for r in 0..b * n {
                         filter_row(&mut g[r * v..(r + 1) * v], p.top_k, p.top_p);
                     }
                 });
-                hooks.observe(
-                    &format!("s{si:02}.u{s:02}.logits_filtered"),
-                    &t_f32(vec![b, n, v], g.clone()),
-                );
-                g
+                if hooks.observing() {
+                    hooks.observe(
+                        &format!("s{si:02}.u{s:02}.logits_filtered"),
+                        &t_f32(vec![b, n, v], g.clone()),
+                    );
+                }
+                filt_b = g;
+                &filt_b
             };
             // Draw a token (and its probability) for every position.
+            // Branch A draws from the same distribution every sub-step: its softmax is kept.
+            if branch_a && probs_a.is_none() {
+                probs_a =
+                    Some(self.timed("sampling", || filt.chunks(v).flat_map(softmax).collect()));
+            }
             let (drawn, conf) = self.timed("sampling", || {
                 let mut drawn = vec![0i64; b * n];
                 let mut conf = vec![0f32; b * n];
                 for bi in 0..b {
                     let seed = image_seed(p.seed, bi);
                     for t in 0..n {
-                        let probs = softmax(&filt[(bi * n + t) * v..(bi * n + t + 1) * v]);
-                        let (id, pr) = pick(&probs, uniform(seed, si, s, t, Purpose::Token));
+                        let row = (bi * n + t) * v..(bi * n + t + 1) * v;
+                        let own;
+                        let probs: &[f32] = match (&probs_a, branch_a) {
+                            (Some(pa), true) => &pa[row],
+                            _ => {
+                                own = softmax(&filt[row]);
+                                &own
+                            }
+                        };
+                        let (id, pr) = pick(probs, uniform(seed, si, s, t, Purpose::Token));
                         drawn[bi * n + t] = id as i64;
                         conf[bi * n + t] = pr;
                     }

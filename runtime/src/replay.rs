@@ -13,6 +13,9 @@ struct ReplayHooks<'a> {
 }
 
 impl Hooks for ReplayHooks<'_> {
+    fn observing(&self) -> bool {
+        true
+    }
     fn observe(&mut self, name: &str, t: &Tensor) {
         if !self.rec.has(name) {
             return;

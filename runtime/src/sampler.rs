@@ -21,10 +21,12 @@ pub fn guide(logits: &[f32], b: usize, n: usize, v: usize, t: f64) -> Vec<f32> {
 /// <= 1 - top_p, always keeping the largest. top_k = 0 / top_p = 0 disable a step.
 pub fn filter_row(row: &mut [f32], top_k: usize, top_p: f64) {
     let v = row.len();
+    let desc = |a: &f32, b: &f32| b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Equal);
     if top_k > 0 && top_k < v {
-        let mut sorted: Vec<f32> = row.to_vec();
-        sorted.sort_by(|a, b| b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Equal));
-        let kth = sorted[top_k - 1];
+        // The k-th largest value in linear time (which of several equal values lands there does
+        // not matter: only the value is used).
+        let mut scratch: Vec<f32> = row.to_vec();
+        let kth = *scratch.select_nth_unstable_by(top_k - 1, desc).1;
         for x in row.iter_mut() {
             if *x < kth {
                 *x = f32::NEG_INFINITY;
@@ -32,7 +34,12 @@ pub fn filter_row(row: &mut [f32], top_k: usize, top_p: f64) {
         }
     }
     if top_p > 0.0 {
-        let mut order: Vec<usize> = (0..v).collect();
+        // Only finite entries take part: removed (-inf) ones would sort first, add exactly 0 to
+        // the softmax sum and to the cumulative sum, and are removed already.
+        let mut order: Vec<usize> = (0..v).filter(|&i| row[i].is_finite()).collect();
+        if order.is_empty() {
+            return;
+        }
         order.sort_by(|&a, &b| {
             row[a]
                 .partial_cmp(&row[b])
@@ -42,15 +49,11 @@ pub fn filter_row(row: &mut [f32], top_k: usize, top_p: f64) {
         let probs = softmax(&sorted);
         let thr = (1.0 - top_p) as f32;
         let mut acc = 0f64;
-        let mut remove = vec![false; v];
-        for (j, p) in probs.iter().enumerate() {
+        // The largest (last) entry always survives.
+        for (j, p) in probs.iter().enumerate().take(order.len() - 1) {
             acc += *p as f64;
-            remove[j] = (acc as f32) <= thr;
-        }
-        remove[v - 1] = false;
-        for (j, &i) in order.iter().enumerate() {
-            if remove[j] {
-                row[i] = f32::NEG_INFINITY;
+            if (acc as f32) <= thr {
+                row[order[j]] = f32::NEG_INFINITY;
             }
         }
     }

@@ -50,3 +50,67 @@ fn tiny_256_export_validate_replay() {
 fn tiny_1024s_with_stable_sampler_export_validate_replay() {
     full_cycle("tiny-1024s", 1024);
 }
+
+/// Operators of the exported graphs, all in onnx-tensorrt's supported list (so the same graphs can
+/// build TensorRT engines); a new operator must be checked against it before it is added here.
+const TENSORRT_PARSER_OPS: &[&str] = &[
+    "Add",
+    "Cast",
+    "Clip",
+    "Concat",
+    "Conv",
+    "CumSum",
+    "Div",
+    "Equal",
+    "Erf",
+    "Gather",
+    "Identity",
+    "LayerNormalization",
+    "MatMul",
+    "Max",
+    "Mul",
+    "ReduceL2",
+    "ReduceMean",
+    "Reshape",
+    "Resize",
+    "Sigmoid",
+    "Slice",
+    "Softmax",
+    "Split",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+];
+
+#[test]
+fn graphs_use_only_tensorrt_parser_operators_at_opset_17() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let m = export_fixture("tiny-1024s", 1024, &out);
+    let mut seen = std::collections::BTreeSet::new();
+    for g in &m.graphs {
+        let bytes = std::fs::read(out.join(&g.file)).unwrap();
+        let model = star_engines::onnx::decode_model(&bytes).unwrap();
+        assert_eq!(model.opset_import[0].version, 17, "{}", g.file);
+        for n in &model.graph.as_ref().unwrap().node {
+            assert!(
+                TENSORRT_PARSER_OPS.contains(&n.op_type.as_str()),
+                "{}: operator {} is not on the TensorRT list",
+                g.file,
+                n.op_type
+            );
+            seen.insert(n.op_type.clone());
+        }
+        // Every initializer that is not a small inline constant lives in the one shared file.
+        for t in &model.graph.as_ref().unwrap().initializer {
+            if t.raw_data.is_empty() {
+                assert_eq!(t.data_location, 1, "{}: {}", g.file, t.name);
+                assert_eq!(t.external_data[0].value, "weights.bin");
+            }
+        }
+    }
+    println!("operators used: {seen:?}");
+}
