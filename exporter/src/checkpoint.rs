@@ -289,6 +289,42 @@ impl Checkpoint {
         self.tensors.keys()
     }
 
+    /// The raw fp16 bits of a contiguous fp16 tensor (None for any other dtype or layout), so an
+    /// fp16 source can be stored as fp16 without a round trip through f32.
+    pub fn read_f16_bits(&self, name: &str) -> Option<Vec<u16>> {
+        let (info, loc) = self.tensors.get(name)?;
+        if info.dtype != DType::F16 {
+            return None;
+        }
+        let numel: usize = info.shape.iter().product();
+        let bytes: &[u8] = match loc {
+            Loc::Safe { file, name } => {
+                let st = &self.safes[*file];
+                st.bytes(&st.entries[name])
+            }
+            Loc::Pth {
+                data,
+                offset,
+                stride,
+            } => {
+                let contiguous = info.shape.len() <= 1
+                    || stride.last() == Some(&1)
+                        && stride[0] == info.shape[1..].iter().product::<usize>();
+                if !contiguous {
+                    return None;
+                }
+                &self.mmap.as_ref()?[data.0 + offset * 2..data.0 + (offset + numel) * 2]
+            }
+            Loc::PthInflated { .. } => return None,
+        };
+        Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        )
+    }
+
     /// Read one tensor as f32 (fp16/bf16/fp64 are converted exactly or rounded to nearest).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let (info, loc) = self

@@ -377,17 +377,27 @@ fn hf_folder_with_pytorch_model_bin_reads_like_its_safetensors() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("text_encoder");
     std::fs::create_dir(&dir).unwrap();
-    std::fs::copy(fixtures().join("clip_tiny/text_encoder/config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("clip_tiny/text_encoder/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     let mut w = star_export::pth_writer::PthWriter::create(&dir.join("pytorch_model.bin")).unwrap();
     for k in st.keys() {
         let data = st.read_f32(k).unwrap();
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        w.tensor(k, "FloatStorage", &st.info(k).unwrap().shape, |o| o.write_all(&bytes)).unwrap();
+        w.tensor(k, "FloatStorage", &st.info(k).unwrap().shape, |o| {
+            o.write_all(&bytes)
+        })
+        .unwrap();
     }
     w.finish(&[], None).unwrap();
     let bin = Checkpoint::open(&dir, &[]).unwrap();
     assert_eq!(bin.format, "pytorch-zip");
-    assert_eq!(st.keys().collect::<Vec<_>>(), bin.keys().collect::<Vec<_>>());
+    assert_eq!(
+        st.keys().collect::<Vec<_>>(),
+        bin.keys().collect::<Vec<_>>()
+    );
     for k in st.keys() {
         assert_eq!(st.read_f32(k).unwrap(), bin.read_f32(k).unwrap(), "{k}");
     }

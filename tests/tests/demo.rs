@@ -217,3 +217,47 @@ fn recomputing_earlier_scales_gives_the_same_image_as_the_kv_cache() {
         recomputed.image.as_f32().unwrap()
     );
 }
+
+#[test]
+fn embedded_demo_graphs_pass_the_onnx_checker() {
+    let out = star_tests::onnx_check(&demo_model()).unwrap_or_else(|e| panic!("onnx.checker: {e}"));
+    println!("{out}");
+}
+
+/// The embedded model is exactly what star-export makes of the official demo files (../shared/demo,
+/// or STAR_DEMO_DIR), so it can never drift from the exporter.
+#[test]
+fn embedded_demo_is_the_export_of_the_official_files() {
+    let src = std::env::var("STAR_DEMO_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| star_tests::root().join("../shared/demo"));
+    assert!(
+        src.join("star_demo_transformer.pth").is_file(),
+        "official demo files not found at {} (set STAR_DEMO_DIR)",
+        src.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let a = star_export::export::ExportArgs {
+        transformer: src.join("star_demo_transformer.pth"),
+        vae: src.join("vqvae.pth"),
+        text_encoder: src.clone(),
+        tokenizer: None,
+        resolution: None,
+        patch_nums: Some(vec![1, 2, 3, 4]),
+        out: out.clone(),
+        precision: "fp32".into(),
+        cfg: Some(3.0),
+        top_k: Some(64),
+        top_p: Some(0.9),
+        quiet: true,
+    };
+    let m = star_export::export::export(&a).expect("export of the official demo");
+    assert_eq!(m.config.text_width, 128);
+    assert_eq!(m.schedule.image_size, 64);
+    let embedded = star_engines::manifest::Manifest::load(&demo_model()).unwrap();
+    assert_eq!(
+        m.model_hash, embedded.model_hash,
+        "assets/demo-model is stale: regenerate it with scripts/export-demo.sh"
+    );
+}

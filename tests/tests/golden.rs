@@ -124,16 +124,32 @@ fn records_of_several_prompts_are_handled_explicitly() {
     let variant = tmp.path().join("set/two-prompts");
     std::fs::create_dir_all(&variant).unwrap();
     let src = fixtures().join("tiny-256");
-    std::fs::copy(src.join("gen_b1.safetensors"), variant.join("gen_b1.safetensors")).unwrap();
-    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("gen_b1.json")).unwrap()).unwrap();
-    index["info"]["call"]["prompts"] = serde_json::json!(["a photo of an astronaut riding a horse on mars", "a red car"]);
+    std::fs::copy(
+        src.join("gen_b1.safetensors"),
+        variant.join("gen_b1.safetensors"),
+    )
+    .unwrap();
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("gen_b1.json")).unwrap()).unwrap();
+    index["info"]["call"]["prompts"] = serde_json::json!([
+        "a photo of an astronaut riding a horse on mars",
+        "a red car"
+    ]);
     std::fs::write(variant.join("gen_b1.json"), index.to_string()).unwrap();
 
-    let rep = star_export::validate::validate(&out, &variant, BackendOptions::default()).expect("validate");
+    let rep = star_export::validate::validate(&out, &variant, BackendOptions::default())
+        .expect("validate");
     assert!(rep.all_pass());
-    assert!(rep.checks.iter().all(|c| c.stage == "text_encoder"), "only the text encoder is comparable: {}", rep.table());
+    assert!(
+        rep.checks.iter().all(|c| c.stage == "text_encoder"),
+        "only the text encoder is comparable: {}",
+        rep.table()
+    );
 
     let mut p = Pipeline::open(&out, BackendOptions::default()).unwrap();
-    let err = star_runtime::replay::replay(&mut p, &variant).err().expect("replay must refuse").to_string();
+    let err = star_runtime::replay::replay(&mut p, &variant)
+        .err()
+        .expect("replay must refuse")
+        .to_string();
     assert!(err.contains("2 different prompts"), "{err}");
 }

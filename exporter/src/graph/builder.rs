@@ -36,7 +36,8 @@ pub struct WeightStore {
     path: PathBuf,
     out: BufWriter<std::fs::File>,
     pos: u64,
-    index: HashMap<String, (u64, u64, Vec<usize>)>,
+    /// key -> (offset, length, dims, ONNX data type)
+    index: HashMap<String, (u64, u64, Vec<usize>, i32)>,
 }
 
 /// Big tensors start on 64 KiB boundaries so ONNX Runtime can memory-map them from the shared file
@@ -62,7 +63,18 @@ impl WeightStore {
     }
 
     pub fn add(&mut self, key: &str, dims: &[usize], data: &[f32]) -> Result<()> {
-        let bytes = (data.len() * 4) as u64;
+        let buf: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.add_bytes(key, dims, onnx::dtype::FLOAT, buf)
+    }
+
+    pub fn add_bytes(
+        &mut self,
+        key: &str,
+        dims: &[usize],
+        data_type: i32,
+        buf: Vec<u8>,
+    ) -> Result<()> {
+        let bytes = buf.len() as u64;
         let align = if bytes >= BIG_ALIGN {
             BIG_ALIGN
         } else {
@@ -75,16 +87,12 @@ impl WeightStore {
         };
         self.out.write_all(&vec![0u8; pad as usize]).map_err(io)?;
         self.pos += pad;
-        let mut buf = Vec::with_capacity(bytes as usize);
-        for v in data {
-            buf.extend_from_slice(&v.to_le_bytes());
-        }
         self.out.write_all(&buf).map_err(|e| ExportError::Io {
             path: self.path.clone(),
             source: e,
         })?;
         self.index
-            .insert(key.to_string(), (self.pos, bytes, dims.to_vec()));
+            .insert(key.to_string(), (self.pos, bytes, dims.to_vec(), data_type));
         self.pos += bytes;
         Ok(())
     }
@@ -103,11 +111,11 @@ impl WeightStore {
     }
 
     fn proto(&self, key: &str) -> TensorProto {
-        let (off, len, dims) = &self.index[key];
+        let (off, len, dims, data_type) = &self.index[key];
         TensorProto {
             name: key.to_string(),
             dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: onnx::dtype::FLOAT,
+            data_type: *data_type,
             data_location: 1,
             external_data: vec![
                 StringStringEntryProto {
@@ -226,6 +234,26 @@ impl<'s> G<'s> {
             let data = produce()?;
             debug_assert_eq!(data.len(), dims.iter().product::<usize>(), "{key}");
             self.store.add(key, dims, &data)?;
+        }
+        if self.init_names.insert(key.to_string()) {
+            let p = self.store.proto(key);
+            self.inits.push(p);
+        }
+        Ok(key.to_string())
+    }
+
+    /// A shared fp16 weight given as raw bits (an fp16 source kept as fp16, e.g. an embedding
+    /// table read through Gather and then cast: exact, and half the bytes).
+    pub fn weight_f16(
+        &mut self,
+        key: &str,
+        dims: &[usize],
+        produce: impl FnOnce() -> Result<Vec<u16>>,
+    ) -> Result<String> {
+        if !self.store.contains(key) {
+            let bits = produce()?;
+            let buf = bits.iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.store.add_bytes(key, dims, onnx::dtype::FLOAT16, buf)?;
         }
         if self.init_names.insert(key.to_string()) {
             let p = self.store.proto(key);

@@ -21,9 +21,22 @@ pub fn text_encoder(g: &mut G, t: &Src, tc: &TextConfig) -> Result<()> {
         dtype::INT64,
         &[n.clone(), Dim::Fixed(l as i64)],
     );
-    let tok = t.raw(g, "embeddings.token_embedding.weight", &[tc.vocab, d])?;
     let pos = t.raw(g, "embeddings.position_embedding.weight", &[l, d])?;
-    let x = g.op("Gather", &[&tok, &ids], vec![]);
+    // The token table is only gathered from: an fp16 source stays fp16 (half the bytes) and the
+    // gathered rows are cast to f32, which is exact.
+    let tok_name = "embeddings.token_embedding.weight";
+    t.w.check(tok_name, &[tc.vocab, d])?;
+    let x = match t.w.ckpt.read_f16_bits(&t.w.key(tok_name)) {
+        Some(bits) => {
+            let tok = g.weight_f16(&t.key(tok_name), &[tc.vocab, d], || Ok(bits))?;
+            let x = g.op("Gather", &[&tok, &ids], vec![]);
+            g.cast(&x, dtype::FLOAT)
+        }
+        None => {
+            let tok = t.raw(g, tok_name, &[tc.vocab, d])?;
+            g.op("Gather", &[&tok, &ids], vec![])
+        }
+    };
     let mut x = g.add(&x, &pos);
 
     // Additive bias: causal (constant) + padded keys (from the mask). Large finite negatives give
