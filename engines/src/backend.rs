@@ -54,13 +54,112 @@ pub fn precisions(backend: &str) -> &'static [&'static str] {
     }
 }
 
+/// Weights shared by every session of a model directory: one owned ONNX Runtime value per
+/// external initializer, created once and handed to each session that names it (AddInitializer),
+/// so the per-scale graphs hold one copy of the weights between them instead of one each.
+#[derive(Default)]
+pub struct WeightPool {
+    values: HashMap<String, std::sync::Arc<ort::value::DynValue>>,
+    files: HashMap<String, std::fs::File>,
+    bytes: usize,
+}
+
+impl WeightPool {
+    /// Number of shared values and their total bytes.
+    pub fn stats(&self) -> (usize, usize) {
+        (self.values.len(), self.bytes)
+    }
+
+    /// The shared values of every external initializer of `graph` (created on first use).
+    fn for_graph(
+        &mut self,
+        graph: &Path,
+    ) -> Result<Vec<(String, std::sync::Arc<ort::value::DynValue>)>> {
+        use std::os::unix::fs::FileExt;
+        let bytes = std::fs::read(graph).map_err(crate::error::io_err(graph))?;
+        let model = crate::onnx::decode_model(&bytes).map_err(|e| EngineError::Manifest {
+            path: graph.to_path_buf(),
+            why: format!("not an ONNX model: {e}"),
+        })?;
+        let dir = graph.parent().unwrap_or(Path::new("."));
+        let mut out = vec![];
+        for t in model.graph.map(|g| g.initializer).unwrap_or_default() {
+            if t.data_location != 1 {
+                continue;
+            }
+            if !self.values.contains_key(&t.name) {
+                let get = |k: &str| {
+                    t.external_data
+                        .iter()
+                        .find(|e| e.key == k)
+                        .map(|e| e.value.clone())
+                };
+                let bad = |why: &str| EngineError::Manifest {
+                    path: graph.to_path_buf(),
+                    why: format!("initializer {}: {why}", t.name),
+                };
+                let file = get("location").ok_or_else(|| bad("no location"))?;
+                let offset: u64 = get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let length: usize = get("length")
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| bad("no length"))?;
+                if !self.files.contains_key(&file) {
+                    let p = dir.join(&file);
+                    self.files.insert(
+                        file.clone(),
+                        std::fs::File::open(&p).map_err(crate::error::io_err(&p))?,
+                    );
+                }
+                self.bytes += length;
+                let mut buf = vec![0u8; length];
+                self.files[&file]
+                    .read_exact_at(&mut buf, offset)
+                    .map_err(crate::error::io_err(dir.join(&file)))?;
+                let shape: Vec<i64> = t.dims.clone();
+                let ctx = format!("weight {}", t.name);
+                let value: ort::value::DynValue = match t.data_type {
+                    crate::onnx::dtype::FLOAT => {
+                        let v: Vec<f32> = buf
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect();
+                        ort::value::Tensor::from_array((shape, v))
+                            .map_err(ort_err(ctx))?
+                            .into_dyn()
+                    }
+                    crate::onnx::dtype::FLOAT16 => {
+                        let v: Vec<half::f16> = buf
+                            .chunks_exact(2)
+                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                            .collect();
+                        ort::value::Tensor::from_array((shape, v))
+                            .map_err(ort_err(ctx))?
+                            .into_dyn()
+                    }
+                    other => return Err(bad(&format!("unsupported external data type {other}"))),
+                };
+                self.values
+                    .insert(t.name.clone(), std::sync::Arc::new(value));
+            }
+            out.push((t.name.clone(), self.values[&t.name].clone()));
+        }
+        Ok(out)
+    }
+}
+
 pub fn open_session(
     opts: &BackendOptions,
     graph: &Path,
     label: &str,
+    pool: &mut WeightPool,
 ) -> Result<Box<dyn StageSession>> {
     match opts.name.as_str() {
-        "ort-cpu" => Ok(Box::new(OrtSession::load(graph, label, opts.threads)?)),
+        "ort-cpu" => Ok(Box::new(OrtSession::load(
+            graph,
+            label,
+            opts.threads,
+            pool,
+        )?)),
         other => Err(EngineError::UnknownBackend(other.to_string())),
     }
 }
@@ -142,15 +241,20 @@ pub struct OrtSession {
 }
 
 impl OrtSession {
-    pub fn load(graph: &Path, label: &str, threads: usize) -> Result<Self> {
+    pub fn load(graph: &Path, label: &str, threads: usize, pool: &mut WeightPool) -> Result<Self> {
         let env = ort_environment()?;
         let ctx = format!("loading {}", graph.display());
         let mut b = ort::session::Session::builder(env).map_err(ort_err(ctx.clone()))?;
-        // Weights are shared between the per-scale graphs through one mmapped external-data file;
-        // pre-packing would give every session its own private copy of every matrix.
+        // Weights come from the shared pool; pre-packing would give every session its own
+        // private (packed) copy of every matrix again.
         b = b
             .with_config_entry("session.disable_prepacking", "1")
             .map_err(|e| ort_err(ctx.clone())(e.into()))?;
+        for (name, value) in pool.for_graph(graph)? {
+            b = b
+                .with_initializer(&name, value)
+                .map_err(|e| ort_err(ctx.clone())(e.into()))?;
+        }
         if threads > 0 {
             b = b
                 .with_intra_threads(threads)

@@ -1,7 +1,7 @@
 //! A model directory opened for execution: manifest checked, file hashes verified, one session per
 //! (stage, scale) opened on first use and kept.
 
-use crate::backend::{open_session, BackendOptions, Input, StageSession};
+use crate::backend::{open_session, BackendOptions, Input, StageSession, WeightPool};
 use crate::error::{EngineError, Result};
 use crate::manifest::Manifest;
 use crate::tensor::Tensor;
@@ -13,6 +13,8 @@ pub struct ModelDir {
     pub manifest: Manifest,
     pub opts: BackendOptions,
     sessions: HashMap<(String, Option<usize>), Box<dyn StageSession>>,
+    /// One copy of the weights, shared by every session.
+    pool: WeightPool,
 }
 
 impl ModelDir {
@@ -42,6 +44,7 @@ impl ModelDir {
             manifest,
             opts,
             sessions: HashMap::new(),
+            pool: WeightPool::default(),
         })
     }
 
@@ -62,10 +65,15 @@ impl ModelDir {
                 Some(s) => format!("{stage}[{s}]"),
                 None => stage.to_string(),
             };
-            let s = open_session(&self.opts, &self.dir.join(&g.file), &label)?;
+            let s = open_session(&self.opts, &self.dir.join(&g.file), &label, &mut self.pool)?;
             self.sessions.insert(key.clone(), s);
         }
         Ok(self.sessions.get_mut(&key).unwrap())
+    }
+
+    /// (values, bytes) of the weight pool every session shares.
+    pub fn shared_weights(&self) -> (usize, usize) {
+        self.pool.stats()
     }
 
     pub fn has(&self, stage: &str, scale: Option<usize>) -> bool {

@@ -153,3 +153,40 @@ fn records_of_several_prompts_are_handled_explicitly() {
         .to_string();
     assert!(err.contains("2 different prompts"), "{err}");
 }
+
+/// Every session takes its weights from one shared pool: each external initializer is loaded once
+/// (ONNX Runtime would otherwise give each per-scale session a private copy; see RESULTS.md).
+#[test]
+fn sessions_share_one_copy_of_the_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let m = export_fixture("tiny-1024s", 1024, &out);
+    let mut names = std::collections::HashMap::new();
+    for g in &m.graphs {
+        let model =
+            star_engines::onnx::decode_model(&std::fs::read(out.join(&g.file)).unwrap()).unwrap();
+        for t in model.graph.unwrap().initializer {
+            if t.data_location == 1 {
+                let len: usize = t
+                    .external_data
+                    .iter()
+                    .find(|e| e.key == "length")
+                    .unwrap()
+                    .value
+                    .parse()
+                    .unwrap();
+                names.insert(t.name, len);
+            }
+        }
+    }
+    let mut md = star_engines::model_dir::ModelDir::open(&out, BackendOptions::default()).unwrap();
+    md.load_all().unwrap();
+    let (values, bytes) = md.shared_weights();
+    assert_eq!(
+        values,
+        names.len(),
+        "one shared value per distinct external initializer"
+    );
+    assert_eq!(bytes, names.values().sum::<usize>());
+    assert!(bytes as u64 <= std::fs::metadata(out.join("weights.bin")).unwrap().len());
+}
