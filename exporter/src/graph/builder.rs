@@ -40,8 +40,8 @@ pub struct WeightStore {
     index: HashMap<String, (u64, u64, Vec<usize>, i32)>,
 }
 
-/// Big tensors start on 64 KiB boundaries so ONNX Runtime can memory-map them from the shared file
-/// (one resident copy for all per-scale sessions) instead of reading a private copy each.
+/// Big tensors start on 64 KiB boundaries (page- and mapping-aligned for any loader that maps the
+/// file; star-run itself reads each weight once into a pool shared by all sessions).
 const BIG_ALIGN: u64 = 65536;
 const SMALL_ALIGN: u64 = 64;
 
