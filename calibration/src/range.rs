@@ -77,9 +77,9 @@ fn entropy(s: &ActivationStats) -> f32 {
             let total: f64 = s.hist[a..b].iter().map(|&h| h as f64).sum();
             let nonzero = s.hist[a..b].iter().filter(|&&h| h > 0).count();
             if nonzero > 0 {
-                for j in a..b {
-                    if s.hist[j] > 0 {
-                        q[j] = total / nonzero as f64;
+                for (qj, &h) in q[a..b].iter_mut().zip(&s.hist[a..b]) {
+                    if h > 0 {
+                        *qj = total / nonzero as f64;
                     }
                 }
             }

@@ -98,9 +98,8 @@ impl PthWriter {
             p.extend(format!("c{m}\n{n}\n").as_bytes());
         }
         p.push(b'u');
-        for _ in nest {
-            p.push(b's');
-        }
+        // SETITEM closes each enclosing dict.
+        p.extend(std::iter::repeat_n(b's', nest.len()));
         p.push(b'.');
         let opt = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Stored);

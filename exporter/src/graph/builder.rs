@@ -456,6 +456,7 @@ impl<'s> G<'s> {
     }
 
     /// GroupNorm(groups) with affine, eps; x is (B, C, H, W) with C and H*W known.
+    #[allow(clippy::too_many_arguments)]
     pub fn group_norm(
         &mut self,
         x: &str,

@@ -97,7 +97,7 @@ fn self_attention(
     w.check("v_bias", &[c])?;
     let bias = g.weight(&bias_key, &[3 * c], move || {
         let mut b = w.get("q_bias", &[c])?;
-        b.extend(std::iter::repeat(0.0).take(c));
+        b.extend(std::iter::repeat_n(0.0, c));
         b.extend(w.get("v_bias", &[c])?);
         Ok(b)
     })?;
@@ -127,6 +127,7 @@ fn self_attention(
 
 /// Cross-attention of one block for the conditional rows only (the release adds row 0's
 /// cross-attention to both guidance rows; per image that is its conditional row).
+#[allow(clippy::too_many_arguments)]
 fn cross_attention(
     g: &mut G,
     a: &Src,
