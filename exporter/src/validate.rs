@@ -57,8 +57,27 @@ pub fn validate(model: &Path, golden: &Path, opts: BackendOptions) -> Result<Rep
 }
 
 fn text_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
-    let ids = r.get("input_ids")?;
-    let mask = r.get("attention_mask")?;
+    text_encoder_checks(
+        md,
+        r,
+        rep,
+        "text",
+        ["input_ids", "attention_mask", "last_hidden_state", "pooled"],
+    )?;
+    Ok(())
+}
+
+/// Run the text encoder on a record's ids and mask and compare hidden states and pooled vector.
+/// `names`: the record's ids, mask, hidden and pooled tensor names. Returns (ids, mask).
+fn text_encoder_checks(
+    md: &mut ModelDir,
+    r: &Record,
+    rep: &mut Report,
+    stage: &str,
+    names: [&str; 4],
+) -> Result<(Tensor, Tensor)> {
+    let ids = r.get(names[0])?;
+    let mask = r.get(names[1])?;
     let out = md.run(
         "text_encoder",
         None,
@@ -68,20 +87,20 @@ fn text_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
         ],
     )?;
     rep.push(compare(
-        "text",
-        "last_hidden_state",
+        stage,
+        names[2],
         &out["hidden"],
-        &r.get("last_hidden_state")?,
+        &r.get(names[2])?,
         FP32_TOL,
     ));
     rep.push(compare(
-        "text",
-        "pooled",
+        stage,
+        names[3],
         &out["pooled"],
-        &r.get("pooled")?,
+        &r.get(names[3])?,
         FP32_TOL,
     ));
-    Ok(())
+    Ok((ids, mask))
 }
 
 fn rope_record(md: &ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
@@ -218,32 +237,20 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     let sch = md.manifest.schedule.clone();
     let sn = sch.patch_nums.len();
     let p = sch.patch_nums[sn - 1];
-    let ids = r.get("text.input_ids")?;
-    let mask = r.get("text.attention_mask")?;
-    let b2 = ids.shape[0];
-    let b = b2 / 2;
-    let out = md.run(
+    let (ids, mask) = text_encoder_checks(
+        md,
+        r,
+        rep,
         "text_encoder",
-        None,
-        &[
-            ("input_ids", (&ids).into()),
-            ("attention_mask", (&mask).into()),
+        [
+            "text.input_ids",
+            "text.attention_mask",
+            "text.hidden",
+            "text.pooled",
         ],
     )?;
-    rep.push(compare(
-        "text_encoder",
-        "text.hidden",
-        &out["hidden"],
-        &r.get("text.hidden")?,
-        FP32_TOL,
-    ));
-    rep.push(compare(
-        "text_encoder",
-        "text.pooled",
-        &out["pooled"],
-        &r.get("text.pooled")?,
-        FP32_TOL,
-    ));
+    let b2 = ids.shape[0];
+    let b = b2 / 2;
     let prompts: std::collections::HashSet<String> = r.info()["call"]["prompts"]
         .as_array()
         .map(|a| {
