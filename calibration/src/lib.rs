@@ -8,5 +8,5 @@ pub mod stats;
 pub mod table;
 
 pub use range::Method;
-pub use stats::ActivationStats;
+pub use stats::{ActivationStats, CalibrationError};
 pub use table::CalibrationTable;

@@ -113,8 +113,8 @@ mod tests {
     #[test]
     fn max_is_the_largest_magnitude() {
         let mut s = ActivationStats::default();
-        s.observe(&[0.5, -3.25, 2.0]);
-        s.observe(&[1.0, 7.5]);
+        s.observe(&[0.5, -3.25, 2.0]).unwrap();
+        s.observe(&[1.0, 7.5]).unwrap();
         assert_eq!(Method::Max.amax(&s), 7.5);
         assert_eq!((s.min, s.max, s.count), (-3.25, 7.5, 5));
     }
@@ -123,7 +123,7 @@ mod tests {
     fn percentile_of_a_normal_matches_its_quantile() {
         let mut s = ActivationStats::default();
         for chunk in normal(400_000).chunks(10_000) {
-            s.observe(chunk);
+            s.observe(chunk).unwrap();
         }
         // P(|x| < 2.5758) = 99% for a standard normal.
         let a = Method::Percentile(99.0).amax(&s);
@@ -135,9 +135,26 @@ mod tests {
         let mut s = ActivationStats::default();
         let mut v = normal(200_000);
         v.extend([60.0, -55.0, 48.0]);
-        s.observe(&v);
+        s.observe(&v).unwrap();
         let e = Method::Entropy.amax(&s);
         assert!(e < 20.0 && e > 2.0, "entropy amax {e}");
         assert_eq!(Method::Max.amax(&s), 60.0);
+    }
+
+    #[test]
+    fn non_finite_activations_are_refused_and_leave_the_stats_unchanged() {
+        let mut s = ActivationStats::default();
+        s.observe(&[1.0, -2.0]).unwrap();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let e = s.observe(&[0.5, bad]).unwrap_err();
+            assert_eq!(
+                e,
+                crate::CalibrationError::NonFinite {
+                    index: 1,
+                    value: bad.to_string()
+                }
+            );
+        }
+        assert_eq!((s.count, s.min, s.max), (2, -2.0, 1.0));
     }
 }

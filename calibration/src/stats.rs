@@ -3,6 +3,12 @@
 
 pub const BINS: usize = 2048;
 
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CalibrationError {
+    #[error("calibration input holds a non-finite value ({value} at flat index {index}): check the model and the calibration prompts")]
+    NonFinite { index: usize, value: String },
+}
+
 #[derive(Clone, Debug)]
 pub struct ActivationStats {
     pub min: f32,
@@ -50,8 +56,17 @@ impl ActivationStats {
         }
     }
 
-    pub fn observe(&mut self, xs: &[f32]) {
-        let finite = xs.iter().copied().filter(|x| x.is_finite());
+    /// Add a batch of activations. A non-finite value is an error, and the statistics stay as
+    /// they were: a NaN/Inf activation means a broken model or input, and dropping it would
+    /// calibrate a range on what is left as if nothing had happened.
+    pub fn observe(&mut self, xs: &[f32]) -> Result<(), CalibrationError> {
+        if let Some(i) = xs.iter().position(|x| !x.is_finite()) {
+            return Err(CalibrationError::NonFinite {
+                index: i,
+                value: xs[i].to_string(),
+            });
+        }
+        let finite = xs.iter().copied();
         let m = finite.clone().fold(0f32, |a, x| a.max(x.abs()));
         if m >= self.range || self.range == 0.0 {
             self.grow_to(m * (1.0 + 1e-6) + f32::MIN_POSITIVE);
@@ -64,5 +79,6 @@ impl ActivationStats {
             self.hist[b] += 1;
             self.count += 1;
         }
+        Ok(())
     }
 }

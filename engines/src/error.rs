@@ -11,6 +11,13 @@ pub enum EngineError {
     BadSafetensors { path: PathBuf, why: String },
     #[error("{path}: no tensor '{name}'")]
     MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor '{name}' holds a non-finite value ({value} at flat index {index}); a recorded input must be finite: the record is damaged")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        index: usize,
+        value: String,
+    },
     #[error("{path}: manifest: {why}")]
     Manifest { path: PathBuf, why: String },
     #[error("{path}: manifest schema version {found}, this build reads version {expected}; re-export the model with this version of star-export")]

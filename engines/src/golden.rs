@@ -43,6 +43,23 @@ impl Record {
         self.st.tensor(name)
     }
 
+    /// A recorded tensor that is fed to a stage as its input: it must be finite (a reference may
+    /// hold -inf for removed logits, an input never does).
+    pub fn input(&self, name: &str) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if let Some(v) = t.as_f32() {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(EngineError::NonFinite {
+                    path: self.stem.with_extension("safetensors"),
+                    name: name.to_string(),
+                    index: i,
+                    value: v[i].to_string(),
+                });
+            }
+        }
+        Ok(t)
+    }
+
     pub fn info(&self) -> &serde_json::Value {
         &self.index["info"]
     }

@@ -2,6 +2,7 @@
 //! execution backends shared by star-export and star-run.
 
 pub mod backend;
+pub mod check;
 pub mod error;
 pub mod golden;
 pub mod kv_cache;
@@ -9,6 +10,7 @@ pub mod manifest;
 pub mod model_dir;
 pub mod onnx;
 pub mod safetensors;
+pub mod schedule;
 pub mod tensor;
 
 pub use error::{EngineError, Result};

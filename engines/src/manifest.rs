@@ -12,6 +12,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TextConfig {
     pub width: usize,
     pub layers: usize,
@@ -28,6 +29,7 @@ pub struct TextConfig {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VqConfig {
     pub vocab: usize,
     pub cvae: usize,
@@ -37,6 +39,7 @@ pub struct VqConfig {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub depth: usize,
     pub width: usize,
@@ -52,12 +55,14 @@ pub struct ModelConfig {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SubStep {
     /// Tokens revealed by this sub-step.
     pub count: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Schedule {
     pub patch_nums: Vec<usize>,
     pub image_size: usize,
@@ -71,6 +76,7 @@ pub struct Schedule {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IoSpec {
     pub name: String,
     pub dtype: String,
@@ -78,6 +84,7 @@ pub struct IoSpec {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GraphEntry {
     /// text_encoder | text_kv | step | sampler | vq | decoder
     pub stage: String,
@@ -90,6 +97,7 @@ pub struct GraphEntry {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FileEntry {
     pub file: String,
     pub bytes: u64,
@@ -97,6 +105,7 @@ pub struct FileEntry {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SamplingDefaults {
     pub cfg: f64,
     pub top_k: usize,
@@ -104,6 +113,7 @@ pub struct SamplingDefaults {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub schema_version: u32,
     pub producer: String,
@@ -151,33 +161,61 @@ impl Manifest {
             .find(|g| g.stage == stage && g.scale == scale)
     }
 
-    /// Check that every file the manifest lists exists with its recorded hash.
+    /// Check that every file the manifest lists exists with its recorded size and hash, and that
+    /// every graph file declares the I/O the manifest lists for it.
     pub fn verify_files(&self, dir: &Path) -> Result<()> {
-        let all = self
-            .files
-            .iter()
-            .map(|f| (f.file.as_str(), f.sha256.as_str()))
-            .chain(
-                self.graphs
-                    .iter()
-                    .map(|g| (g.file.as_str(), g.sha256.as_str())),
-            );
-        for (file, want) in all {
-            let p = dir.join(file);
-            if !p.is_file() {
+        let missing = |file: &str| {
+            EngineError::Manifest {
+            path: dir.join(MANIFEST_FILE),
+            why: format!("{file} is listed but missing: incomplete model directory; re-export it with star-export"),
+        }
+        };
+        // Sizes first: a truncated or replaced file is refused before anything is hashed.
+        for f in &self.files {
+            let p = dir.join(&f.file);
+            let meta = std::fs::metadata(&p).map_err(|_| missing(&f.file))?;
+            if !meta.is_file() {
+                return Err(missing(&f.file));
+            }
+            if meta.len() != f.bytes {
                 return Err(EngineError::Manifest {
-                    path: dir.join(MANIFEST_FILE),
-                    why: format!("{file} is listed but missing: incomplete model directory; re-export it with star-export"),
+                    path: p,
+                    why: format!(
+                        "{} bytes, the manifest lists {}: the file was modified or truncated; re-export the model",
+                        meta.len(),
+                        f.bytes
+                    ),
                 });
             }
+        }
+        for g in &self.graphs {
+            if !dir.join(&g.file).is_file() {
+                return Err(missing(&g.file));
+            }
+        }
+        for f in &self.files {
+            let p = dir.join(&f.file);
             let got = sha256_file(&p)?;
-            if got != want {
+            if got != f.sha256 {
                 return Err(EngineError::HashMismatch {
                     path: p,
-                    expected: want.to_string(),
+                    expected: f.sha256.clone(),
                     found: got,
                 });
             }
+        }
+        for g in &self.graphs {
+            let p = dir.join(&g.file);
+            let bytes = std::fs::read(&p).map_err(io_err(&p))?;
+            let got = sha256_bytes(&bytes);
+            if got != g.sha256 {
+                return Err(EngineError::HashMismatch {
+                    path: p,
+                    expected: g.sha256.clone(),
+                    found: got,
+                });
+            }
+            crate::check::check_graph_file(g, &p, &bytes, self)?;
         }
         Ok(())
     }

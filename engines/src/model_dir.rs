@@ -29,6 +29,7 @@ impl ModelDir {
             });
         }
         let manifest = Manifest::load(dir)?;
+        crate::check::check_manifest(&manifest, dir)?;
         if !crate::backend::precisions(&opts.name).contains(&manifest.precision.as_str()) {
             return Err(EngineError::Unsupported(format!(
                 "precision '{}' of {} is not supported by backend '{}' (supported: {:?})",
@@ -100,6 +101,86 @@ impl ModelDir {
         scale: Option<usize>,
         inputs: &[(&str, Input<'_>)],
     ) -> Result<HashMap<String, Tensor>> {
-        self.session(stage, scale)?.run(inputs)
+        let out = self.session(stage, scale)?.run(inputs)?;
+        let g = self
+            .manifest
+            .graph(stage, scale)
+            .expect("session() found the graph");
+        conform(g, inputs, &out)?;
+        Ok(out)
     }
+}
+
+/// The outputs of a run are exactly what the graph declares: every output present with its
+/// dtype and rank, fixed dims equal, and each symbolic dim (batch rows) equal to its size in the
+/// inputs. The pipeline indexes outputs by these shapes, so a graph that broke its own
+/// declaration is an error here instead of an out-of-bounds panic later.
+fn conform(
+    g: &crate::manifest::GraphEntry,
+    inputs: &[(&str, Input<'_>)],
+    out: &HashMap<String, Tensor>,
+) -> Result<()> {
+    use crate::onnx::Dim;
+    let bad = |name: &str, why: String| EngineError::BadInput {
+        stage: g.file.clone(),
+        input: name.to_string(),
+        why,
+    };
+    let mut bound: HashMap<&str, usize> = HashMap::new();
+    for spec in &g.inputs {
+        let Some((_, inp)) = inputs.iter().find(|(n, _)| *n == spec.name) else {
+            continue;
+        };
+        let shape = match inp {
+            Input::F32(s, _) | Input::I64(s, _) => *s,
+        };
+        for (d, s) in shape.iter().zip(&spec.shape) {
+            if let Dim::Sym(name) = s {
+                if let Some(prev) = bound.insert(name.as_str(), *d) {
+                    if prev != *d {
+                        return Err(bad(
+                            &spec.name,
+                            format!("dimension {name} is {d} here and {prev} in another input"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for spec in &g.outputs {
+        let t = out.get(&spec.name).ok_or_else(|| {
+            bad(
+                &spec.name,
+                "(output) missing from the graph's results".into(),
+            )
+        })?;
+        let dtype = match &t.data {
+            crate::Data::F32(_) => "float32",
+            crate::Data::I64(_) => "int64",
+        };
+        let want: Vec<Option<usize>> = spec
+            .shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(v) => usize::try_from(*v).ok(),
+                Dim::Sym(s) => bound.get(s.as_str()).copied(),
+            })
+            .collect();
+        let fits = dtype == spec.dtype
+            && t.shape.len() == want.len()
+            && t.shape
+                .iter()
+                .zip(&want)
+                .all(|(d, w)| !matches!(w, Some(w) if w != d));
+        if !fits {
+            return Err(bad(
+                &spec.name,
+                format!(
+                    "(output) is {dtype} {:?}, the graph declares {} {:?}",
+                    t.shape, spec.dtype, spec.shape
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

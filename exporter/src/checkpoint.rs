@@ -39,6 +39,8 @@ pub enum Loc {
 
 pub struct Checkpoint {
     pub path: PathBuf,
+    /// Accept NaN/Inf weights (export --allow-nonfinite); by default a read refuses them.
+    pub allow_nonfinite: bool,
     pub format: &'static str,
     pub tensors: BTreeMap<String, (TensorInfo, Loc)>,
     mmap: Option<Mmap>,
@@ -119,6 +121,7 @@ impl Checkpoint {
             safes.push(st);
         }
         Ok(Checkpoint {
+            allow_nonfinite: false,
             path: files[0].clone(),
             format: "safetensors",
             tensors,
@@ -272,6 +275,7 @@ impl Checkpoint {
             });
         }
         Ok(Checkpoint {
+            allow_nonfinite: false,
             path: path.to_path_buf(),
             format: "pytorch-zip",
             tensors,
@@ -291,10 +295,12 @@ impl Checkpoint {
 
     /// The raw fp16 bits of a contiguous fp16 tensor (None for any other dtype or layout), so an
     /// fp16 source can be stored as fp16 without a round trip through f32.
-    pub fn read_f16_bits(&self, name: &str) -> Option<Vec<u16>> {
-        let (info, loc) = self.tensors.get(name)?;
+    pub fn read_f16_bits(&self, name: &str) -> Result<Option<Vec<u16>>> {
+        let Some((info, loc)) = self.tensors.get(name) else {
+            return Ok(None);
+        };
         if info.dtype != DType::F16 {
-            return None;
+            return Ok(None);
         }
         let numel: usize = info.shape.iter().product();
         let bytes: &[u8] = match loc {
@@ -311,22 +317,59 @@ impl Checkpoint {
                     || stride.last() == Some(&1)
                         && stride[0] == info.shape[1..].iter().product::<usize>();
                 if !contiguous {
-                    return None;
+                    return Ok(None);
                 }
-                &self.mmap.as_ref()?[data.0 + offset * 2..data.0 + (offset + numel) * 2]
+                let Some(m) = self.mmap.as_ref() else {
+                    return Ok(None);
+                };
+                match m.get(data.0 + offset * 2..data.0 + (offset + numel) * 2) {
+                    Some(b) => b,
+                    None => return Err(self.short(name)),
+                }
             }
-            Loc::PthInflated { .. } => return None,
+            Loc::PthInflated { .. } => return Ok(None),
         };
-        Some(
-            bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-        )
+        let bits: Vec<u16> = bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        if !self.allow_nonfinite {
+            // fp16: exponent bits all ones is Inf or NaN.
+            if let Some(i) = bits.iter().position(|b| b & 0x7c00 == 0x7c00) {
+                return Err(self.nonfinite(name, i, half::f16::from_bits(bits[i]).to_f32()));
+            }
+        }
+        Ok(Some(bits))
+    }
+
+    fn short(&self, name: &str) -> ExportError {
+        ExportError::BadCheckpoint {
+            path: self.path.clone(),
+            why: format!("tensor '{name}' extends past the end of its storage"),
+        }
+    }
+
+    fn nonfinite(&self, name: &str, index: usize, value: f32) -> ExportError {
+        ExportError::NonFinite {
+            path: self.path.clone(),
+            name: name.to_string(),
+            index,
+            value: value.to_string(),
+        }
     }
 
     /// Read one tensor as f32 (fp16/bf16/fp64 are converted exactly or rounded to nearest).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let v = self.read_f32_raw(name)?;
+        if !self.allow_nonfinite {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(self.nonfinite(name, i, v[i]));
+            }
+        }
+        Ok(v)
+    }
+
+    fn read_f32_raw(&self, name: &str) -> Result<Vec<f32>> {
         let (info, loc) = self
             .tensors
             .get(name)
@@ -335,7 +378,17 @@ impl Checkpoint {
                 name: name.to_string(),
             })?;
         let el = info.dtype.size();
-        let strided = |bytes: &[u8], offset: usize, stride: &[usize]| -> Vec<f32> {
+        let conv = |bytes: Option<&[u8]>| -> Result<Vec<f32>> {
+            let b = bytes.ok_or_else(|| self.short(name))?;
+            bytes_to_f32(info.dtype, b).ok_or_else(|| ExportError::BadCheckpoint {
+                path: self.path.clone(),
+                why: format!(
+                    "tensor '{name}' has dtype {:?}, not a float type",
+                    info.dtype
+                ),
+            })
+        };
+        let strided = |bytes: &[u8], offset: usize, stride: &[usize]| -> Result<Vec<f32>> {
             let numel: usize = info.shape.iter().product();
             let contiguous = {
                 let mut expect = 1;
@@ -349,15 +402,14 @@ impl Checkpoint {
                 ok
             };
             if contiguous {
-                return bytes_to_f32(info.dtype, &bytes[offset * el..(offset + numel) * el])
-                    .unwrap();
+                return conv(bytes.get(offset * el..(offset + numel) * el));
             }
             // A non-contiguous view (e.g. saved from a transpose): gather element by element.
             let mut out = Vec::with_capacity(numel);
             let mut idx = vec![0usize; info.shape.len()];
             for _ in 0..numel {
                 let off = offset + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
-                out.extend(bytes_to_f32(info.dtype, &bytes[off * el..(off + 1) * el]).unwrap());
+                out.extend(conv(bytes.get(off * el..(off + 1) * el))?);
                 for ax in (0..idx.len()).rev() {
                     idx[ax] += 1;
                     if idx[ax] < info.shape[ax] {
@@ -366,18 +418,21 @@ impl Checkpoint {
                     idx[ax] = 0;
                 }
             }
-            out
+            Ok(out)
         };
-        Ok(match loc {
+        match loc {
             Loc::Pth {
                 data,
                 offset,
                 stride,
-            } => strided(
-                &self.mmap.as_ref().unwrap()[data.0..data.1],
-                *offset,
-                stride,
-            ),
+            } => {
+                let m = self.mmap.as_ref().ok_or_else(|| self.short(name))?;
+                strided(
+                    m.get(data.0..data.1).ok_or_else(|| self.short(name))?,
+                    *offset,
+                    stride,
+                )
+            }
             Loc::PthInflated {
                 key,
                 offset,
@@ -385,9 +440,9 @@ impl Checkpoint {
             } => strided(&self.inflated[key], *offset, stride),
             Loc::Safe { file, name } => {
                 let st = &self.safes[*file];
-                bytes_to_f32(info.dtype, st.bytes(&st.entries[name])).unwrap()
+                conv(Some(st.bytes(&st.entries[name])))
             }
-        })
+        }
     }
 }
 

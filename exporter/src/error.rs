@@ -26,6 +26,13 @@ pub enum ExportError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    #[error("{path}: tensor '{name}' holds a non-finite value ({value} at flat index {index}): a diverged or corrupted checkpoint; export refuses it (pass --allow-nonfinite to export it anyway)")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        index: usize,
+        value: String,
+    },
     #[error("inconsistent checkpoints: {0}")]
     Mismatch(String),
     #[error(

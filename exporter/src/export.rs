@@ -36,6 +36,8 @@ pub struct ExportArgs {
     pub top_k: Option<usize>,
     pub top_p: Option<f64>,
     pub quiet: bool,
+    /// Export checkpoints holding NaN/Inf weights instead of refusing them.
+    pub allow_nonfinite: bool,
 }
 
 /// The three checkpoints opened and checked against each other.
@@ -82,10 +84,13 @@ pub fn text_dirs(root: &Path, tokenizer: Option<&Path>) -> Result<(PathBuf, Path
 }
 
 pub fn open_sources(a: &ExportArgs) -> Result<Sources> {
-    let star = Checkpoint::open(&a.transformer, &["trainer", "var_wo_ddp"])?;
-    let vqc = Checkpoint::open(&a.vae, &[])?;
+    let mut star = Checkpoint::open(&a.transformer, &["trainer", "var_wo_ddp"])?;
+    let mut vqc = Checkpoint::open(&a.vae, &[])?;
     let (te_dir, tok_dir) = text_dirs(&a.text_encoder, a.tokenizer.as_deref())?;
-    let text = Checkpoint::open(&te_dir, &[])?;
+    let mut text = Checkpoint::open(&te_dir, &[])?;
+    for c in [&mut star, &mut vqc, &mut text] {
+        c.allow_nonfinite = a.allow_nonfinite;
+    }
     let cfg_path = te_dir.join("config.json");
     let text_config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?)
@@ -138,8 +143,108 @@ fn at(path: &Path, e: ExportError) -> ExportError {
     }
 }
 
+/// Temporary directories of exports: `.star-export-XXXXXX` beside `--out`, with this record inside
+/// so that a later export can tell whose it is after a SIGKILL (which no handler sees).
+const TMP_PREFIX: &str = ".star-export-";
+const OWNER_FILE: &str = ".star-export-owner.json";
+
+/// The temporary directory of the export in progress: removed by the SIGINT/SIGTERM handler.
+static IN_PROGRESS: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+fn set_in_progress(p: Option<PathBuf>) {
+    *IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()) = p;
+}
+
+/// Remove the temporary directory of an interrupted export, then exit 130 (SIGINT/SIGTERM).
+/// Installed by the star-export binary; a library caller handles its own signals.
+pub fn install_interrupt_cleanup() -> Result<()> {
+    ctrlc::set_handler(|| {
+        let tmp = IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = tmp {
+            // The export thread may still be adding a file: retry until the directory is gone.
+            for _ in 0..20 {
+                if std::fs::remove_dir_all(&t).is_ok() || !t.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            eprintln!("interrupted: removed the unfinished export {}", t.display());
+        } else {
+            eprintln!("interrupted");
+        }
+        std::process::exit(130);
+    })
+    .map_err(|e| ExportError::Output {
+        path: PathBuf::from("."),
+        why: format!("cannot install the interrupt handler: {e}"),
+    })
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `--out` as an absolute path, the identity recorded in a temporary directory's owner record.
+fn out_identity(out: &Path) -> String {
+    let abs = if out.is_absolute() {
+        out.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(out))
+            .unwrap_or_else(|_| out.to_path_buf())
+    };
+    abs.display().to_string()
+}
+
+/// Temporary directories beside `--out` left by exports that died without cleaning up (SIGKILL,
+/// power loss): ours (same --out, owner gone) are removed; others are named, not touched.
+fn clean_stale(parent: &Path, out: &Path, quiet: bool) {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let me = out_identity(out);
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(TMP_PREFIX) || !e.path().is_dir() {
+            continue;
+        }
+        let owner: Option<serde_json::Value> = std::fs::read_to_string(e.path().join(OWNER_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let pid = owner
+            .as_ref()
+            .and_then(|o| o["pid"].as_u64())
+            .map(|p| p as u32);
+        let target = owner
+            .as_ref()
+            .and_then(|o| o["out"].as_str().map(str::to_string));
+        if pid.is_some_and(process_alive) {
+            continue;
+        }
+        if target.as_deref() == Some(me.as_str()) {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => eprintln!(
+                    "notice: removed {}, left by an interrupted export to {}",
+                    e.path().display(),
+                    out.display()
+                ),
+                Err(err) => eprintln!(
+                    "warning: cannot remove {}, left by an interrupted export: {err}",
+                    e.path().display()
+                ),
+            }
+        } else if !quiet {
+            eprintln!(
+                "notice: {} looks like the remains of an interrupted export{}; remove it if no export is running",
+                e.path().display(),
+                target.map(|t| format!(" to {t}")).unwrap_or_default()
+            );
+        }
+    }
+}
+
 /// Check the output location before any work: a writable parent, nothing in the way.
-fn prepare_out(out: &Path) -> Result<PathBuf> {
+fn prepare_out(out: &Path, quiet: bool) -> Result<PathBuf> {
     if out.exists() {
         let empty = out.is_dir()
             && std::fs::read_dir(out)
@@ -162,40 +267,61 @@ fn prepare_out(out: &Path) -> Result<PathBuf> {
             why: format!("parent directory {} does not exist", parent.display()),
         });
     }
+    clean_stale(&parent, out, quiet);
     let tmp = tempfile::Builder::new()
-        .prefix(".star-export-")
+        .prefix(TMP_PREFIX)
         .tempdir_in(&parent)
         .map_err(|e| ExportError::Output {
             path: out.to_path_buf(),
             why: format!("cannot write in {}: {e}", parent.display()),
         })?;
-    Ok(tmp.keep())
+    let tmp = tmp.keep();
+    set_in_progress(Some(tmp.clone()));
+    let owner = serde_json::json!({ "pid": std::process::id(), "out": out_identity(out) });
+    let op = tmp.join(OWNER_FILE);
+    if let Err(e) = std::fs::write(&op, owner.to_string()) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        set_in_progress(None);
+        return Err(ExportError::Io {
+            path: op,
+            source: e,
+        });
+    }
+    Ok(tmp)
 }
 
 pub fn export(a: &ExportArgs) -> Result<Manifest> {
     let precision = Precision::parse(&a.precision)?;
     let started = Instant::now();
     let src = open_sources(a)?;
-    let tmp = prepare_out(&a.out)?;
-    let result = write_all(a, &src, precision, &tmp, started);
-    match result {
-        Ok(m) => {
-            if a.out.exists() {
-                std::fs::remove_dir(&a.out).map_err(io_err(&a.out))?;
-            }
-            std::fs::rename(&tmp, &a.out).map_err(|e| {
-                let _ = std::fs::remove_dir_all(&tmp);
-                ExportError::Output {
-                    path: a.out.clone(),
-                    why: format!("final rename failed: {e}"),
-                }
-            })?;
-            Ok(m)
+    let tmp = prepare_out(&a.out, a.quiet)?;
+    let result = write_all(a, &src, precision, &tmp, started).and_then(|m| {
+        let op = tmp.join(OWNER_FILE);
+        std::fs::remove_file(&op).map_err(io_err(&op))?;
+        if a.out.exists() {
+            std::fs::remove_dir(&a.out).map_err(io_err(&a.out))?;
         }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
+        std::fs::rename(&tmp, &a.out).map_err(|e| ExportError::Output {
+            path: a.out.clone(),
+            why: format!("final rename failed: {e}"),
+        })?;
+        Ok(m)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    set_in_progress(None);
+    result
+}
+
+/// Test aid: STAR_EXPORT_STAGE_DELAY_MS=N sleeps N ms after each graph, so that the interrupt
+/// tests can signal an export that is reliably mid-way.
+fn stage_delay() {
+    if let Some(ms) = std::env::var("STAR_EXPORT_STAGE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 
@@ -267,6 +393,7 @@ fn write_all(
                 started.elapsed().as_secs_f64()
             );
         }
+        stage_delay();
     }
     let wpath = store.finish()?;
     let mut files = vec![FileEntry {
@@ -287,15 +414,8 @@ fn write_all(
             });
         }
     }
-    let mut h = String::new();
-    for f in &files {
-        h.push_str(&f.sha256);
-    }
-    for g in &graphs {
-        h.push_str(&g.sha256);
-    }
     let default_top_k = ((600.0 * cfg.vocab as f64 / 4096.0).round() as usize).clamp(1, cfg.vocab);
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         schema_version: SCHEMA_VERSION,
         producer: format!("star-export {}", env!("CARGO_PKG_VERSION")),
         precision: precision.name().into(),
@@ -309,14 +429,17 @@ fn write_all(
         },
         graphs,
         files,
-        model_hash: sha256_bytes(h.as_bytes())[..16].to_string(),
+        model_hash: String::new(),
     };
+    manifest.model_hash = star_engines::check::model_hash(&manifest);
     if manifest.sampling_defaults.top_k > cfg.vocab {
         return Err(ExportError::Schedule(format!(
             "--default-top-k {} exceeds the vocabulary ({})",
             manifest.sampling_defaults.top_k, cfg.vocab
         )));
     }
+    // Never write a directory star-run would refuse.
+    star_engines::check::check_manifest(&manifest, dir)?;
     let mp = dir.join(star_engines::manifest::MANIFEST_FILE);
     let text = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
     std::fs::write(&mp, text).map_err(io_err(&mp))?;

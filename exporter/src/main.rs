@@ -60,6 +60,9 @@ enum Cmd {
         /// No progress lines.
         #[arg(long)]
         quiet: bool,
+        /// Export weights that hold NaN or Inf (refused by default: they mean a diverged or corrupted checkpoint).
+        #[arg(long)]
+        allow_nonfinite: bool,
     },
     /// Run every stage of a model directory with ONNX Runtime on a golden fixture folder and compare.
     Validate {
@@ -84,6 +87,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = star_export::export::install_interrupt_cleanup() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -108,6 +115,7 @@ fn run(cli: Cli) -> star_export::Result<ExitCode> {
             default_top_k,
             default_top_p,
             quiet,
+            allow_nonfinite,
         } => {
             let a = ExportArgs {
                 transformer,
@@ -122,6 +130,7 @@ fn run(cli: Cli) -> star_export::Result<ExitCode> {
                 top_k: default_top_k,
                 top_p: default_top_p,
                 quiet,
+                allow_nonfinite,
             };
             let t = std::time::Instant::now();
             let m = export(&a)?;

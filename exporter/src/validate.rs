@@ -204,7 +204,7 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
         }
         f_hat = out["f_hat_out"].clone();
     }
-    let fe = r.get("fhat_embed_to_fhat")?;
+    let fe = r.input("fhat_embed_to_fhat")?;
     rep.push(compare("vq", "fhat_embed_to_fhat", &f_hat, &fe, FP32_TOL));
     let out = md.run("decoder", None, &[("f_hat", (&fe).into())])?;
     rep.push(compare(
@@ -270,8 +270,8 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
         return Ok(());
     }
     // Later stages take the recorded text features (stage isolation).
-    let hidden = r.get("text.hidden")?;
-    let pooled = r.get("text.pooled")?;
+    let hidden = r.input("text.hidden")?;
+    let pooled = r.input("text.pooled")?;
     let tkv = md.run(
         "text_kv",
         None,
@@ -343,7 +343,7 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
                 if !r.has(&name) {
                     continue;
                 }
-                let m = r.get(&format!("s{si:02}.u{s:02}.mask_before"))?;
+                let m = r.input(&format!("s{si:02}.u{s:02}.mask_before"))?;
                 let so = md.run(
                     "sampler",
                     Some(si),
@@ -378,7 +378,7 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
             let full = r.has(&nname)
                 && r.meta(&nname).get("probed").is_none()
                 && r.get(&nname)?.shape == ni.shape;
-            next_in = Some(if full { r.get(&nname)? } else { ni.clone() });
+            next_in = Some(if full { r.input(&nname)? } else { ni.clone() });
         }
     }
     let dec = md.run("decoder", None, &[("f_hat", (&f_hat).into())])?;

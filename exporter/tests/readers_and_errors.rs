@@ -344,6 +344,73 @@ fn bad_inputs_fail_cleanly_with_exit_2_and_write_nothing() {
     );
 
     expect_fail(tmp, &star, &vae, &clip, "300", "unsupported resolution 300");
+
+    for (bad, shown) in [
+        (f32::NAN, "NaN"),
+        (f32::INFINITY, "inf"),
+        (f32::NEG_INFINITY, "-inf"),
+    ] {
+        let nonfinite = mutated(tmp, |k, _, d| {
+            if k == "blocks.1.attn.proj.weight" {
+                d[5] = bad;
+            }
+            true
+        });
+        expect_fail(
+            tmp,
+            &nonfinite,
+            &vae,
+            &clip,
+            "256",
+            &format!("tensor 'blocks.1.attn.proj.weight' holds a non-finite value ({shown} at flat index 5)"),
+        );
+    }
+}
+
+#[test]
+fn allow_nonfinite_exports_what_is_refused_by_default() {
+    let f = fixtures();
+    let t = tempfile::tempdir().unwrap();
+    let nan = mutated(t.path(), |k, _, d| {
+        if k == "head_logits.weight" {
+            d[0] = f32::NAN;
+        }
+        true
+    });
+    let (mut a, out) = args_with(
+        t.path(),
+        &nan,
+        &f.join("vqvae.pth"),
+        &f.join("clip_tiny"),
+        "256",
+    );
+    a.push("--allow-nonfinite".into());
+    let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    let r = export(&refs);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(out.join("manifest.json").is_file());
+}
+
+#[test]
+fn nonfinite_fp16_weights_are_refused_too() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("m.pth");
+    let bits: Vec<u8> = [1.0f32, f32::INFINITY, 2.0]
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    write_pth(&p, &[("h", "HalfStorage", vec![3], bits)], None);
+    let c = Checkpoint::open(&p, &[]).unwrap();
+    let e = c.read_f32("h").unwrap_err().to_string();
+    assert!(
+        e.contains("'h' holds a non-finite value (inf at flat index 1)"),
+        "{e}"
+    );
+    let e = c.read_f16_bits("h").unwrap_err().to_string();
+    assert!(e.contains("non-finite"), "{e}");
+    let mut c = c;
+    c.allow_nonfinite = true;
+    assert!(c.read_f32("h").unwrap()[1].is_infinite());
 }
 
 #[test]

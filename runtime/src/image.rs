@@ -1,4 +1,8 @@
-//! 8-bit RGB PNG output with tEXt metadata, written atomically (temp file + rename).
+//! 8-bit RGB PNG output with metadata, written atomically (temp file + rename).
+//!
+//! Free text (the prompts) goes into iTXt chunks, which are UTF-8: tEXt is Latin-1 and cannot
+//! hold CJK, emoji or curly quotes. Fields we generate ourselves (seed, hashes, numbers) are ASCII
+//! and stay tEXt, the chunk every PNG reader shows.
 
 use crate::pipeline::{Result, RunError};
 use std::io::Write;
@@ -18,13 +22,24 @@ pub fn to_rgb8(data: &[f32], index: usize, h: usize, w: usize) -> Vec<u8> {
     out
 }
 
-pub fn write_png(
-    path: &Path,
-    rgb: &[u8],
-    w: usize,
-    h: usize,
-    meta: &[(String, String)],
-) -> Result<()> {
+/// One metadata field: keyword and value.
+#[derive(Clone, Debug)]
+pub enum Meta {
+    /// A value we produce, ASCII by construction: tEXt.
+    Ascii(&'static str, String),
+    /// User text, any Unicode: iTXt (UTF-8, uncompressed).
+    Utf8(&'static str, String),
+}
+
+impl Meta {
+    pub fn key(&self) -> &'static str {
+        match self {
+            Meta::Ascii(k, _) | Meta::Utf8(k, _) => k,
+        }
+    }
+}
+
+pub fn write_png(path: &Path, rgb: &[u8], w: usize, h: usize, meta: &[Meta]) -> Result<()> {
     let err = |why: String| RunError::Output {
         path: path.display().to_string(),
         why,
@@ -49,9 +64,12 @@ pub fn write_png(
         );
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        for (k, v) in meta {
-            enc.add_text_chunk(k.clone(), v.clone())
-                .map_err(|e| err(e.to_string()))?;
+        for m in meta {
+            match m {
+                Meta::Ascii(k, v) => enc.add_text_chunk(k.to_string(), v.clone()),
+                Meta::Utf8(k, v) => enc.add_itxt_chunk(k.to_string(), v.clone()),
+            }
+            .map_err(|e| err(format!("metadata {}: {e}", m.key())))?;
         }
         let mut wr = enc.write_header().map_err(|e| err(e.to_string()))?;
         wr.write_image_data(rgb).map_err(|e| err(e.to_string()))?;
@@ -60,5 +78,21 @@ pub fn write_png(
     tmp.as_file_mut().flush().map_err(|e| err(e.to_string()))?;
     tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
     tmp.persist(path).map_err(|e| err(e.error.to_string()))?;
+    Ok(())
+}
+
+/// Write `bytes` to `path` atomically (temporary file in the same directory, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".star-run-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }

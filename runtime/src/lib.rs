@@ -1,5 +1,6 @@
 //! star-runtime: executes STAR model directories made by star-export.
 
+pub mod args;
 pub mod bench;
 pub mod image;
 pub mod pipeline;

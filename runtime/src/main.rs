@@ -1,8 +1,9 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use star_engines::backend::BackendOptions;
+use star_runtime::image::Meta;
 use star_runtime::pipeline::{GenParams, Generated, Hooks, Pipeline};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// star-run: generate images from prompts with a STAR model directory (made by star-export).
@@ -14,6 +15,7 @@ use std::process::ExitCode;
     name = "star-run",
     version,
     args_conflicts_with_subcommands = true,
+    allow_negative_numbers = true,
     after_help = "Examples:\n  star-run --prompt \"a red circle on a blue background\" --out red.png\n  star-run --model model/ --prompt \"a cat\" --batch 4 --seed 1 --out-dir cats/\n  star-run replay --model model/ --golden fixtures/tiny-256\n  star-run bench --model model/ --runs 10 --json bench.json\n\nONNX Runtime: set ORT_DYLIB_PATH to libonnxruntime.so (from the PyPI onnxruntime wheel), or run scripts/setup-ort.sh to install it into ./.venv."
 )]
 struct Cli {
@@ -38,16 +40,16 @@ struct ModelArgs {
 
 #[derive(Args, Clone)]
 struct SamplingArgs {
-    /// Classifier-free guidance scale [default: the model's, 4.0 for released models].
-    #[arg(long)]
+    /// Classifier-free guidance scale, a finite number >= 0 (0 = no guidance) [default: the model's, 4.0 for released models].
+    #[arg(long, value_parser = star_runtime::args::cfg)]
     cfg: Option<f64>,
     /// Keep the k most likely tokens (0 = off) [default: the model's].
     #[arg(long)]
     top_k: Option<usize>,
-    /// Nucleus filter (0 = off) [default: the model's].
-    #[arg(long)]
+    /// Nucleus filter, in [0, 1] (0 = off) [default: the model's].
+    #[arg(long, value_parser = star_runtime::args::top_p)]
     top_p: Option<f64>,
-    /// Seed; image i of a call uses seed + i.
+    /// Seed (0 to 2^64-1); image i of a call uses seed + i.
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Plain sampling on every scale even when the model has the stable sampler.
@@ -84,6 +86,7 @@ struct GenArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Replay a golden fixture folder with its recorded token choices and compare every tensor.
+    #[command(allow_negative_numbers = true)]
     Replay {
         #[command(flatten)]
         model: ModelArgs,
@@ -92,6 +95,7 @@ enum Cmd {
         golden: PathBuf,
     },
     /// Latency benchmark: per-stage median/p90/min over repeated generations.
+    #[command(allow_negative_numbers = true)]
     Bench {
         #[command(flatten)]
         model: ModelArgs,
@@ -99,8 +103,9 @@ enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        #[arg(long, default_value_t = 10)]
-        runs: usize,
+        /// Timed generations (at least 1).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -113,7 +118,10 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage_error(e),
+    };
     match run(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -121,6 +129,23 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// --help and --version print as clap renders them; an argument error is one line, exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("bad arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("error: {first} (see --help)");
+    ExitCode::from(2)
 }
 
 fn open(m: &ModelArgs) -> anyhow::Result<(Pipeline, PathBuf)> {
@@ -167,6 +192,9 @@ impl Hooks for Progress {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Some(Cmd::Replay { model, golden }) => {
+            if !golden.is_dir() {
+                anyhow::bail!("--golden {}: no such fixture folder", golden.display());
+            }
             let (mut p, _) = open(&model)?;
             let rep = star_runtime::replay::replay(&mut p, &golden)?;
             print!("{}", rep.table());
@@ -185,14 +213,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sampling,
             no_kv_cache,
         }) => {
+            if let Some(j) = &json {
+                star_runtime::args::check_output_file(j, "--json").map_err(anyhow::Error::msg)?;
+            }
             let (mut p, _) = open(&model)?;
             let mut gp = params(&p, &sampling);
             gp.recompute_past = no_kv_cache;
-            let r = star_runtime::bench::bench(&mut p, &prompt, &gp, warmup, runs, model.threads)?;
+            p.check_params(1, &gp)?;
+            let r = star_runtime::bench::bench(
+                &mut p,
+                &prompt,
+                &gp,
+                warmup,
+                runs as usize,
+                model.threads,
+            )?;
             print!("{}", r.table);
             if let Some(j) = json {
-                std::fs::write(&j, serde_json::to_string_pretty(&r.json)?)
-                    .with_context(|| format!("writing {}", j.display()))?;
+                star_runtime::image::write_atomic(
+                    &j,
+                    serde_json::to_string_pretty(&r.json)?.as_bytes(),
+                )
+                .with_context(|| format!("writing {}", j.display()))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -212,24 +254,30 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.clone(), a.batch))
         .collect();
+    // Where the images go is settled, and checked writable, before the model is opened.
     let outs: Vec<PathBuf> = match (&a.out, &a.out_dir) {
         (Some(_), Some(_)) => anyhow::bail!("give --out or --out-dir, not both"),
-        (Some(o), None) if prompts.len() == 1 => vec![o.clone()],
+        (Some(o), None) if prompts.len() == 1 => {
+            star_runtime::args::check_output_file(o, "--out").map_err(anyhow::Error::msg)?;
+            vec![o.clone()]
+        }
         (Some(_), None) => anyhow::bail!("{} images requested: use --out-dir", prompts.len()),
         (None, Some(d)) => {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            star_runtime::args::check_output_dir(d).map_err(anyhow::Error::msg)?;
             (0..prompts.len())
                 .map(|i| d.join(format!("img_{i:03}.png")))
                 .collect()
         }
-        (None, None) if prompts.len() == 1 => vec![PathBuf::from("star.png")],
-        (None, None) => vec![],
+        (None, None) if prompts.len() == 1 => {
+            let o = PathBuf::from("star.png");
+            star_runtime::args::check_output_file(&o, "--out").map_err(anyhow::Error::msg)?;
+            vec![o]
+        }
+        (None, None) => anyhow::bail!("{} images requested: use --out-dir", prompts.len()),
     };
-    if outs.is_empty() {
-        anyhow::bail!("{} images requested: use --out-dir", prompts.len());
-    }
     let (mut p, dir) = open(&a.model)?;
     let gp = params(&p, &a.sampling);
+    p.check_params(prompts.len(), &gp)?;
     let t = std::time::Instant::now();
     let mut prog = Progress { quiet: a.quiet };
     let Generated { image, truncated } =
@@ -241,24 +289,27 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
     }
     let (h, w) = (image.shape[2], image.shape[3]);
     let m = &p.md.manifest;
+    if let Some(d) = &a.out_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     for (i, out) in outs.iter().enumerate() {
         let rgb = star_runtime::image::to_rgb8(image.as_f32().unwrap(), i, h, w);
         let meta = vec![
-            ("prompt".to_string(), prompts[i].clone()),
-            ("negative_prompt".into(), a.negative_prompt.clone()),
-            (
-                "seed".into(),
+            Meta::Utf8("prompt", prompts[i].clone()),
+            Meta::Utf8("negative_prompt", a.negative_prompt.clone()),
+            Meta::Ascii(
+                "seed",
                 star_runtime::rng::image_seed(gp.seed, i).to_string(),
             ),
-            ("cfg".into(), gp.cfg.to_string()),
-            ("top_k".into(), gp.top_k.to_string()),
-            ("top_p".into(), gp.top_p.to_string()),
-            ("stable_sampling".into(), gp.stable_sampling.to_string()),
-            ("model_hash".into(), m.model_hash.clone()),
-            ("backend".into(), p.md.opts.name.clone()),
-            ("precision".into(), m.precision.clone()),
-            (
-                "software".into(),
+            Meta::Ascii("cfg", gp.cfg.to_string()),
+            Meta::Ascii("top_k", gp.top_k.to_string()),
+            Meta::Ascii("top_p", gp.top_p.to_string()),
+            Meta::Ascii("stable_sampling", gp.stable_sampling.to_string()),
+            Meta::Ascii("model_hash", m.model_hash.clone()),
+            Meta::Ascii("backend", p.md.opts.name.clone()),
+            Meta::Ascii("precision", m.precision.clone()),
+            Meta::Ascii(
+                "software",
                 format!("star-run {}", env!("CARGO_PKG_VERSION")),
             ),
         ];
@@ -307,6 +358,5 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
             parts.join(", ")
         );
     }
-    let _ = Path::new("");
     Ok(ExitCode::SUCCESS)
 }

@@ -80,11 +80,68 @@ impl Pipeline {
     pub fn open(dir: &Path, opts: BackendOptions) -> Result<Pipeline> {
         let md = ModelDir::open(dir, opts)?;
         let tok = Tokenizer::from_dir(&dir.join("tokenizer"))?;
+        let t = &md.manifest.config.text;
+        for (field, manifest, ours) in [
+            ("config.text.bos_id", t.bos_id, crate::tokenizer::BOS),
+            ("config.text.eos_id", t.eos_id, crate::tokenizer::EOS),
+            ("config.text.pad_id", t.pad_id, tok.pad_id()),
+        ] {
+            if manifest != ours {
+                return Err(RunError::Engine(EngineError::Manifest {
+                    path: dir.join(star_engines::manifest::MANIFEST_FILE),
+                    why: format!("{field} = {manifest}, but the tokenizer's is {ours}"),
+                }));
+            }
+        }
         Ok(Pipeline {
             md,
             tok,
             timings: Timings::default(),
         })
+    }
+
+    /// Everything about a request that can be refused without running the model: sampling values
+    /// against the model, and whether the batch's KV cache fits in memory at all.
+    pub fn check_params(&self, images: usize, p: &GenParams) -> Result<()> {
+        let cfg = &self.md.manifest.config;
+        if !p.cfg.is_finite() || p.cfg < 0.0 {
+            return Err(RunError::Invalid(format!(
+                "--cfg {} must be a finite number >= 0",
+                p.cfg
+            )));
+        }
+        if p.top_k > cfg.vocab {
+            return Err(RunError::Invalid(format!(
+                "--top-k {} exceeds the model's vocabulary ({})",
+                p.top_k, cfg.vocab
+            )));
+        }
+        if !(0.0..=1.0).contains(&p.top_p) {
+            return Err(RunError::Invalid(format!(
+                "--top-p {} must be in [0, 1]",
+                p.top_p
+            )));
+        }
+        if images == 0 {
+            return Err(RunError::Invalid("no prompt given".into()));
+        }
+        let sch = &self.md.manifest.schedule;
+        let last = sch.patch_nums.last().map(|p| p * p).unwrap_or(0);
+        // KV cache + the largest scale's logits, both guidance rows: what one generation holds.
+        let need = 4.0
+            * (2 * images) as f64
+            * ((cfg.depth * 2 * cfg.heads * sch.total_tokens * cfg.head_dim) as f64
+                + (last * cfg.vocab) as f64);
+        if let Some(avail) = crate::args::available_memory() {
+            if need > avail as f64 {
+                return Err(RunError::Invalid(format!(
+                    "{images} images need about {:.1} GB for the KV cache and logits alone, more than the {:.1} GB of memory available: use a smaller --batch or fewer prompts",
+                    need / 1e9,
+                    avail as f64 / 1e9
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn run(
@@ -150,18 +207,7 @@ impl Pipeline {
         if b == 0 {
             return Err(RunError::Invalid("no prompt given".into()));
         }
-        if p.top_k > cfg.vocab {
-            return Err(RunError::Invalid(format!(
-                "--top-k {} exceeds the model's vocabulary ({})",
-                p.top_k, cfg.vocab
-            )));
-        }
-        if !(0.0..=1.0).contains(&p.top_p) {
-            return Err(RunError::Invalid(format!(
-                "--top-p {} must be in [0, 1]",
-                p.top_p
-            )));
-        }
+        self.check_params(b, p)?;
         let (v, cv, sn) = (cfg.vocab, cfg.cvae, sch.patch_nums.len());
         let pside = sch.patch_nums[sn - 1];
 

@@ -27,15 +27,31 @@ impl Hooks for ReplayHooks<'_> {
         }
     }
     fn plain_tokens(&mut self, si: usize) -> Option<Vec<i64>> {
-        self.rec
-            .get(&format!("s{si:02}.idx"))
-            .ok()
-            .and_then(|t| t.as_i64().map(|v| v.to_vec()))
+        let t = self.recorded(&format!("s{si:02}.idx"))?;
+        t.as_i64().map(|v| v.to_vec())
     }
     fn substep(&mut self, si: usize, s: usize) -> Option<(Vec<f32>, Vec<i64>)> {
-        let m = self.rec.get(&format!("s{si:02}.u{s:02}.mask_after")).ok()?;
-        let ids = self.rec.get(&format!("s{si:02}.idx")).ok()?;
+        let m = self.recorded(&format!("s{si:02}.u{s:02}.mask_after"))?;
+        let ids = self.recorded(&format!("s{si:02}.idx"))?;
         Some((m.as_f32()?.to_vec(), ids.as_i64()?.to_vec()))
+    }
+}
+
+impl ReplayHooks<'_> {
+    /// A recorded choice to substitute: None when the record does not hold it; a record that
+    /// holds it but cannot be read (or holds non-finite values) is an error, never a silent
+    /// fallback to sampling.
+    fn recorded(&mut self, name: &str) -> Option<star_engines::Tensor> {
+        if !self.rec.has(name) {
+            return None;
+        }
+        match self.rec.input(name) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.err.get_or_insert(e.to_string());
+                None
+            }
+        }
     }
 }
 

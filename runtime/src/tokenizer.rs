@@ -152,6 +152,11 @@ fn whitespace_clean(s: &str) -> String {
 }
 
 impl Tokenizer {
+    /// Id of the pad token (tokenizer_config.json's pad_token).
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id
+    }
+
     /// From a folder with `vocab.json` and `merges.txt` (and optionally `tokenizer_config.json`
     /// naming the pad token).
     pub fn from_dir(dir: &Path) -> Result<Tokenizer, TokenizerError> {

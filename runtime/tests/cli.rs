@@ -231,11 +231,14 @@ fn png_carries_metadata_and_same_seed_gives_same_bytes() {
         (info.width, info.height, info.color_type, info.bit_depth),
         (64, 64, png::ColorType::Rgb, png::BitDepth::Eight)
     );
-    let text: std::collections::HashMap<_, _> = info
+    let mut text: std::collections::HashMap<_, _> = info
         .uncompressed_latin1_text
         .iter()
         .map(|t| (t.keyword.clone(), t.text.clone()))
         .collect();
+    for t in &info.utf8_text {
+        text.insert(t.keyword.clone(), t.get_text().unwrap());
+    }
     assert_eq!(text["prompt"], "a white circle on a red background");
     assert_eq!(text["seed"], "3");
     assert_eq!(text["cfg"], "3");
@@ -289,4 +292,173 @@ fn help_texts() {
         assert_eq!(o.code, 0);
         insta::assert_snapshot!(name, o.stdout);
     }
+}
+
+/// Every tEXt and iTXt field of a PNG file.
+fn png_text(path: &Path) -> std::collections::HashMap<String, (String, &'static str)> {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let r = dec.read_info().unwrap();
+    let info = r.info();
+    let mut m = std::collections::HashMap::new();
+    for t in &info.uncompressed_latin1_text {
+        m.insert(t.keyword.clone(), (t.text.clone(), "tEXt"));
+    }
+    for t in &info.utf8_text {
+        m.insert(t.keyword.clone(), (t.get_text().unwrap(), "iTXt"));
+    }
+    m
+}
+
+#[test]
+fn non_latin1_prompts_round_trip_through_utf8_metadata() {
+    let t = tempfile::tempdir().unwrap();
+    let png = t.path().join("cat.png");
+    let prompt = "一只红色的猫 “quoted” ☕ 🐱 — ‘single’";
+    let negative = "ぼやけた 😶‍🌫️";
+    let o = star_run(
+        &[
+            "--prompt",
+            prompt,
+            "--negative-prompt",
+            negative,
+            "--out",
+            png.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let text = png_text(&png);
+    assert_eq!(text["prompt"], (prompt.to_string(), "iTXt"));
+    assert_eq!(text["negative_prompt"], (negative.to_string(), "iTXt"));
+    assert_eq!(text["prompt"].0.as_bytes(), prompt.as_bytes());
+    assert_eq!(text["seed"], ("42".to_string(), "tEXt"));
+}
+
+#[test]
+fn manifest_that_disagrees_with_its_graphs_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let m = copy_demo(t.path());
+    let p = m.join("manifest.json");
+    let orig = std::fs::read_to_string(&p).unwrap();
+    for (from, to, needle) in [
+        ("\"depth\": 4", "\"depth\": 5", "config.depth"),
+        (
+            "\"patch_nums\": [\n      1,\n      2,\n      3,\n      4\n    ]",
+            "\"patch_nums\": [\n      1,\n      2,\n      3,\n      5\n    ]",
+            "schedule",
+        ),
+        (
+            "\"total_tokens\": 30",
+            "\"total_tokens\": 29",
+            "schedule.total_tokens",
+        ),
+        (
+            "\"dtype\": \"float32\"",
+            "\"dtype\": \"float32x\"",
+            "float32x",
+        ),
+        ("\"layers\": 2", "\"layers\": 3", "config.text.layers"),
+    ] {
+        assert!(orig.contains(from), "{from} not in the demo manifest");
+        std::fs::write(&p, orig.replacen(from, to, 1)).unwrap();
+        expect_error(&m, &[], &[], needle);
+    }
+}
+
+/// An argument error comes before the model is even looked at: with a model directory that does
+/// not exist, the error is still about the argument.
+fn expect_arg_error(args: &[&str], needle: &str) {
+    let t = tempfile::tempdir().unwrap();
+    let model = ["--model", "/nonexistent/model"];
+    let all: Vec<&str> = match args.first() {
+        Some(&sub) if sub == "bench" || sub == "replay" => std::iter::once(sub)
+            .chain(model)
+            .chain(args[1..].iter().copied())
+            .collect(),
+        _ => model.iter().chain(args).copied().collect(),
+    };
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_star-run"))
+        .args(&all)
+        .current_dir(t.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: '{needle}' not in {stderr}"
+    );
+    assert!(
+        !stderr.contains("no such model directory"),
+        "{args:?}: the model was opened before the argument was checked: {stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(t.path()).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{args:?}: left behind {left:?}");
+}
+
+#[test]
+fn bad_arguments_are_refused_before_any_model_work() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().to_str().unwrap().to_string();
+    let file = t.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let file = file.to_str().unwrap().to_string();
+    let p = ["--prompt", "a red circle"];
+    let with =
+        |extra: &[&str]| -> Vec<String> { p.iter().chain(extra).map(|s| s.to_string()).collect() };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (with(&["--cfg", "NaN"]), "not finite"),
+        (with(&["--cfg", "inf"]), "not finite"),
+        (with(&["--cfg", "-5"]), "negative"),
+        (with(&["--cfg", "abc"]), "not a number"),
+        (with(&["--seed", "-1"]), "--seed"),
+        (with(&["--top-p", "1.5"]), "[0, 1]"),
+        (with(&["--top-p", "NaN"]), "[0, 1]"),
+        (with(&["--top-k", "-3"]), "--top-k"),
+        (with(&["--batch", "0"]), "--batch must be at least 1"),
+        (with(&["--out", &dir]), "is a directory"),
+        (with(&["--out", "/nonexistent/dir/x.png"]), "does not exist"),
+        (with(&["--out-dir", &file]), "not a directory"),
+        (with(&["--out", "a.png", "--out-dir", "d"]), "not both"),
+        (vec![], "--prompt"),
+        (with(&["--no-such-flag"]), "--no-such-flag"),
+    ];
+    for (args, needle) in cases {
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        expect_arg_error(&a, needle);
+    }
+    // Subcommands too.
+    expect_arg_error(&["bench", "--runs", "0"], "--runs");
+    expect_arg_error(&["bench", "--json", &dir], "is a directory");
+    expect_arg_error(&["bench", "--cfg", "-1"], "negative");
+    expect_arg_error(
+        &["replay", "--golden", "/nonexistent/fixture"],
+        "no such fixture folder",
+    );
+}
+
+#[test]
+fn out_dir_is_created_only_when_images_are_written() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("new/imgs");
+    // Refused after the directory check (top-k exceeds the vocabulary): nothing is created.
+    let o = star_run(
+        &[
+            "--prompt",
+            "x",
+            "--top-k",
+            "100000",
+            "--out-dir",
+            d.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        !t.path().join("new").exists(),
+        "--out-dir was created for a refused run"
+    );
 }

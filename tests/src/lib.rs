@@ -38,6 +38,7 @@ pub fn export_fixture(
         top_k: None,
         top_p: None,
         quiet: true,
+        allow_nonfinite: false,
     };
     star_export::export::export(&a).expect("export")
 }
@@ -66,5 +67,75 @@ print(f'{len(files)} graphs pass onnx.checker (full_check)')
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Where the official demo files (`star_demo_transformer.pth`, `vqvae.pth`, the CLIP folder) are
+/// for the provenance test, decided from STAR_DEMO_DIR, CI and the default `../shared/demo`:
+/// - STAR_DEMO_DIR set: it must hold them (asked for explicitly);
+/// - otherwise the default location if it holds them;
+/// - otherwise, under CI (CI set and not "false"/"0"), an error: CI always has ../shared, so a
+///   missing copy there is a broken setup, not a fresh clone;
+/// - otherwise Ok(None): a user's clone with nothing beside it, the check is skipped with a notice.
+pub fn official_demo_dir(
+    star_demo_dir: Option<&str>,
+    ci: Option<&str>,
+    default: &Path,
+) -> Result<Option<PathBuf>, String> {
+    let has =
+        |d: &Path| d.join("star_demo_transformer.pth").is_file() && d.join("vqvae.pth").is_file();
+    if let Some(d) = star_demo_dir.filter(|d| !d.is_empty()) {
+        let d = PathBuf::from(d);
+        return if has(&d) {
+            Ok(Some(d))
+        } else {
+            Err(format!(
+                "STAR_DEMO_DIR={} does not hold the official demo files",
+                d.display()
+            ))
+        };
+    }
+    if has(default) {
+        return Ok(Some(default.to_path_buf()));
+    }
+    let under_ci = ci.is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
+    if under_ci {
+        return Err(format!(
+            "CI is set but the official demo files are not at {} (CI lays shared/ beside the clone)",
+            default.display()
+        ));
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provenance_source_rules() {
+        let empty = tempfile::tempdir().unwrap();
+        let full = tempfile::tempdir().unwrap();
+        for f in ["star_demo_transformer.pth", "vqvae.pth"] {
+            std::fs::write(full.path().join(f), b"").unwrap();
+        }
+        let (e, f) = (empty.path(), full.path());
+        // A fresh clone: nothing beside it, not CI.
+        assert_eq!(official_demo_dir(None, None, e), Ok(None));
+        assert_eq!(official_demo_dir(None, Some("false"), e), Ok(None));
+        // CI must have them.
+        assert!(official_demo_dir(None, Some("true"), e).is_err());
+        assert!(official_demo_dir(None, Some("1"), e).is_err());
+        // Found where they are.
+        assert_eq!(
+            official_demo_dir(None, Some("true"), f),
+            Ok(Some(f.to_path_buf()))
+        );
+        assert_eq!(
+            official_demo_dir(f.to_str(), None, e),
+            Ok(Some(f.to_path_buf()))
+        );
+        // An explicit STAR_DEMO_DIR that lacks them is an error even outside CI.
+        assert!(official_demo_dir(e.to_str(), None, f).is_err());
     }
 }

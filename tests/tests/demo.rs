@@ -225,17 +225,29 @@ fn embedded_demo_graphs_pass_the_onnx_checker() {
 }
 
 /// The embedded model is exactly what star-export makes of the official demo files (../shared/demo,
-/// or STAR_DEMO_DIR), so it can never drift from the exporter.
+/// or STAR_DEMO_DIR), so it can never drift from the exporter. A clone with nothing beside it
+/// (and not under CI) skips the check with a notice; CI must have the files.
 #[test]
 fn embedded_demo_is_the_export_of_the_official_files() {
-    let src = std::env::var("STAR_DEMO_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| star_tests::root().join("../shared/demo"));
-    assert!(
-        src.join("star_demo_transformer.pth").is_file(),
-        "official demo files not found at {} (set STAR_DEMO_DIR)",
-        src.display()
-    );
+    let default = star_tests::root().join("../shared/demo");
+    let src = match star_tests::official_demo_dir(
+        std::env::var("STAR_DEMO_DIR").ok().as_deref(),
+        std::env::var("CI").ok().as_deref(),
+        &default,
+    ) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            // Straight to stderr: libtest captures only the print macros, and this notice must show.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "notice: provenance of assets/demo-model not checked: the official demo files are not at {} (set STAR_DEMO_DIR to check it)",
+                default.display()
+            );
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let a = star_export::export::ExportArgs {
@@ -251,6 +263,7 @@ fn embedded_demo_is_the_export_of_the_official_files() {
         top_k: Some(64),
         top_p: Some(0.9),
         quiet: true,
+        allow_nonfinite: false,
     };
     let m = star_export::export::export(&a).expect("export of the official demo");
     assert_eq!(m.config.text_width, 128);

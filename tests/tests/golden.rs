@@ -190,3 +190,43 @@ fn sessions_share_one_copy_of_the_weights() {
     assert_eq!(bytes, names.values().sum::<usize>());
     assert!(bytes as u64 <= std::fs::metadata(out.join("weights.bin")).unwrap().len());
 }
+
+/// Overwrite the first element of an f32 tensor of a .safetensors file in place.
+fn poison_first_f32(file: &std::path::Path, name: &str, value: f32) {
+    let mut b = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let e = &header[name];
+    assert_eq!(e["dtype"], "F32", "{name} is not F32");
+    let at = 8 + n + e["data_offsets"][0].as_u64().unwrap() as usize;
+    b[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(file, b).unwrap();
+}
+
+/// A recorded tensor that validate feeds to a stage must be finite; a damaged record is refused
+/// with the tensor named, not compared into a meaningless pass or fail.
+#[test]
+fn validate_refuses_a_non_finite_recorded_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    export_fixture("tiny-256", 256, &out);
+    let golden = tmp.path().join("fixtures/tiny-256");
+    std::fs::create_dir_all(&golden).unwrap();
+    for e in std::fs::read_dir(fixtures().join("tiny-256"))
+        .unwrap()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with("gen_") {
+            std::fs::copy(e.path(), golden.join(e.file_name())).unwrap();
+        }
+    }
+    poison_first_f32(&golden.join("gen_b1.safetensors"), "text.hidden", f32::NAN);
+    let e = star_export::validate::validate(&out, &golden, BackendOptions::default())
+        .err()
+        .expect("a NaN input was accepted")
+        .to_string();
+    assert!(
+        e.contains("tensor 'text.hidden' holds a non-finite value (NaN at flat index 0)"),
+        "{e}"
+    );
+}

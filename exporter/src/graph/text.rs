@@ -26,7 +26,7 @@ pub fn text_encoder(g: &mut G, t: &Src, tc: &TextConfig) -> Result<()> {
     // gathered rows are cast to f32, which is exact.
     let tok_name = "embeddings.token_embedding.weight";
     t.w.check(tok_name, &[tc.vocab, d])?;
-    let x = match t.w.ckpt.read_f16_bits(&t.w.key(tok_name)) {
+    let x = match t.w.ckpt.read_f16_bits(&t.w.key(tok_name))? {
         Some(bits) => {
             let tok = g.weight_f16(&t.key(tok_name), &[tc.vocab, d], || Ok(bits))?;
             let x = g.op("Gather", &[&tok, &ids], vec![]);

@@ -1,0 +1,836 @@
+//! What a model directory must satisfy before anything runs: the manifest agrees with itself
+//! (config relations, the schedule derived again from its scale sides, sampling defaults, file
+//! names, model hash), with the I/O contract of every stage below, and with the I/O its graph
+//! files declare. A hand-edited or damaged manifest is refused here with the field it got wrong,
+//! instead of panicking (or computing garbage) in the middle of a generation.
+
+use crate::error::{EngineError, Result};
+use crate::manifest::{GraphEntry, IoSpec, Manifest, ModelConfig, Schedule, MANIFEST_FILE};
+use crate::onnx::{self, Dim};
+use std::path::{Component, Path};
+
+/// Text sequence length of the CLIP encoder (fixed by the release).
+pub const TEXT_LEN: usize = 77;
+
+/// One dimension of the contract: fixed, with the manifest field it comes from, or symbolic.
+#[derive(Clone, Debug)]
+enum Exp {
+    Fixed(usize, &'static str),
+    Sym(&'static str),
+}
+
+struct Port {
+    name: &'static str,
+    dtype: &'static str,
+    dims: Vec<Exp>,
+}
+
+fn port(name: &'static str, dtype: &'static str, dims: Vec<Exp>) -> Port {
+    Port { name, dtype, dims }
+}
+
+/// The inputs and outputs every graph of a stage must have, from config and schedule alone.
+/// None for a (stage, scale) that a model directory does not contain.
+fn contract(
+    stage: &str,
+    scale: Option<usize>,
+    c: &ModelConfig,
+    s: &Schedule,
+) -> Option<(Vec<Port>, Vec<Port>)> {
+    use Exp::{Fixed as F, Sym as S};
+    const F32: &str = "float32";
+    const I64: &str = "int64";
+    let sn = s.patch_nums.len();
+    let kv = |rows: &'static str, len: Exp| {
+        vec![
+            F(c.depth, "config.depth"),
+            F(2, "2 (K and V)"),
+            S(rows),
+            F(c.heads, "config.heads"),
+            len,
+            F(c.head_dim, "config.head_dim"),
+        ]
+    };
+    let text_kv = || {
+        [
+            port("text_kv", F32, kv("B", F(TEXT_LEN, "77 text tokens"))),
+            port(
+                "text_bias",
+                F32,
+                vec![S("B"), F(1, "1"), F(1, "1"), F(TEXT_LEN, "77 text tokens")],
+            ),
+        ]
+    };
+    let side = s.patch_nums.last().copied().unwrap_or(0);
+    let f_hat = || {
+        vec![
+            S("B"),
+            F(c.cvae, "config.cvae"),
+            F(side, "schedule.patch_nums (last)"),
+            F(side, "schedule.patch_nums (last)"),
+        ]
+    };
+    let n_of = |si: usize| s.patch_nums[si] * s.patch_nums[si];
+    Some(match (stage, scale) {
+        ("text_encoder", None) => (
+            vec![
+                port(
+                    "input_ids",
+                    I64,
+                    vec![S("N"), F(TEXT_LEN, "77 text tokens")],
+                ),
+                port(
+                    "attention_mask",
+                    I64,
+                    vec![S("N"), F(TEXT_LEN, "77 text tokens")],
+                ),
+            ],
+            vec![
+                port(
+                    "hidden",
+                    F32,
+                    vec![
+                        S("N"),
+                        F(TEXT_LEN, "77 text tokens"),
+                        F(c.text.width, "config.text.width"),
+                    ],
+                ),
+                port(
+                    "pooled",
+                    F32,
+                    vec![S("N"), F(c.text.width, "config.text.width")],
+                ),
+            ],
+        ),
+        ("text_kv", None) => (
+            vec![
+                port(
+                    "hidden",
+                    F32,
+                    vec![
+                        S("B"),
+                        F(TEXT_LEN, "77 text tokens"),
+                        F(c.text_width, "config.text_width"),
+                    ],
+                ),
+                port(
+                    "attention_mask",
+                    I64,
+                    vec![S("B"), F(TEXT_LEN, "77 text tokens")],
+                ),
+            ],
+            text_kv().into(),
+        ),
+        ("step", Some(si)) if si < sn => {
+            let n = n_of(si);
+            let mut ins = if si == 0 {
+                vec![port(
+                    "pooled",
+                    F32,
+                    vec![S("B2"), F(c.text_width, "config.text_width")],
+                )]
+            } else {
+                vec![
+                    port(
+                        "next_in",
+                        F32,
+                        vec![
+                            S("B"),
+                            F(n, "schedule.patch_nums (tokens)"),
+                            F(c.cvae, "config.cvae"),
+                        ],
+                    ),
+                    port(
+                        "kv_cache",
+                        F32,
+                        kv("B2", F(s.total_tokens, "schedule.total_tokens")),
+                    ),
+                ]
+            };
+            ins.extend(text_kv());
+            (
+                ins,
+                vec![
+                    port(
+                        "kv_new",
+                        F32,
+                        kv("B2", F(n, "schedule.patch_nums (tokens)")),
+                    ),
+                    port(
+                        "hidden",
+                        F32,
+                        vec![
+                            S("B2"),
+                            F(n, "schedule.patch_nums (tokens)"),
+                            F(c.width, "config.width"),
+                        ],
+                    ),
+                    port(
+                        "logits",
+                        F32,
+                        vec![
+                            S("B2"),
+                            F(n, "schedule.patch_nums (tokens)"),
+                            F(c.vocab, "config.vocab"),
+                        ],
+                    ),
+                ],
+            )
+        }
+        ("sampler", Some(si)) if si < sn && !s.substeps[si].is_empty() && c.sampler_blocks > 0 => {
+            let n = n_of(si);
+            let tok = || F(n, "schedule.patch_nums (tokens)");
+            (
+                vec![
+                    port(
+                        "hidden",
+                        F32,
+                        vec![S("B2"), tok(), F(c.width, "config.width")],
+                    ),
+                    port(
+                        "pooled",
+                        F32,
+                        vec![S("B2"), F(c.text_width, "config.text_width")],
+                    ),
+                    port("idx", I64, vec![S("B"), tok()]),
+                    port("mask", F32, vec![S("B"), tok()]),
+                ],
+                vec![port(
+                    "logits",
+                    F32,
+                    vec![S("B2"), tok(), F(c.vocab, "config.vocab")],
+                )],
+            )
+        }
+        ("vq", Some(si)) if si < sn => {
+            let mut outs = vec![port("f_hat_out", F32, f_hat())];
+            if si + 1 < sn {
+                outs.push(port(
+                    "next_in",
+                    F32,
+                    vec![
+                        S("B"),
+                        F(n_of(si + 1), "schedule.patch_nums (tokens)"),
+                        F(c.cvae, "config.cvae"),
+                    ],
+                ));
+            }
+            (
+                vec![
+                    port(
+                        "idx",
+                        I64,
+                        vec![S("B"), F(n_of(si), "schedule.patch_nums (tokens)")],
+                    ),
+                    port("f_hat", F32, f_hat()),
+                ],
+                outs,
+            )
+        }
+        ("decoder", None) => {
+            let px = F(s.image_size, "schedule.image_size");
+            (
+                vec![port("f_hat", F32, f_hat())],
+                vec![
+                    port(
+                        "image_raw",
+                        F32,
+                        vec![S("B"), F(3, "3 (RGB)"), px.clone(), px.clone()],
+                    ),
+                    port("image", F32, vec![S("B"), F(3, "3 (RGB)"), px.clone(), px]),
+                ],
+            )
+        }
+        _ => return None,
+    })
+}
+
+/// Every (stage, scale) a model directory with this config and schedule must contain, in the
+/// order star-export writes them.
+pub fn required_graphs(c: &ModelConfig, s: &Schedule) -> Vec<(&'static str, Option<usize>)> {
+    let mut v: Vec<(&'static str, Option<usize>)> = vec![("text_encoder", None), ("text_kv", None)];
+    for si in 0..s.patch_nums.len() {
+        v.push(("step", Some(si)));
+        if !s.substeps[si].is_empty() && c.sampler_blocks > 0 {
+            v.push(("sampler", Some(si)));
+        }
+        v.push(("vq", Some(si)));
+    }
+    v.push(("decoder", None));
+    v
+}
+
+/// The contract's I/O of one graph as manifest entries (what star-export must declare).
+pub fn expected_io(
+    stage: &str,
+    scale: Option<usize>,
+    c: &ModelConfig,
+    s: &Schedule,
+) -> Option<(Vec<IoSpec>, Vec<IoSpec>)> {
+    let conv = |ps: Vec<Port>| {
+        ps.into_iter()
+            .map(|p| IoSpec {
+                name: p.name.into(),
+                dtype: p.dtype.into(),
+                shape: p
+                    .dims
+                    .iter()
+                    .map(|d| match d {
+                        Exp::Fixed(v, _) => Dim::Fixed(*v as i64),
+                        Exp::Sym(s) => Dim::Sym(s.to_string()),
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
+    contract(stage, scale, c, s).map(|(i, o)| (conv(i), conv(o)))
+}
+
+fn label(g: &GraphEntry) -> String {
+    match g.scale {
+        Some(s) => format!("{} (stage {} scale {s})", g.file, g.stage),
+        None => format!("{} (stage {})", g.file, g.stage),
+    }
+}
+
+fn show(d: &[Dim]) -> String {
+    let v: Vec<String> = d
+        .iter()
+        .map(|x| match x {
+            Dim::Fixed(v) => v.to_string(),
+            Dim::Sym(s) => s.clone(),
+        })
+        .collect();
+    format!("[{}]", v.join(", "))
+}
+
+/// Compare the manifest's declared ports of one graph with the contract, naming the field.
+fn match_ports(
+    g: &GraphEntry,
+    kind: &str,
+    got: &[IoSpec],
+    want: &[Port],
+) -> std::result::Result<(), String> {
+    let names = |v: &[IoSpec]| v.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+    let want_names: Vec<String> = want.iter().map(|p| p.name.to_string()).collect();
+    if names(got) != want_names {
+        return Err(format!(
+            "graphs: {} lists {kind}s {:?}, the stage's contract is {:?}",
+            label(g),
+            names(got),
+            want_names
+        ));
+    }
+    for (p, w) in got.iter().zip(want) {
+        if p.dtype != w.dtype {
+            return Err(format!(
+                "graphs: {} {kind} {} has dtype '{}', expected '{}'",
+                label(g),
+                p.name,
+                p.dtype,
+                w.dtype
+            ));
+        }
+        if p.shape.len() != w.dims.len() {
+            return Err(format!(
+                "graphs: {} {kind} {} has shape {} of rank {}, expected rank {}",
+                label(g),
+                p.name,
+                show(&p.shape),
+                p.shape.len(),
+                w.dims.len()
+            ));
+        }
+        for (k, (d, e)) in p.shape.iter().zip(&w.dims).enumerate() {
+            match (d, e) {
+                (Dim::Fixed(v), Exp::Fixed(x, _)) if *v >= 0 && *v as usize == *x => {}
+                (Dim::Sym(a), Exp::Sym(b)) if a == b => {}
+                (_, Exp::Fixed(x, field)) => {
+                    return Err(format!(
+                        "{field} gives {x} but {} {kind} {} has {} at dim {k} (shape {}): the manifest disagrees with its graphs",
+                        label(g),
+                        p.name,
+                        show(std::slice::from_ref(d)).trim_matches(['[', ']']),
+                        show(&p.shape)
+                    ))
+                }
+                (_, Exp::Sym(b)) => {
+                    return Err(format!(
+                        "graphs: {} {kind} {} dim {k} is {}, expected the dynamic dimension '{b}'",
+                        label(g),
+                        p.name,
+                        show(std::slice::from_ref(d)).trim_matches(['[', ']'])
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A path inside the model directory: relative, no `..`, no root.
+fn inside(file: &str) -> bool {
+    let p = Path::new(file);
+    !file.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// The manifest agrees with itself and with the stage contract. `dir` only names the file in
+/// errors; nothing is read.
+pub fn check_manifest(m: &Manifest, dir: &Path) -> Result<()> {
+    check_manifest_why(m).map_err(|why| EngineError::Manifest {
+        path: dir.join(MANIFEST_FILE),
+        why,
+    })
+}
+
+fn check_manifest_why(m: &Manifest) -> std::result::Result<(), String> {
+    let c = &m.config;
+    let s = &m.schedule;
+    const PRECISIONS: &[&str] = &["fp32", "fp16", "int8"];
+    if !PRECISIONS.contains(&m.precision.as_str()) {
+        return Err(format!(
+            "precision '{}' is not one of {PRECISIONS:?}",
+            m.precision
+        ));
+    }
+    if m.opset != onnx::OPSET {
+        return Err(format!(
+            "opset {} (this build writes and reads opset {})",
+            m.opset,
+            onnx::OPSET
+        ));
+    }
+    // Sizes: positive, and small enough that no product below can overflow.
+    let sizes: [(&str, usize); 13] = [
+        ("config.depth", c.depth),
+        ("config.width", c.width),
+        ("config.heads", c.heads),
+        ("config.head_dim", c.head_dim),
+        ("config.vocab", c.vocab),
+        ("config.cvae", c.cvae),
+        ("config.text_width", c.text_width),
+        ("config.text.width", c.text.width),
+        ("config.text.layers", c.text.layers),
+        ("config.text.heads", c.text.heads),
+        ("config.text.mlp", c.text.mlp),
+        ("config.text.vocab", c.text.vocab),
+        ("config.vq.phi_count", c.vq.phi_count),
+    ];
+    for (field, v) in sizes {
+        if v == 0 || v > 1 << 24 {
+            return Err(format!("{field} = {v} is not a plausible size"));
+        }
+    }
+    if c.heads * c.head_dim != c.width {
+        return Err(format!(
+            "config.width = {} but config.heads x config.head_dim = {} x {} = {}",
+            c.width,
+            c.heads,
+            c.head_dim,
+            c.heads * c.head_dim
+        ));
+    }
+    if !c.text.width.is_multiple_of(c.text.heads) {
+        return Err(format!(
+            "config.text.width = {} is not a multiple of config.text.heads = {}",
+            c.text.width, c.text.heads
+        ));
+    }
+    if c.text_width != c.text.width {
+        return Err(format!(
+            "config.text_width = {} but config.text.width = {}",
+            c.text_width, c.text.width
+        ));
+    }
+    if c.vq.vocab != c.vocab {
+        return Err(format!(
+            "config.vq.vocab = {} but config.vocab = {}",
+            c.vq.vocab, c.vocab
+        ));
+    }
+    if c.vq.cvae != c.cvae {
+        return Err(format!(
+            "config.vq.cvae = {} but config.cvae = {}",
+            c.vq.cvae, c.cvae
+        ));
+    }
+    if c.vq.decoder_widths.is_empty() || c.vq.decoder_widths.contains(&0) {
+        return Err(format!(
+            "config.vq.decoder_widths = {:?} is not a list of positive widths",
+            c.vq.decoder_widths
+        ));
+    }
+    if !["gelu", "quick_gelu"].contains(&c.text.act.as_str()) {
+        return Err(format!(
+            "config.text.act = '{}' (expected gelu or quick_gelu)",
+            c.text.act
+        ));
+    }
+    if !(c.text.eps.is_finite() && c.text.eps > 0.0 && c.text.eps < 1.0) {
+        return Err(format!(
+            "config.text.eps = {} is not a plausible epsilon",
+            c.text.eps
+        ));
+    }
+    if c.text.max_positions < TEXT_LEN {
+        return Err(format!(
+            "config.text.max_positions = {} is below the {TEXT_LEN} text tokens",
+            c.text.max_positions
+        ));
+    }
+    for (field, id) in [
+        ("config.text.eos_id", c.text.eos_id),
+        ("config.text.bos_id", c.text.bos_id),
+        ("config.text.pad_id", c.text.pad_id),
+    ] {
+        if id < 0 || id as usize >= c.text.vocab {
+            return Err(format!(
+                "{field} = {id} is outside the text vocabulary (config.text.vocab = {})",
+                c.text.vocab
+            ));
+        }
+    }
+    // The schedule is a function of the scale sides: derive it again, compare field by field.
+    let want = crate::schedule::derive(&s.patch_nums, c.vq.phi_count, c.sampler_blocks > 0)
+        .map_err(|e| format!("schedule.patch_nums: {e}"))?;
+    let fields: [(&str, bool, String, String); 5] = [
+        (
+            "schedule.image_size",
+            s.image_size == want.image_size,
+            s.image_size.to_string(),
+            want.image_size.to_string(),
+        ),
+        (
+            "schedule.total_tokens",
+            s.total_tokens == want.total_tokens,
+            s.total_tokens.to_string(),
+            want.total_tokens.to_string(),
+        ),
+        (
+            "schedule.begin_end",
+            s.begin_end == want.begin_end,
+            format!("{:?}", s.begin_end),
+            format!("{:?}", want.begin_end),
+        ),
+        (
+            "schedule.phi_index",
+            s.phi_index == want.phi_index,
+            format!("{:?}", s.phi_index),
+            format!("{:?}", want.phi_index),
+        ),
+        (
+            "schedule.substeps",
+            s.substeps == want.substeps,
+            format!("{:?}", s.substeps),
+            format!("{:?}", want.substeps),
+        ),
+    ];
+    for (field, ok, got, exp) in fields {
+        if !ok {
+            return Err(format!(
+                "{field} = {got}, but schedule.patch_nums {:?} gives {exp}",
+                s.patch_nums
+            ));
+        }
+    }
+    let d = &m.sampling_defaults;
+    if !(d.cfg.is_finite() && d.cfg >= 0.0) {
+        return Err(format!(
+            "sampling_defaults.cfg = {} must be a finite number >= 0",
+            d.cfg
+        ));
+    }
+    if d.top_k > c.vocab {
+        return Err(format!(
+            "sampling_defaults.top_k = {} exceeds config.vocab = {}",
+            d.top_k, c.vocab
+        ));
+    }
+    if !(0.0..=1.0).contains(&d.top_p) {
+        return Err(format!(
+            "sampling_defaults.top_p = {} must be in [0, 1]",
+            d.top_p
+        ));
+    }
+    for f in &m.files {
+        if !inside(&f.file) {
+            return Err(format!(
+                "files: '{}' is not a path inside the model directory",
+                f.file
+            ));
+        }
+    }
+    // Graphs: exactly the required set, each matching its contract.
+    let required = required_graphs(c, s);
+    for (i, g) in m.graphs.iter().enumerate() {
+        if !inside(&g.file) || g.file.contains('/') {
+            return Err(format!(
+                "graphs[{i}].file '{}' is not a file name inside the model directory",
+                g.file
+            ));
+        }
+        if !required
+            .iter()
+            .any(|(st, sc)| *st == g.stage && *sc == g.scale)
+        {
+            return Err(format!(
+                "graphs[{i}]: stage '{}'{} is not part of this model (config and schedule call for {} graphs)",
+                g.stage,
+                g.scale.map(|s| format!(" scale {s}")).unwrap_or_default(),
+                required.len()
+            ));
+        }
+        if m.graphs[..i]
+            .iter()
+            .any(|h| h.stage == g.stage && h.scale == g.scale)
+        {
+            return Err(format!("graphs[{i}]: {} is listed twice", label(g)));
+        }
+    }
+    for (st, sc) in &required {
+        let Some(g) = m.graph(st, *sc) else {
+            return Err(format!(
+                "graphs: no graph for stage '{st}'{}",
+                sc.map(|s| format!(" scale {s}")).unwrap_or_default()
+            ));
+        };
+        let (ins, outs) = contract(st, *sc, c, s).expect("required graphs have a contract");
+        match_ports(g, "input", &g.inputs, &ins)?;
+        match_ports(g, "output", &g.outputs, &outs)?;
+    }
+    let hash = model_hash(m);
+    if hash != m.model_hash {
+        return Err(format!(
+            "model_hash = '{}', but the listed file hashes give '{hash}'",
+            m.model_hash
+        ));
+    }
+    Ok(())
+}
+
+/// sha256 over every file hash then every graph hash, first 16 hex digits: names the model.
+pub fn model_hash(m: &Manifest) -> String {
+    let mut h = String::new();
+    for f in &m.files {
+        h.push_str(&f.sha256);
+    }
+    for g in &m.graphs {
+        h.push_str(&g.sha256);
+    }
+    crate::manifest::sha256_bytes(h.as_bytes())[..16].to_string()
+}
+
+/// The distinct indices `i` of initializers named `{prefix}{i}.{rest}`.
+fn indices(inits: &[(String, Vec<i64>)], prefix: &str) -> std::collections::BTreeSet<usize> {
+    inits
+        .iter()
+        .filter_map(|(n, _)| n.strip_prefix(prefix))
+        .filter_map(|r| r.split('.').next()?.parse().ok())
+        .collect()
+}
+
+/// Dimensions of the initializer `name` (also stored transposed, as `name^T`, with its dims
+/// swapped back).
+fn dims_of(inits: &[(String, Vec<i64>)], name: &str) -> Option<Vec<i64>> {
+    inits.iter().find_map(|(n, d)| {
+        if n == name {
+            Some(d.clone())
+        } else if n.strip_suffix("^T") == Some(name) {
+            Some(d.iter().rev().copied().collect())
+        } else {
+            None
+        }
+    })
+}
+
+/// Fields of the config that no graph input or output shows, checked against the weights and
+/// attributes inside the graphs that use them. (The text encoder's head count is baked into
+/// reshape constants and is only checked to divide its width.)
+fn check_graph_weights(
+    g: &GraphEntry,
+    model: &onnx::ModelProto,
+    c: &ModelConfig,
+) -> std::result::Result<(), String> {
+    let graph = match &model.graph {
+        Some(g) => g,
+        None => return Ok(()),
+    };
+    let inits: Vec<(String, Vec<i64>)> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.dims.clone()))
+        .collect();
+    let mismatch = |field: &str, value: String, graph_has: String| {
+        Err(format!(
+            "{field} = {value} but {} has {graph_has}: the manifest disagrees with its graphs",
+            g.file
+        ))
+    };
+    let first = |d: &Option<Vec<i64>>| d.as_ref().and_then(|d| d.first().copied());
+    match g.stage.as_str() {
+        "text_encoder" => {
+            const L: &str = "clip/text_model.";
+            let layers = indices(&inits, &format!("{L}encoder.layers.")).len();
+            if layers != c.text.layers {
+                return mismatch(
+                    "config.text.layers",
+                    c.text.layers.to_string(),
+                    format!("{layers} layers"),
+                );
+            }
+            let fc1 = dims_of(&inits, &format!("{L}encoder.layers.0.mlp.fc1.weight"));
+            if fc1.is_some() && first(&fc1) != Some(c.text.mlp as i64) {
+                return mismatch(
+                    "config.text.mlp",
+                    c.text.mlp.to_string(),
+                    format!("an MLP of width {}", first(&fc1).unwrap_or(0)),
+                );
+            }
+            for (field, v, name) in [
+                (
+                    "config.text.vocab",
+                    c.text.vocab,
+                    "embeddings.token_embedding.weight",
+                ),
+                (
+                    "config.text.max_positions",
+                    c.text.max_positions,
+                    "embeddings.position_embedding.weight",
+                ),
+            ] {
+                let d = dims_of(&inits, &format!("{L}{name}"));
+                if d.is_some() && first(&d) != Some(v as i64) {
+                    return mismatch(
+                        field,
+                        v.to_string(),
+                        format!("{name} of {} rows", first(&d).unwrap_or(0)),
+                    );
+                }
+            }
+            let erf = graph.node.iter().any(|n| n.op_type == "Erf");
+            if erf != (c.text.act == "gelu") {
+                return mismatch(
+                    "config.text.act",
+                    format!("'{}'", c.text.act),
+                    if erf { "an erf GELU" } else { "no erf GELU" }.into(),
+                );
+            }
+            for n in graph
+                .node
+                .iter()
+                .filter(|n| n.op_type == "LayerNormalization")
+            {
+                if let Some(a) = n.attribute.iter().find(|a| a.name == "epsilon") {
+                    if a.f != c.text.eps {
+                        return mismatch(
+                            "config.text.eps",
+                            c.text.eps.to_string(),
+                            format!("LayerNormalization epsilon {}", a.f),
+                        );
+                    }
+                }
+            }
+        }
+        "decoder" => {
+            let levels = indices(&inits, "vq/decoder.up.").len();
+            let widths = &c.vq.decoder_widths;
+            if levels != widths.len() {
+                return mismatch(
+                    "config.vq.decoder_widths",
+                    format!("{widths:?}"),
+                    format!("{levels} up levels"),
+                );
+            }
+            for (k, &w) in widths.iter().enumerate() {
+                let name = format!("vq/decoder.up.{}.block.0.conv1.weight", levels - 1 - k);
+                let d = dims_of(&inits, &name);
+                if d.is_some() && first(&d) != Some(w as i64) {
+                    return mismatch(
+                        "config.vq.decoder_widths",
+                        format!("{widths:?}"),
+                        format!("width {} at level {k}", first(&d).unwrap_or(0)),
+                    );
+                }
+            }
+        }
+        "sampler" => {
+            let blocks = indices(&inits, "star/feat_extract_blocks.").len();
+            if blocks != c.sampler_blocks {
+                return mismatch(
+                    "config.sampler_blocks",
+                    c.sampler_blocks.to_string(),
+                    format!("{blocks} refiner blocks"),
+                );
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The I/O a graph file declares equals what the manifest says of it.
+pub fn check_graph_file(g: &GraphEntry, path: &Path, bytes: &[u8], m: &Manifest) -> Result<()> {
+    let opset = m.opset;
+    let bad = |why: String| EngineError::Manifest {
+        path: path.to_path_buf(),
+        why,
+    };
+    let model = onnx::decode_model(bytes).map_err(|e| bad(format!("not an ONNX model: {e}")))?;
+    if let Some(o) = model.opset_import.iter().find(|o| o.domain.is_empty()) {
+        if o.version != opset {
+            return Err(bad(format!(
+                "graph has opset {}, the manifest says {opset}",
+                o.version
+            )));
+        }
+    }
+    check_graph_weights(g, &model, &m.config).map_err(&bad)?;
+    let graph = model.graph.unwrap_or_default();
+    let declared = |v: &[onnx::ValueInfoProto]| -> Vec<IoSpec> {
+        v.iter()
+            .map(|vi| {
+                let t = vi.r#type.as_ref().and_then(|t| t.tensor_type.as_ref());
+                IoSpec {
+                    name: vi.name.clone(),
+                    dtype: t
+                        .map(|t| onnx::dtype::name(t.elem_type))
+                        .unwrap_or("unknown")
+                        .to_string(),
+                    shape: t
+                        .and_then(|t| t.shape.as_ref())
+                        .map(|s| {
+                            s.dim
+                                .iter()
+                                .map(|d| match (&d.dim_value, &d.dim_param) {
+                                    (Some(v), _) => Dim::Fixed(*v),
+                                    (None, Some(p)) => Dim::Sym(p.clone()),
+                                    (None, None) => Dim::Sym("?".into()),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
+    };
+    // Initializers may also be listed as graph inputs by other tools; ours never are.
+    for (kind, got, want) in [
+        ("inputs", declared(&graph.input), &g.inputs),
+        ("outputs", declared(&graph.output), &g.outputs),
+    ] {
+        if &got != want {
+            let show_all = |v: &[IoSpec]| {
+                v.iter()
+                    .map(|p| format!("{} {} {}", p.name, p.dtype, show(&p.shape)))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            return Err(bad(format!(
+                "the graph declares {kind} {{{}}} but manifest.json says {{{}}}",
+                show_all(&got),
+                show_all(want)
+            )));
+        }
+    }
+    Ok(())
+}
