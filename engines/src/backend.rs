@@ -1,7 +1,12 @@
-//! Execution backends behind one trait. `ort-cpu` (ONNX Runtime's CPU provider) is the one this
-//! build ships; GPU backends (TensorRT, CUDA) plug in behind the same `StageSession` trait.
+//! Execution backends behind two traits: `Backend` (a registered name, its precisions, loading a
+//! model directory) and `Engine` (the loaded model: sessions, weights and KV cache owned on its
+//! device). `ort-cpu` (ONNX Runtime's CPU provider) is the one this build ships; GPU backends plug
+//! in behind the same traits (docs/engine-boundary.md).
 
 use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::manifest::Manifest;
+use crate::stage::Stage;
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +16,24 @@ use std::sync::OnceLock;
 pub enum Input<'a> {
     F32(&'a [usize], &'a [f32]),
     I64(&'a [usize], &'a [i64]),
+    /// A float view whose shape is computed (e.g. a prefix of the KV cache).
+    F32Owned(Vec<usize>, &'a [f32]),
+}
+
+impl<'a> Input<'a> {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Input::F32(s, _) | Input::I64(s, _) => s,
+            Input::F32Owned(s, _) => s,
+        }
+    }
+    fn reborrow(&self) -> Input<'a> {
+        match self {
+            Input::F32(s, d) => Input::F32(s, d),
+            Input::I64(s, d) => Input::I64(s, d),
+            Input::F32Owned(s, d) => Input::F32Owned(s.clone(), d),
+        }
+    }
 }
 
 impl<'a> From<&'a Tensor> for Input<'a> {
@@ -22,9 +45,56 @@ impl<'a> From<&'a Tensor> for Input<'a> {
     }
 }
 
-pub trait StageSession {
-    fn name(&self) -> &str;
-    fn run(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<HashMap<String, Tensor>>;
+/// A stage input: a host tensor, or the first `len` tokens of the engine's own KV cache (a view
+/// of the buffer the engine owns: no copy on the CPU backend, a device pointer on GPU backends).
+pub enum Arg<'a> {
+    Host(Input<'a>),
+    KvPast(usize),
+}
+
+impl<'a> From<Input<'a>> for Arg<'a> {
+    fn from(i: Input<'a>) -> Self {
+        Arg::Host(i)
+    }
+}
+
+impl<'a> From<&'a Tensor> for Arg<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        Arg::Host(t.into())
+    }
+}
+
+/// The executing half of a backend for one model directory: it owns the sessions, the weights
+/// and the KV cache on its device. The pipeline refers to the cache by position only (`KvPast`,
+/// `kv_at`); tensors cross to the host only where the pipeline needs them (logits, the image).
+pub trait Engine {
+    /// Create every stage's session now (so that timings exclude session creation).
+    fn load_all(&mut self) -> Result<()>;
+    /// Run one stage. With `kv_at = Some(begin)` the stage's `kv_new` output is written into the
+    /// engine's KV cache at token `begin` and not returned.
+    fn run(
+        &mut self,
+        stage: Stage,
+        inputs: &[(&str, Arg<'_>)],
+        kv_at: Option<usize>,
+    ) -> Result<HashMap<String, Tensor>>;
+    /// (Re)allocate the KV cache for one generation: (capacity, depth, 2, rows, heads, head_dim).
+    fn kv_alloc(&mut self, shape: [usize; 6]) -> Result<()>;
+    /// The cache's shape, once allocated.
+    fn kv_shape(&self) -> Option<[usize; 6]>;
+    /// Tokens begin..begin+n of the cache as a host tensor (for observation and checks only).
+    fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor>;
+    /// (values, bytes) of the weights every session shares.
+    fn shared_weights(&self) -> (usize, usize);
+}
+
+/// An execution backend: a name, the graph precisions it executes, and how to load a model
+/// directory onto it. Registered in `BACKENDS`; looked up with `backend_for_name`.
+pub trait Backend: Sync {
+    fn name(&self) -> &'static str;
+    /// Graph precisions it runs as they are; any other is refused, never converted.
+    fn precisions(&self) -> &'static [&'static str];
+    fn load(&self, dir: &Path, m: &Manifest, opts: &BackendOptions) -> Result<Box<dyn Engine>>;
 }
 
 #[derive(Clone, Debug)]
@@ -37,20 +107,183 @@ pub struct BackendOptions {
 impl Default for BackendOptions {
     fn default() -> Self {
         BackendOptions {
-            name: "ort-cpu".into(),
+            name: OrtCpu.name().into(),
             threads: 0,
         }
     }
 }
 
-pub const BACKENDS: &[&str] = &["ort-cpu"];
+/// The backends of this build.
+pub static BACKENDS: &[&dyn Backend] = &[&OrtCpu];
 
-/// Graph precisions a backend executes. Nothing is converted silently: a model directory in any
-/// other precision is refused.
-pub fn precisions(backend: &str) -> &'static [&'static str] {
-    match backend {
-        "ort-cpu" => &["fp32"],
-        _ => &[],
+pub fn backend_for_name(name: &str) -> Result<&'static dyn Backend> {
+    BACKENDS
+        .iter()
+        .copied()
+        .find(|b| b.name() == name)
+        .ok_or_else(|| EngineError::UnknownBackend {
+            name: name.to_string(),
+            available: BACKENDS
+                .iter()
+                .map(|b| b.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// ONNX Runtime's CPU execution provider.
+pub struct OrtCpu;
+
+impl Backend for OrtCpu {
+    fn name(&self) -> &'static str {
+        "ort-cpu"
+    }
+    fn precisions(&self) -> &'static [&'static str] {
+        &["fp32"]
+    }
+    fn load(&self, dir: &Path, m: &Manifest, opts: &BackendOptions) -> Result<Box<dyn Engine>> {
+        // Fail now, not at the first stage, when the library is missing.
+        ort_environment()?;
+        Ok(Box::new(OrtCpuEngine {
+            graphs: m
+                .graphs
+                .iter()
+                .map(|g| (g.stage, dir.join(&g.file)))
+                .collect(),
+            threads: opts.threads,
+            sessions: HashMap::new(),
+            pool: WeightPool::default(),
+            kv: None,
+        }))
+    }
+}
+
+pub struct OrtCpuEngine {
+    graphs: Vec<(Stage, PathBuf)>,
+    threads: usize,
+    sessions: HashMap<Stage, OrtSession>,
+    /// One copy of the weights, shared by every session.
+    pool: WeightPool,
+    kv: Option<KvCache>,
+}
+
+impl OrtCpuEngine {
+    fn session(&mut self, stage: Stage) -> Result<&mut OrtSession> {
+        if !self.sessions.contains_key(&stage) {
+            let path = self
+                .graphs
+                .iter()
+                .find(|(s, _)| *s == stage)
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| {
+                    EngineError::Unsupported(format!("this model has no {stage} graph"))
+                })?;
+            let s = OrtSession::load(&path, stage.name(), self.threads, &mut self.pool)?;
+            self.sessions.insert(stage, s);
+        }
+        Ok(self.sessions.get_mut(&stage).expect("inserted above"))
+    }
+}
+
+impl Engine for OrtCpuEngine {
+    fn load_all(&mut self) -> Result<()> {
+        let stages: Vec<Stage> = self.graphs.iter().map(|(s, _)| *s).collect();
+        for s in stages {
+            self.session(s)?;
+        }
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        stage: Stage,
+        inputs: &[(&str, Arg<'_>)],
+        kv_at: Option<usize>,
+    ) -> Result<HashMap<String, Tensor>> {
+        // Borrow the cache and the session apart: the past is a view of the cache's buffer.
+        let kv = self.kv.take();
+        let r = (|| {
+            let mut host: Vec<(&str, Input<'_>)> = Vec::with_capacity(inputs.len());
+            for (name, a) in inputs {
+                match a {
+                    Arg::Host(i) => host.push((name, i.reborrow())),
+                    Arg::KvPast(len) => {
+                        let c = kv.as_ref().ok_or_else(|| {
+                            EngineError::Unsupported("KV cache used before kv_alloc".into())
+                        })?;
+                        let (shape, data) = c.past(*len);
+                        host.push((name, Input::F32Owned(shape.to_vec(), data)));
+                    }
+                }
+            }
+            self.session(stage)?.run(&host)
+        })();
+        self.kv = kv;
+        let mut out = r?;
+        if let Some(begin) = kv_at {
+            let t = out
+                .remove(crate::stage::io::KV_NEW)
+                .ok_or_else(|| EngineError::BadInput {
+                    stage: stage.name().into(),
+                    input: crate::stage::io::KV_NEW.into(),
+                    why: "(output) missing".into(),
+                })?;
+            let c = self
+                .kv
+                .as_mut()
+                .ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()))?;
+            let data = t.as_f32().ok_or_else(|| EngineError::BadInput {
+                stage: stage.name().into(),
+                input: crate::stage::io::KV_NEW.into(),
+                why: "(output) is not float32".into(),
+            })?;
+            c.write(data, begin).map_err(|why| EngineError::BadInput {
+                stage: stage.name().into(),
+                input: crate::stage::io::KV_NEW.into(),
+                why,
+            })?;
+        }
+        Ok(out)
+    }
+
+    fn kv_alloc(&mut self, shape: [usize; 6]) -> Result<()> {
+        let [l, depth, _, rows, heads, hd] = shape;
+        match &mut self.kv {
+            // Same shape: reuse the buffer (no new allocation, pages already touched); the
+            // stale contents are never read, every scale writes its tokens before they are used.
+            Some(c) if c.shape == shape => {}
+            _ => self.kv = Some(KvCache::new(depth, rows, heads, l, hd)),
+        }
+        Ok(())
+    }
+
+    fn kv_shape(&self) -> Option<[usize; 6]> {
+        self.kv.as_ref().map(|c| c.shape)
+    }
+
+    fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor> {
+        let c = self
+            .kv
+            .as_ref()
+            .ok_or_else(|| EngineError::Unsupported("KV cache read before kv_alloc".into()))?;
+        let ts = c.token_stride();
+        if begin + n > c.capacity() {
+            return Err(EngineError::Unsupported(format!(
+                "KV cache read of tokens {begin}..{} beyond its {}",
+                begin + n,
+                c.capacity()
+            )));
+        }
+        let mut shape = c.shape.to_vec();
+        shape[0] = n;
+        Ok(Tensor::f32(
+            shape,
+            c.data[begin * ts..(begin + n) * ts].to_vec(),
+        ))
+    }
+
+    fn shared_weights(&self) -> (usize, usize) {
+        self.pool.stats()
     }
 }
 
@@ -144,23 +377,6 @@ impl WeightPool {
             out.push((t.name.clone(), self.values[&t.name].clone()));
         }
         Ok(out)
-    }
-}
-
-pub fn open_session(
-    opts: &BackendOptions,
-    graph: &Path,
-    label: &str,
-    pool: &mut WeightPool,
-) -> Result<Box<dyn StageSession>> {
-    match opts.name.as_str() {
-        "ort-cpu" => Ok(Box::new(OrtSession::load(
-            graph,
-            label,
-            opts.threads,
-            pool,
-        )?)),
-        other => Err(EngineError::UnknownBackend(other.to_string())),
     }
 }
 
@@ -268,12 +484,12 @@ impl OrtSession {
     }
 }
 
-impl StageSession for OrtSession {
-    fn name(&self) -> &str {
+impl OrtSession {
+    pub fn name(&self) -> &str {
         &self.label
     }
 
-    fn run(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<HashMap<String, Tensor>> {
+    pub fn run(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<HashMap<String, Tensor>> {
         use ort::value::TensorRef;
         let ctx = format!("running stage {}", self.label);
         let mut vals: Vec<(
@@ -283,6 +499,12 @@ impl StageSession for OrtSession {
         for (name, inp) in inputs {
             let v: ort::session::SessionInputValue<'_> = match inp {
                 Input::F32(shape, data) => {
+                    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                    TensorRef::from_array_view((shape, *data))
+                        .map_err(ort_err(ctx.clone()))?
+                        .into()
+                }
+                Input::F32Owned(shape, data) => {
                     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                     TensorRef::from_array_view((shape, *data))
                         .map_err(ort_err(ctx.clone()))?

@@ -1,22 +1,30 @@
 //! What a model directory must satisfy before anything runs: the manifest agrees with itself
 //! (config relations, the schedule derived again from its scale sides, sampling defaults, file
-//! names, model hash), with the I/O contract of every stage below, and with the I/O its graph
-//! files declare. A hand-edited or damaged manifest is refused here with the field it got wrong,
-//! instead of panicking (or computing garbage) in the middle of a generation.
+//! names, model hash), with the I/O contract of every stage below (declared I/O and one shape
+//! profile per served scale), and with the I/O its graph files declare. A hand-edited or damaged
+//! manifest is refused here with the field it got wrong, instead of panicking (or computing
+//! garbage) in the middle of a generation.
 
 use crate::error::{EngineError, Result};
-use crate::manifest::{GraphEntry, IoSpec, Manifest, ModelConfig, Schedule, MANIFEST_FILE};
+use crate::manifest::{
+    GraphEntry, IoSpec, Manifest, ModelConfig, Profile, Schedule, MANIFEST_FILE,
+};
 use crate::onnx::{self, Dim};
+use crate::stage::{io, Stage};
 use std::path::{Component, Path};
 
 /// Text sequence length of the CLIP encoder (fixed by the release).
 pub const TEXT_LEN: usize = 77;
 
-/// One dimension of the contract: fixed, with the manifest field it comes from, or symbolic.
+/// One dimension of the contract.
 #[derive(Clone, Debug)]
 enum Exp {
+    /// Fixed by the config or schedule (the field it comes from, for errors).
     Fixed(usize, &'static str),
-    Sym(&'static str),
+    /// Batch rows: symbolic everywhere, profiles included.
+    Batch(&'static str),
+    /// Varies by scale: symbolic in the declaration, fixed in each scale's profile.
+    Scaled(&'static str, usize, &'static str),
 }
 
 struct Port {
@@ -29,268 +37,259 @@ fn port(name: &'static str, dtype: &'static str, dims: Vec<Exp>) -> Port {
     Port { name, dtype, dims }
 }
 
-/// The inputs and outputs every graph of a stage must have, from config and schedule alone.
-/// None for a (stage, scale) that a model directory does not contain.
-fn contract(
-    stage: &str,
-    scale: Option<usize>,
-    c: &ModelConfig,
-    s: &Schedule,
-) -> Option<(Vec<Port>, Vec<Port>)> {
-    use Exp::{Fixed as F, Sym as S};
-    const F32: &str = "float32";
-    const I64: &str = "int64";
+const F32: &str = "float32";
+const I64: &str = "int64";
+
+/// The inputs and outputs of a stage's graph, with the scale-dependent dims at scale `si`
+/// (ignored by the stages that are not per scale).
+fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port>, Vec<Port>) {
+    use Exp::{Batch as B, Fixed as F, Scaled as S};
     let sn = s.patch_nums.len();
-    let kv = |rows: &'static str, len: Exp| {
+    let pn = |i: usize| s.patch_nums.get(i).copied().unwrap_or(0);
+    let side = pn(sn.saturating_sub(1));
+    let tokens = S("tokens", pn(si) * pn(si), "schedule.patch_nums");
+    let t77 = || F(TEXT_LEN, "77 text tokens");
+    // KV of all blocks, token-major: (tokens, depth, 2, B2, H, hd).
+    let kv = |len: Exp| {
         vec![
+            len,
             F(c.depth, "config.depth"),
             F(2, "2 (K and V)"),
-            S(rows),
+            B("B2"),
             F(c.heads, "config.heads"),
-            len,
             F(c.head_dim, "config.head_dim"),
         ]
     };
     let text_kv = || {
-        [
-            port("text_kv", F32, kv("B", F(TEXT_LEN, "77 text tokens"))),
+        vec![
             port(
-                "text_bias",
+                io::TEXT_KV,
                 F32,
-                vec![S("B"), F(1, "1"), F(1, "1"), F(TEXT_LEN, "77 text tokens")],
+                vec![
+                    F(c.depth, "config.depth"),
+                    F(2, "2 (K and V)"),
+                    B("B"),
+                    F(c.heads, "config.heads"),
+                    t77(),
+                    F(c.head_dim, "config.head_dim"),
+                ],
+            ),
+            port(
+                io::TEXT_BIAS,
+                F32,
+                vec![B("B"), F(1, "1"), F(1, "1"), t77()],
             ),
         ]
     };
-    let side = s.patch_nums.last().copied().unwrap_or(0);
     let f_hat = || {
         vec![
-            S("B"),
+            B("B"),
             F(c.cvae, "config.cvae"),
             F(side, "schedule.patch_nums (last)"),
             F(side, "schedule.patch_nums (last)"),
         ]
     };
-    let n_of = |si: usize| s.patch_nums[si] * s.patch_nums[si];
-    Some(match (stage, scale) {
-        ("text_encoder", None) => (
+    let step_out = |n: Exp| {
+        vec![
+            port(io::KV_NEW, F32, kv(n.clone())),
+            port(
+                io::HIDDEN,
+                F32,
+                vec![B("B2"), n.clone(), F(c.width, "config.width")],
+            ),
+            port(
+                io::LOGITS,
+                F32,
+                vec![B("B2"), n, F(c.vocab, "config.vocab")],
+            ),
+        ]
+    };
+    let scale_in = || port(io::SCALE, I64, vec![F(1, "1")]);
+    match stage {
+        Stage::TextEncoder => (
             vec![
-                port(
-                    "input_ids",
-                    I64,
-                    vec![S("N"), F(TEXT_LEN, "77 text tokens")],
-                ),
-                port(
-                    "attention_mask",
-                    I64,
-                    vec![S("N"), F(TEXT_LEN, "77 text tokens")],
-                ),
+                port(io::INPUT_IDS, I64, vec![B("N"), t77()]),
+                port(io::ATTENTION_MASK, I64, vec![B("N"), t77()]),
             ],
             vec![
                 port(
-                    "hidden",
+                    io::HIDDEN,
                     F32,
-                    vec![
-                        S("N"),
-                        F(TEXT_LEN, "77 text tokens"),
-                        F(c.text.width, "config.text.width"),
-                    ],
+                    vec![B("N"), t77(), F(c.text.width, "config.text.width")],
                 ),
                 port(
-                    "pooled",
+                    io::POOLED,
                     F32,
-                    vec![S("N"), F(c.text.width, "config.text.width")],
+                    vec![B("N"), F(c.text.width, "config.text.width")],
                 ),
             ],
         ),
-        ("text_kv", None) => (
+        Stage::TextKv => (
             vec![
                 port(
-                    "hidden",
+                    io::HIDDEN,
                     F32,
-                    vec![
-                        S("B"),
-                        F(TEXT_LEN, "77 text tokens"),
-                        F(c.text_width, "config.text_width"),
-                    ],
+                    vec![B("B"), t77(), F(c.text_width, "config.text_width")],
+                ),
+                port(io::ATTENTION_MASK, I64, vec![B("B"), t77()]),
+            ],
+            text_kv(),
+        ),
+        Stage::StepFirst => {
+            let mut ins = vec![port(
+                io::POOLED,
+                F32,
+                vec![B("B2"), F(c.text_width, "config.text_width")],
+            )];
+            ins.extend(text_kv());
+            (ins, step_out(F(1, "1 token at scale 0")))
+        }
+        Stage::Step => {
+            let past = S(
+                "past",
+                s.begin_end.get(si).map(|b| b.0).unwrap_or(0),
+                "schedule.begin_end",
+            );
+            let mut ins = vec![
+                port(
+                    io::NEXT_IN,
+                    F32,
+                    vec![B("B"), tokens.clone(), F(c.cvae, "config.cvae")],
+                ),
+                port(io::PAST, F32, kv(past)),
+            ];
+            ins.extend(text_kv());
+            (ins, step_out(tokens))
+        }
+        Stage::Sampler => (
+            vec![
+                port(
+                    io::HIDDEN,
+                    F32,
+                    vec![B("B2"), tokens.clone(), F(c.width, "config.width")],
                 ),
                 port(
-                    "attention_mask",
-                    I64,
-                    vec![S("B"), F(TEXT_LEN, "77 text tokens")],
-                ),
-            ],
-            text_kv().into(),
-        ),
-        ("step", Some(si)) if si < sn => {
-            let n = n_of(si);
-            let mut ins = if si == 0 {
-                vec![port(
-                    "pooled",
+                    io::POOLED,
                     F32,
-                    vec![S("B2"), F(c.text_width, "config.text_width")],
-                )]
-            } else {
+                    vec![B("B2"), F(c.text_width, "config.text_width")],
+                ),
+                port(io::IDX, I64, vec![B("B"), tokens.clone()]),
+                port(io::MASK, F32, vec![B("B"), tokens.clone()]),
+                scale_in(),
+            ],
+            vec![port(
+                io::LOGITS,
+                F32,
+                vec![B("B2"), tokens, F(c.vocab, "config.vocab")],
+            )],
+        ),
+        Stage::Vq => {
+            // At the last scale the next-scale input is the full map (the runtime ignores it).
+            let next = if si + 1 < sn { pn(si + 1) } else { side };
+            (
                 vec![
+                    port(io::IDX, I64, vec![B("B"), tokens]),
+                    port(io::F_HAT, F32, f_hat()),
+                    scale_in(),
+                ],
+                vec![
+                    port(io::F_HAT_OUT, F32, f_hat()),
                     port(
-                        "next_in",
+                        io::NEXT_IN,
                         F32,
                         vec![
-                            S("B"),
-                            F(n, "schedule.patch_nums (tokens)"),
+                            B("B"),
+                            S("next_tokens", next * next, "schedule.patch_nums"),
                             F(c.cvae, "config.cvae"),
                         ],
                     ),
-                    port(
-                        "kv_cache",
-                        F32,
-                        kv("B2", F(s.total_tokens, "schedule.total_tokens")),
-                    ),
-                ]
-            };
-            ins.extend(text_kv());
-            (
-                ins,
-                vec![
-                    port(
-                        "kv_new",
-                        F32,
-                        kv("B2", F(n, "schedule.patch_nums (tokens)")),
-                    ),
-                    port(
-                        "hidden",
-                        F32,
-                        vec![
-                            S("B2"),
-                            F(n, "schedule.patch_nums (tokens)"),
-                            F(c.width, "config.width"),
-                        ],
-                    ),
-                    port(
-                        "logits",
-                        F32,
-                        vec![
-                            S("B2"),
-                            F(n, "schedule.patch_nums (tokens)"),
-                            F(c.vocab, "config.vocab"),
-                        ],
-                    ),
                 ],
             )
         }
-        ("sampler", Some(si)) if si < sn && !s.substeps[si].is_empty() && c.sampler_blocks > 0 => {
-            let n = n_of(si);
-            let tok = || F(n, "schedule.patch_nums (tokens)");
+        Stage::Decoder => {
+            let px = || F(s.image_size, "schedule.image_size");
             (
+                vec![port(io::F_HAT, F32, f_hat())],
                 vec![
                     port(
-                        "hidden",
+                        io::IMAGE_RAW,
                         F32,
-                        vec![S("B2"), tok(), F(c.width, "config.width")],
+                        vec![B("B"), F(3, "3 (RGB)"), px(), px()],
                     ),
-                    port(
-                        "pooled",
-                        F32,
-                        vec![S("B2"), F(c.text_width, "config.text_width")],
-                    ),
-                    port("idx", I64, vec![S("B"), tok()]),
-                    port("mask", F32, vec![S("B"), tok()]),
-                ],
-                vec![port(
-                    "logits",
-                    F32,
-                    vec![S("B2"), tok(), F(c.vocab, "config.vocab")],
-                )],
-            )
-        }
-        ("vq", Some(si)) if si < sn => {
-            let mut outs = vec![port("f_hat_out", F32, f_hat())];
-            if si + 1 < sn {
-                outs.push(port(
-                    "next_in",
-                    F32,
-                    vec![
-                        S("B"),
-                        F(n_of(si + 1), "schedule.patch_nums (tokens)"),
-                        F(c.cvae, "config.cvae"),
-                    ],
-                ));
-            }
-            (
-                vec![
-                    port(
-                        "idx",
-                        I64,
-                        vec![S("B"), F(n_of(si), "schedule.patch_nums (tokens)")],
-                    ),
-                    port("f_hat", F32, f_hat()),
-                ],
-                outs,
-            )
-        }
-        ("decoder", None) => {
-            let px = F(s.image_size, "schedule.image_size");
-            (
-                vec![port("f_hat", F32, f_hat())],
-                vec![
-                    port(
-                        "image_raw",
-                        F32,
-                        vec![S("B"), F(3, "3 (RGB)"), px.clone(), px.clone()],
-                    ),
-                    port("image", F32, vec![S("B"), F(3, "3 (RGB)"), px.clone(), px]),
+                    port(io::IMAGE, F32, vec![B("B"), F(3, "3 (RGB)"), px(), px()]),
                 ],
             )
         }
-        _ => return None,
-    })
-}
-
-/// Every (stage, scale) a model directory with this config and schedule must contain, in the
-/// order star-export writes them.
-pub fn required_graphs(c: &ModelConfig, s: &Schedule) -> Vec<(&'static str, Option<usize>)> {
-    let mut v: Vec<(&'static str, Option<usize>)> = vec![("text_encoder", None), ("text_kv", None)];
-    for si in 0..s.patch_nums.len() {
-        v.push(("step", Some(si)));
-        if !s.substeps[si].is_empty() && c.sampler_blocks > 0 {
-            v.push(("sampler", Some(si)));
-        }
-        v.push(("vq", Some(si)));
     }
-    v.push(("decoder", None));
-    v
 }
 
-/// The contract's I/O of one graph as manifest entries (what star-export must declare).
+/// The scales a stage's graph serves under this config and schedule.
+pub fn stage_scales(stage: Stage, c: &ModelConfig, s: &Schedule) -> Vec<usize> {
+    let sn = s.patch_nums.len();
+    match stage {
+        Stage::StepFirst => vec![0],
+        Stage::Step => (1..sn).collect(),
+        Stage::Sampler => (0..sn)
+            .filter(|&i| c.sampler_blocks > 0 && s.substeps.get(i).is_some_and(|v| !v.is_empty()))
+            .collect(),
+        Stage::Vq => (0..sn).collect(),
+        Stage::TextEncoder | Stage::TextKv | Stage::Decoder => vec![],
+    }
+}
+
+/// Every stage a model directory with this config and schedule contains, in export order.
+pub fn required_stages(c: &ModelConfig, s: &Schedule) -> Vec<Stage> {
+    Stage::ALL
+        .into_iter()
+        .filter(|&st| !st.per_scale() || !stage_scales(st, c, s).is_empty())
+        .collect()
+}
+
+fn specs(ps: &[Port], scaled_fixed: bool) -> Vec<IoSpec> {
+    ps.iter()
+        .map(|p| IoSpec {
+            name: p.name.into(),
+            dtype: p.dtype.into(),
+            shape: p
+                .dims
+                .iter()
+                .map(|d| match d {
+                    Exp::Fixed(v, _) => Dim::Fixed(*v as i64),
+                    Exp::Batch(s) => Dim::Sym(s.to_string()),
+                    Exp::Scaled(s, v, _) => {
+                        if scaled_fixed {
+                            Dim::Fixed(*v as i64)
+                        } else {
+                            Dim::Sym(s.to_string())
+                        }
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The contract of one stage as manifest entries: (inputs, outputs, scales, profiles).
+#[allow(clippy::type_complexity)]
 pub fn expected_io(
-    stage: &str,
-    scale: Option<usize>,
+    stage: Stage,
     c: &ModelConfig,
     s: &Schedule,
-) -> Option<(Vec<IoSpec>, Vec<IoSpec>)> {
-    let conv = |ps: Vec<Port>| {
-        ps.into_iter()
-            .map(|p| IoSpec {
-                name: p.name.into(),
-                dtype: p.dtype.into(),
-                shape: p
-                    .dims
-                    .iter()
-                    .map(|d| match d {
-                        Exp::Fixed(v, _) => Dim::Fixed(*v as i64),
-                        Exp::Sym(s) => Dim::Sym(s.to_string()),
-                    })
-                    .collect(),
-            })
-            .collect()
-    };
-    contract(stage, scale, c, s).map(|(i, o)| (conv(i), conv(o)))
-}
-
-fn label(g: &GraphEntry) -> String {
-    match g.scale {
-        Some(s) => format!("{} (stage {} scale {s})", g.file, g.stage),
-        None => format!("{} (stage {})", g.file, g.stage),
-    }
+) -> (Vec<IoSpec>, Vec<IoSpec>, Vec<usize>, Vec<Profile>) {
+    let scales = stage_scales(stage, c, s);
+    let (ins, outs) = contract(stage, scales.first().copied().unwrap_or(0), c, s);
+    let profiles = scales
+        .iter()
+        .map(|&si| {
+            let (i, o) = contract(stage, si, c, s);
+            Profile {
+                scale: si,
+                inputs: specs(&i, true),
+                outputs: specs(&o, true),
+            }
+        })
+        .collect();
+    (specs(&ins, false), specs(&outs, false), scales, profiles)
 }
 
 fn show(d: &[Dim]) -> String {
@@ -304,19 +303,19 @@ fn show(d: &[Dim]) -> String {
     format!("[{}]", v.join(", "))
 }
 
-/// Compare the manifest's declared ports of one graph with the contract, naming the field.
+/// Compare declared ports (or one scale's profile) with the contract, naming the field.
 fn match_ports(
-    g: &GraphEntry,
+    what: &str,
     kind: &str,
     got: &[IoSpec],
     want: &[Port],
+    profile: bool,
 ) -> std::result::Result<(), String> {
     let names = |v: &[IoSpec]| v.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
     let want_names: Vec<String> = want.iter().map(|p| p.name.to_string()).collect();
     if names(got) != want_names {
         return Err(format!(
-            "graphs: {} lists {kind}s {:?}, the stage's contract is {:?}",
-            label(g),
+            "graphs: {what} lists {kind}s {:?}, the stage's contract is {:?}",
             names(got),
             want_names
         ));
@@ -324,17 +323,13 @@ fn match_ports(
     for (p, w) in got.iter().zip(want) {
         if p.dtype != w.dtype {
             return Err(format!(
-                "graphs: {} {kind} {} has dtype '{}', expected '{}'",
-                label(g),
-                p.name,
-                p.dtype,
-                w.dtype
+                "graphs: {what} {kind} {} has dtype '{}', expected '{}'",
+                p.name, p.dtype, w.dtype
             ));
         }
         if p.shape.len() != w.dims.len() {
             return Err(format!(
-                "graphs: {} {kind} {} has shape {} of rank {}, expected rank {}",
-                label(g),
+                "graphs: {what} {kind} {} has shape {} of rank {}, expected rank {}",
                 p.name,
                 show(&p.shape),
                 p.shape.len(),
@@ -342,28 +337,60 @@ fn match_ports(
             ));
         }
         for (k, (d, e)) in p.shape.iter().zip(&w.dims).enumerate() {
-            match (d, e) {
-                (Dim::Fixed(v), Exp::Fixed(x, _)) if *v >= 0 && *v as usize == *x => {}
-                (Dim::Sym(a), Exp::Sym(b)) if a == b => {}
-                (_, Exp::Fixed(x, field)) => {
+            let fixed = match e {
+                Exp::Fixed(x, f) => Some((*x, *f)),
+                Exp::Scaled(_, x, f) if profile => Some((*x, *f)),
+                _ => None,
+            };
+            match (d, fixed, e) {
+                (Dim::Fixed(v), Some((x, _)), _) if *v >= 0 && *v as usize == x => {}
+                (_, Some((x, field)), _) => {
                     return Err(format!(
-                        "{field} gives {x} but {} {kind} {} has {} at dim {k} (shape {}): the manifest disagrees with its graphs",
-                        label(g),
+                        "{field} gives {x} but {what} {kind} {} has {} at dim {k} (shape {}): the manifest disagrees with its graphs",
                         p.name,
                         show(std::slice::from_ref(d)).trim_matches(['[', ']']),
                         show(&p.shape)
                     ))
                 }
-                (_, Exp::Sym(b)) => {
+                (Dim::Sym(a), None, Exp::Batch(b) | Exp::Scaled(b, _, _)) if a == b => {}
+                (_, None, Exp::Batch(b) | Exp::Scaled(b, _, _)) => {
                     return Err(format!(
-                        "graphs: {} {kind} {} dim {k} is {}, expected the dynamic dimension '{b}'",
-                        label(g),
+                        "graphs: {what} {kind} {} dim {k} is {}, expected the dynamic dimension '{b}'",
                         p.name,
                         show(std::slice::from_ref(d)).trim_matches(['[', ']'])
                     ))
                 }
+                (_, None, Exp::Fixed(..)) => unreachable!("fixed dims always have a value"),
             }
         }
+    }
+    Ok(())
+}
+
+/// A graph's declared I/O and every profile against the contract.
+fn match_graph(g: &GraphEntry, c: &ModelConfig, s: &Schedule) -> std::result::Result<(), String> {
+    let what = format!("{} (stage {})", g.file, g.stage);
+    let scales = stage_scales(g.stage, c, s);
+    let (ins, outs) = contract(g.stage, scales.first().copied().unwrap_or(0), c, s);
+    match_ports(&what, "input", &g.inputs, &ins, false)?;
+    match_ports(&what, "output", &g.outputs, &outs, false)?;
+    if g.scales != scales {
+        return Err(format!(
+            "graphs: {what} serves scales {:?}, config and schedule give {scales:?}",
+            g.scales
+        ));
+    }
+    let listed: Vec<usize> = g.profiles.iter().map(|p| p.scale).collect();
+    if listed != scales {
+        return Err(format!(
+            "graphs: {what} has profiles for scales {listed:?}, expected {scales:?}"
+        ));
+    }
+    for p in &g.profiles {
+        let (ins, outs) = contract(g.stage, p.scale, c, s);
+        let at = format!("{what} scale {} profile", p.scale);
+        match_ports(&at, "input", &p.inputs, &ins, true)?;
+        match_ports(&at, "output", &p.outputs, &outs, true)?;
     }
     Ok(())
 }
@@ -561,42 +588,32 @@ fn check_manifest_why(m: &Manifest) -> std::result::Result<(), String> {
         }
     }
     // Graphs: exactly the required set, each matching its contract.
-    let required = required_graphs(c, s);
+    let required = required_stages(c, s);
     for (i, g) in m.graphs.iter().enumerate() {
-        if !inside(&g.file) || g.file.contains('/') {
+        if g.file != g.stage.file() {
             return Err(format!(
-                "graphs[{i}].file '{}' is not a file name inside the model directory",
-                g.file
-            ));
-        }
-        if !required
-            .iter()
-            .any(|(st, sc)| *st == g.stage && *sc == g.scale)
-        {
-            return Err(format!(
-                "graphs[{i}]: stage '{}'{} is not part of this model (config and schedule call for {} graphs)",
+                "graphs[{i}].file '{}': the {} graph is {}",
+                g.file,
                 g.stage,
-                g.scale.map(|s| format!(" scale {s}")).unwrap_or_default(),
-                required.len()
+                g.stage.file()
             ));
         }
-        if m.graphs[..i]
-            .iter()
-            .any(|h| h.stage == g.stage && h.scale == g.scale)
-        {
-            return Err(format!("graphs[{i}]: {} is listed twice", label(g)));
+        if !required.contains(&g.stage) {
+            return Err(format!(
+                "graphs[{i}]: stage '{}' is not part of this model (config and schedule call for {:?})",
+                g.stage,
+                required.iter().map(|s| s.name()).collect::<Vec<_>>()
+            ));
+        }
+        if m.graphs[..i].iter().any(|h| h.stage == g.stage) {
+            return Err(format!("graphs[{i}]: stage {} is listed twice", g.stage));
         }
     }
-    for (st, sc) in &required {
-        let Some(g) = m.graph(st, *sc) else {
-            return Err(format!(
-                "graphs: no graph for stage '{st}'{}",
-                sc.map(|s| format!(" scale {s}")).unwrap_or_default()
-            ));
+    for st in &required {
+        let Some(g) = m.graph(*st) else {
+            return Err(format!("graphs: no graph for stage '{st}'"));
         };
-        let (ins, outs) = contract(st, *sc, c, s).expect("required graphs have a contract");
-        match_ports(g, "input", &g.inputs, &ins)?;
-        match_ports(g, "output", &g.outputs, &outs)?;
+        match_graph(g, c, s)?;
     }
     let hash = model_hash(m);
     if hash != m.model_hash {
@@ -667,8 +684,8 @@ fn check_graph_weights(
         ))
     };
     let first = |d: &Option<Vec<i64>>| d.as_ref().and_then(|d| d.first().copied());
-    match g.stage.as_str() {
-        "text_encoder" => {
+    match g.stage {
+        Stage::TextEncoder => {
             const L: &str = "clip/text_model.";
             let layers = indices(&inits, &format!("{L}encoder.layers.")).len();
             if layers != c.text.layers {
@@ -731,7 +748,7 @@ fn check_graph_weights(
                 }
             }
         }
-        "decoder" => {
+        Stage::Decoder => {
             let levels = indices(&inits, "vq/decoder.up.").len();
             let widths = &c.vq.decoder_widths;
             if levels != widths.len() {
@@ -753,7 +770,7 @@ fn check_graph_weights(
                 }
             }
         }
-        "sampler" => {
+        Stage::Sampler => {
             let blocks = indices(&inits, "star/feat_extract_blocks.").len();
             if blocks != c.sampler_blocks {
                 return mismatch(

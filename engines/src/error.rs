@@ -36,8 +36,8 @@ pub enum EngineError {
     OrtLibrary { why: String },
     #[error("ONNX Runtime: {context}: {message}")]
     Ort { context: String, message: String },
-    #[error("backend '{0}' is not available in this build (available: ort-cpu)")]
-    UnknownBackend(String),
+    #[error("backend '{name}' is not available in this build (available: {available})")]
+    UnknownBackend { name: String, available: String },
     #[error("{0}")]
     Unsupported(String),
     #[error("stage '{stage}': input '{input}' {why}")]

@@ -11,7 +11,9 @@ pub mod model_dir;
 pub mod onnx;
 pub mod safetensors;
 pub mod schedule;
+pub mod stage;
 pub mod tensor;
 
 pub use error::{EngineError, Result};
+pub use stage::Stage;
 pub use tensor::{Data, Tensor};

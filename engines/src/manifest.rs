@@ -3,12 +3,14 @@
 
 use crate::error::{io_err, EngineError, Result};
 use crate::onnx::Dim;
+use crate::stage::Stage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// v2: one graph per stage kind with per-scale shape profiles; KV cache token-major.
+pub const SCHEMA_VERSION: u32 = 2;
 pub const MANIFEST_FILE: &str = "manifest.json";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,17 +85,35 @@ pub struct IoSpec {
     pub shape: Vec<Dim>,
 }
 
+/// The exact shapes of one graph at one scale: batch dims (B, B2, N) stay symbolic, every other
+/// dim is fixed. What TensorRT optimization profiles, ORT's TensorRT provider and CUDA graphs need.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub scale: usize,
+    pub inputs: Vec<IoSpec>,
+    pub outputs: Vec<IoSpec>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GraphEntry {
-    /// text_encoder | text_kv | step | sampler | vq | decoder
-    pub stage: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scale: Option<usize>,
+    pub stage: Stage,
     pub file: String,
     pub sha256: String,
+    /// Declared I/O: dynamic dims by name (B, B2, N batch rows; tokens, past, next_tokens).
     pub inputs: Vec<IoSpec>,
     pub outputs: Vec<IoSpec>,
+    /// The scales this graph serves (empty for the text stages and the decoder).
+    pub scales: Vec<usize>,
+    /// One shape profile per served scale, in the order of `scales`.
+    pub profiles: Vec<Profile>,
+}
+
+impl GraphEntry {
+    pub fn profile(&self, scale: usize) -> Option<&Profile> {
+        self.profiles.iter().find(|p| p.scale == scale)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -155,10 +175,8 @@ impl Manifest {
         })
     }
 
-    pub fn graph(&self, stage: &str, scale: Option<usize>) -> Option<&GraphEntry> {
-        self.graphs
-            .iter()
-            .find(|g| g.stage == stage && g.scale == scale)
+    pub fn graph(&self, stage: Stage) -> Option<&GraphEntry> {
+        self.graphs.iter().find(|g| g.stage == stage)
     }
 
     /// Check that every file the manifest lists exists with its recorded size and hash, and that

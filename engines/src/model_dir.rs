@@ -1,9 +1,10 @@
-//! A model directory opened for execution: manifest checked, file hashes verified, one session per
-//! (stage, scale) opened on first use and kept.
+//! A model directory opened for execution: manifest checked against itself and its graphs, file
+//! sizes and hashes verified, then loaded onto the backend named in the options.
 
-use crate::backend::{open_session, BackendOptions, Input, StageSession, WeightPool};
+use crate::backend::{backend_for_name, Arg, BackendOptions, Engine};
 use crate::error::{EngineError, Result};
-use crate::manifest::Manifest;
+use crate::manifest::{GraphEntry, IoSpec, Manifest};
+use crate::stage::{io, Stage};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,16 +13,12 @@ pub struct ModelDir {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub opts: BackendOptions,
-    sessions: HashMap<(String, Option<usize>), Box<dyn StageSession>>,
-    /// One copy of the weights, shared by every session.
-    pool: WeightPool,
+    engine: Box<dyn Engine>,
 }
 
 impl ModelDir {
     pub fn open(dir: &Path, opts: BackendOptions) -> Result<ModelDir> {
-        if !crate::backend::BACKENDS.contains(&opts.name.as_str()) {
-            return Err(EngineError::UnknownBackend(opts.name.clone()));
-        }
+        let backend = backend_for_name(&opts.name)?;
         if !dir.is_dir() {
             return Err(EngineError::Manifest {
                 path: dir.to_path_buf(),
@@ -30,85 +27,176 @@ impl ModelDir {
         }
         let manifest = Manifest::load(dir)?;
         crate::check::check_manifest(&manifest, dir)?;
-        if !crate::backend::precisions(&opts.name).contains(&manifest.precision.as_str()) {
+        if !backend.precisions().contains(&manifest.precision.as_str()) {
             return Err(EngineError::Unsupported(format!(
                 "precision '{}' of {} is not supported by backend '{}' (supported: {:?})",
                 manifest.precision,
                 dir.display(),
-                opts.name,
-                crate::backend::precisions(&opts.name)
+                backend.name(),
+                backend.precisions()
             )));
         }
         manifest.verify_files(dir)?;
+        let engine = backend.load(dir, &manifest, &opts)?;
         Ok(ModelDir {
             dir: dir.to_path_buf(),
             manifest,
             opts,
-            sessions: HashMap::new(),
-            pool: WeightPool::default(),
+            engine,
         })
     }
 
-    fn session(&mut self, stage: &str, scale: Option<usize>) -> Result<&mut Box<dyn StageSession>> {
-        let key = (stage.to_string(), scale);
-        if !self.sessions.contains_key(&key) {
-            let g = self
-                .manifest
-                .graph(stage, scale)
-                .ok_or_else(|| EngineError::Manifest {
-                    path: self.dir.join(crate::manifest::MANIFEST_FILE),
-                    why: format!(
-                        "no graph for stage '{stage}'{}",
-                        scale.map(|s| format!(" scale {s}")).unwrap_or_default()
-                    ),
-                })?;
-            let label = match scale {
-                Some(s) => format!("{stage}[{s}]"),
-                None => stage.to_string(),
-            };
-            let s = open_session(&self.opts, &self.dir.join(&g.file), &label, &mut self.pool)?;
-            self.sessions.insert(key.clone(), s);
-        }
-        Ok(self.sessions.get_mut(&key).unwrap())
-    }
-
-    /// (values, bytes) of the weight pool every session shares.
-    pub fn shared_weights(&self) -> (usize, usize) {
-        self.pool.stats()
-    }
-
-    pub fn has(&self, stage: &str, scale: Option<usize>) -> bool {
-        self.manifest.graph(stage, scale).is_some()
+    pub fn has(&self, stage: Stage) -> bool {
+        self.manifest.graph(stage).is_some()
     }
 
     /// Open every session now (so that timing runs do not include session creation).
     pub fn load_all(&mut self) -> Result<()> {
-        let keys: Vec<(String, Option<usize>)> = self
-            .manifest
-            .graphs
-            .iter()
-            .map(|g| (g.stage.clone(), g.scale))
-            .collect();
-        for (s, k) in keys {
-            self.session(&s, k)?;
-        }
-        Ok(())
+        self.engine.load_all()
     }
 
+    /// (values, bytes) of the weight pool every session shares.
+    pub fn shared_weights(&self) -> (usize, usize) {
+        self.engine.shared_weights()
+    }
+
+    /// Allocate the KV cache of one generation with `rows` (2B) guidance rows.
+    pub fn kv_alloc(&mut self, rows: usize) -> Result<()> {
+        let c = &self.manifest.config;
+        self.engine.kv_alloc([
+            self.manifest.schedule.total_tokens,
+            c.depth,
+            2,
+            rows,
+            c.heads,
+            c.head_dim,
+        ])
+    }
+
+    /// Tokens begin..begin+n of the KV cache, (n, depth, 2, rows, H, hd), for observation.
+    pub fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor> {
+        self.engine.kv_read(begin, n)
+    }
+
+    /// Run a stage with host inputs.
     pub fn run(
         &mut self,
-        stage: &str,
+        stage: Stage,
         scale: Option<usize>,
-        inputs: &[(&str, Input<'_>)],
+        inputs: &[(&str, Arg<'_>)],
     ) -> Result<HashMap<String, Tensor>> {
-        let out = self.session(stage, scale)?.run(inputs)?;
-        let g = self
-            .manifest
-            .graph(stage, scale)
-            .expect("session() found the graph");
-        conform(g, inputs, &out)?;
+        self.run_kv(stage, scale, inputs, None)
+    }
+
+    /// Run a stage; with `kv_at = Some(begin)` its `kv_new` goes into the KV cache at `begin`.
+    pub fn run_kv(
+        &mut self,
+        stage: Stage,
+        scale: Option<usize>,
+        inputs: &[(&str, Arg<'_>)],
+        kv_at: Option<usize>,
+    ) -> Result<HashMap<String, Tensor>> {
+        let g = self.manifest.graph(stage).ok_or_else(|| {
+            EngineError::Unsupported(format!(
+                "{}: this model has no {stage} graph",
+                self.dir.display()
+            ))
+        })?;
+        let (ins, outs) = match (scale, stage.per_scale()) {
+            (Some(s), true) => {
+                let p = g.profile(s).ok_or_else(|| {
+                    EngineError::Unsupported(format!("the {stage} graph does not serve scale {s}"))
+                })?;
+                (&p.inputs, &p.outputs)
+            }
+            (None, false) => (&g.inputs, &g.outputs),
+            _ => {
+                return Err(EngineError::Unsupported(format!(
+                    "stage {stage} {} a scale",
+                    if stage.per_scale() {
+                        "needs"
+                    } else {
+                        "takes no"
+                    }
+                )))
+            }
+        };
+        let kv_shape = self.engine.kv_shape();
+        let shapes: Vec<(&str, Vec<usize>)> = inputs
+            .iter()
+            .map(|(n, a)| {
+                let s = match a {
+                    Arg::Host(i) => i.shape().to_vec(),
+                    Arg::KvPast(len) => kv_shape
+                        .map(|mut s| {
+                            s[0] = *len;
+                            s.to_vec()
+                        })
+                        .unwrap_or_default(),
+                };
+                (*n, s)
+            })
+            .collect();
+        check_inputs(g, ins, &shapes)?;
+        let out = self.engine.run(stage, inputs, kv_at)?;
+        conform(g, ins, outs, &shapes, &out, kv_at.is_some())?;
         Ok(out)
     }
+}
+
+fn bad(g: &GraphEntry, name: &str, why: String) -> EngineError {
+    EngineError::BadInput {
+        stage: g.file.clone(),
+        input: name.to_string(),
+        why,
+    }
+}
+
+/// Bind the symbolic dims (batch rows) from the inputs' shapes, checking fixed dims and that
+/// every declared input is given.
+fn check_inputs<'a>(
+    g: &GraphEntry,
+    ins: &'a [IoSpec],
+    shapes: &[(&str, Vec<usize>)],
+) -> Result<HashMap<&'a str, usize>> {
+    use crate::onnx::Dim;
+    let mut bound: HashMap<&str, usize> = HashMap::new();
+    for spec in ins {
+        let Some((_, shape)) = shapes.iter().find(|(n, _)| *n == spec.name) else {
+            return Err(bad(g, &spec.name, "not given".into()));
+        };
+        if shape.len() != spec.shape.len() {
+            return Err(bad(
+                g,
+                &spec.name,
+                format!("has shape {shape:?}, the graph takes {:?}", spec.shape),
+            ));
+        }
+        for (d, s) in shape.iter().zip(&spec.shape) {
+            match s {
+                Dim::Fixed(v) if *v as usize != *d => {
+                    return Err(bad(
+                        g,
+                        &spec.name,
+                        format!("has shape {shape:?}, the graph takes {:?}", spec.shape),
+                    ))
+                }
+                Dim::Sym(name) => {
+                    if let Some(prev) = bound.insert(name.as_str(), *d) {
+                        if prev != *d {
+                            return Err(bad(
+                                g,
+                                &spec.name,
+                                format!("dimension {name} is {d} here and {prev} in another input"),
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(bound)
 }
 
 /// The outputs of a run are exactly what the graph declares: every output present with its
@@ -116,40 +204,22 @@ impl ModelDir {
 /// inputs. The pipeline indexes outputs by these shapes, so a graph that broke its own
 /// declaration is an error here instead of an out-of-bounds panic later.
 fn conform(
-    g: &crate::manifest::GraphEntry,
-    inputs: &[(&str, Input<'_>)],
+    g: &GraphEntry,
+    ins: &[IoSpec],
+    outs: &[IoSpec],
+    shapes: &[(&str, Vec<usize>)],
     out: &HashMap<String, Tensor>,
+    kv_written: bool,
 ) -> Result<()> {
     use crate::onnx::Dim;
-    let bad = |name: &str, why: String| EngineError::BadInput {
-        stage: g.file.clone(),
-        input: name.to_string(),
-        why,
-    };
-    let mut bound: HashMap<&str, usize> = HashMap::new();
-    for spec in &g.inputs {
-        let Some((_, inp)) = inputs.iter().find(|(n, _)| *n == spec.name) else {
+    let bound = check_inputs(g, ins, shapes)?;
+    for spec in outs {
+        if kv_written && spec.name == io::KV_NEW {
             continue;
-        };
-        let shape = match inp {
-            Input::F32(s, _) | Input::I64(s, _) => *s,
-        };
-        for (d, s) in shape.iter().zip(&spec.shape) {
-            if let Dim::Sym(name) = s {
-                if let Some(prev) = bound.insert(name.as_str(), *d) {
-                    if prev != *d {
-                        return Err(bad(
-                            &spec.name,
-                            format!("dimension {name} is {d} here and {prev} in another input"),
-                        ));
-                    }
-                }
-            }
         }
-    }
-    for spec in &g.outputs {
         let t = out.get(&spec.name).ok_or_else(|| {
             bad(
+                g,
                 &spec.name,
                 "(output) missing from the graph's results".into(),
             )
@@ -174,6 +244,7 @@ fn conform(
                 .all(|(d, w)| !matches!(w, Some(w) if w != d));
         if !fits {
             return Err(bad(
+                g,
                 &spec.name,
                 format!(
                     "(output) is {dtype} {:?}, the graph declares {} {:?}",

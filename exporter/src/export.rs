@@ -12,6 +12,7 @@ use star_engines::manifest::{
     sha256_bytes, sha256_file, FileEntry, GraphEntry, Manifest, ModelConfig, SamplingDefaults,
     Schedule, SCHEMA_VERSION,
 };
+use star_engines::Stage;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -348,43 +349,34 @@ fn write_all(
     };
     let mut store = WeightStore::create(dir, WEIGHTS_FILE)?;
     let mut graphs = vec![];
-    let sn = sch.patch_nums.len();
-    let mut plan: Vec<(&str, Option<usize>)> = vec![("text_encoder", None), ("text_kv", None)];
-    for si in 0..sn {
-        plan.push(("step", Some(si)));
-        if !sch.substeps[si].is_empty() {
-            plan.push(("sampler", Some(si)));
-        }
-        plan.push(("vq", Some(si)));
-    }
-    plan.push(("decoder", None));
+    let plan = star_engines::check::required_stages(cfg, sch);
     let total = plan.len();
-    for (i, (stage, scale)) in plan.into_iter().enumerate() {
-        let name = match scale {
-            Some(s) => format!("{stage}_s{s:02}"),
-            None => stage.to_string(),
-        };
-        let mut g = G::new(&name, precision, &mut store);
+    for (i, stage) in plan.into_iter().enumerate() {
+        let name = stage.name();
+        let mut g = G::new(name, precision, &mut store);
         match stage {
-            "text_encoder" => text::text_encoder(&mut g, &clip, &cfg.text)?,
-            "text_kv" => transformer::text_kv(&mut g, &star, cfg)?,
-            "step" => transformer::scale_step(&mut g, &star, cfg, sch, scale.unwrap())?,
-            "sampler" => transformer::sampler_step(&mut g, &star, &vqs, cfg, sch, scale.unwrap())?,
-            "vq" => vq::vq_step(&mut g, &vqs, cfg, sch, scale.unwrap())?,
-            _ => vq::decoder(&mut g, &vqs, cfg, sch)?,
+            Stage::TextEncoder => text::text_encoder(&mut g, &clip, &cfg.text)?,
+            Stage::TextKv => transformer::text_kv(&mut g, &star, cfg)?,
+            Stage::StepFirst => transformer::step_first(&mut g, &star, cfg, sch)?,
+            Stage::Step => transformer::step(&mut g, &star, cfg, sch)?,
+            Stage::Sampler => transformer::sampler_step(&mut g, &star, &vqs, cfg, sch)?,
+            Stage::Vq => vq::vq_step(&mut g, &vqs, cfg, sch)?,
+            Stage::Decoder => vq::decoder(&mut g, &vqs, cfg, sch)?,
         }
         let (model, inputs, outputs) = g.finish(&format!("STAR stage {name}"));
-        let file = format!("{name}.onnx");
+        let file = stage.file();
         let path = dir.join(&file);
         write_model(&path, &model)?;
         let bytes = star_engines::onnx::encode_model(&model);
+        let (_, _, scales, profiles) = star_engines::check::expected_io(stage, cfg, sch);
         graphs.push(GraphEntry {
-            stage: stage.into(),
-            scale,
+            stage,
             file,
             sha256: sha256_bytes(&bytes),
             inputs,
             outputs,
+            scales,
+            profiles,
         });
         if !a.quiet {
             eprintln!(

@@ -1,14 +1,17 @@
-//! `star-export validate`: run every exported stage with ONNX Runtime on the recorded inputs of a
-//! fixture variant folder and compare with the recorded outputs. Where a record stores an input
-//! only partially (probed tokens) the stage takes our own value from the previous stage instead.
+//! `star-export validate`: run every exported stage on the recorded inputs of a fixture variant
+//! folder and compare with the recorded outputs. Generation records go through the runtime's one
+//! scale loop (`star_runtime::replay::replay_record`) with stage isolation: each stage takes the
+//! recorded text features and next-scale inputs where the record stores them whole, else our own
+//! value from the previous stage.
 
 use crate::error::{ExportError, Result};
 use crate::schedule::{area_matrix, bicubic_matrix, rope_table};
-use star_engines::backend::{BackendOptions, Input};
+use star_engines::backend::BackendOptions;
 use star_engines::golden::{compare, Record, Report, FP32_TOL};
-use star_engines::kv_cache::KvCache;
 use star_engines::model_dir::ModelDir;
-use star_engines::Tensor;
+use star_engines::stage::io;
+use star_engines::{Stage, Tensor};
+use star_runtime::pipeline::Pipeline;
 use std::path::Path;
 
 /// Compare `ours` with the record's tensor `name` (reduced to what the record stored), if the
@@ -31,21 +34,22 @@ fn f32v(t: &Tensor) -> &[f32] {
 }
 
 pub fn validate(model: &Path, golden: &Path, opts: BackendOptions) -> Result<Report> {
-    let mut md = ModelDir::open(model, opts)?;
+    let mut p = Pipeline::open(model, opts).map_err(run_err)?;
+    let md = &mut p.md;
     let mut rep = Report::default();
     let parent = golden.parent().unwrap_or(Path::new("."));
     if parent.join("text.safetensors").is_file() {
-        text_record(&mut md, &Record::open(&parent.join("text"))?, &mut rep)?;
+        text_record(md, &Record::open(&parent.join("text"))?, &mut rep)?;
     }
     if golden.join("rope.safetensors").is_file() {
-        rope_record(&md, &Record::open(&golden.join("rope"))?, &mut rep)?;
+        rope_record(md, &Record::open(&golden.join("rope"))?, &mut rep)?;
     }
     if golden.join("vq.safetensors").is_file() {
-        vq_record(&mut md, &Record::open(&golden.join("vq"))?, &mut rep)?;
+        vq_record(md, &Record::open(&golden.join("vq"))?, &mut rep)?;
     }
     let gens = star_engines::golden::generation_records(golden)?;
     for g in gens {
-        gen_record(&mut md, &Record::open(&g)?, &mut rep)?;
+        gen_record(&mut p, &Record::open(&g)?, &mut rep)?;
     }
     if rep.checks.is_empty() {
         return Err(ExportError::Validation(format!(
@@ -79,11 +83,11 @@ fn text_encoder_checks(
     let ids = r.get(names[0])?;
     let mask = r.get(names[1])?;
     let out = md.run(
-        "text_encoder",
+        Stage::TextEncoder,
         None,
         &[
-            ("input_ids", (&ids).into()),
-            ("attention_mask", (&mask).into()),
+            (io::INPUT_IDS, (&ids).into()),
+            (io::ATTENTION_MASK, (&mask).into()),
         ],
     )?;
     rep.push(compare(
@@ -185,15 +189,20 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     let mut f_hat = Tensor::zeros(vec![b, cv, p, p]);
     for si in 0..sn {
         let idx = r.get(&format!("s{si:02}.idx"))?;
+        let scale = Tensor::i64(vec![1], vec![si as i64]);
         let out = md.run(
-            "vq",
+            Stage::Vq,
             Some(si),
-            &[("idx", (&idx).into()), ("f_hat", (&f_hat).into())],
+            &[
+                (io::IDX, (&idx).into()),
+                (io::F_HAT, (&f_hat).into()),
+                (io::SCALE, (&scale).into()),
+            ],
         )?;
         let fname = format!("s{si:02}.f_hat");
         check(rep, r, &format!("vq[{si}]"), &fname, &out["f_hat_out"])?;
         let dname = format!("s{si:02}.down");
-        if let (Some(n), true) = (out.get("next_in"), r.has(&dname)) {
+        if let (Some(n), true) = (out.get(io::NEXT_IN).filter(|_| si + 1 < sn), r.has(&dname)) {
             rep.push(compare(
                 &format!("vq[{si}]"),
                 &dname,
@@ -206,7 +215,7 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     }
     let fe = r.input("fhat_embed_to_fhat")?;
     rep.push(compare("vq", "fhat_embed_to_fhat", &f_hat, &fe, FP32_TOL));
-    let out = md.run("decoder", None, &[("f_hat", (&fe).into())])?;
+    let out = md.run(Stage::Decoder, None, &[(io::F_HAT, (&fe).into())])?;
     rep.push(compare(
         "decoder",
         "dec.image_raw",
@@ -232,13 +241,11 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
-fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
-    let cfg = md.manifest.config.clone();
-    let sch = md.manifest.schedule.clone();
-    let sn = sch.patch_nums.len();
-    let p = sch.patch_nums[sn - 1];
-    let (ids, mask) = text_encoder_checks(
-        md,
+/// A generation record: the text encoder on its recorded ids, then the whole scale loop with
+/// the recorded choices and stage isolation.
+fn gen_record(p: &mut Pipeline, r: &Record, rep: &mut Report) -> Result<()> {
+    text_encoder_checks(
+        &mut p.md,
         r,
         rep,
         "text_encoder",
@@ -249,16 +256,9 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
             "text.pooled",
         ],
     )?;
-    let b2 = ids.shape[0];
-    let b = b2 / 2;
-    let prompts: std::collections::HashSet<String> = r.info()["call"]["prompts"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let prompts: std::collections::HashSet<String> = star_runtime::replay::record_prompts(r)
+        .into_iter()
+        .collect();
     if prompts.len() > 1 {
         // The release adds row 0's cross-attention to every row; our graphs give each image its
         // own prompt's (batch invariance), so later stages of such a record differ by design.
@@ -269,129 +269,14 @@ fn gen_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
         );
         return Ok(());
     }
-    // Later stages take the recorded text features (stage isolation).
-    let hidden = r.input("text.hidden")?;
-    let pooled = r.input("text.pooled")?;
-    let tkv = md.run(
-        "text_kv",
-        None,
-        &[
-            ("hidden", (&hidden.slice(0, 0, b)).into()),
-            ("attention_mask", (&mask.slice(0, 0, b)).into()),
-        ],
-    )?;
-    let (text_kv, text_bias) = (tkv["text_kv"].clone(), tkv["text_bias"].clone());
-
-    let (depth, h, hd, l) = (cfg.depth, cfg.heads, cfg.head_dim, sch.total_tokens);
-    let mut cache = KvCache::new(depth, b2, h, l, hd);
-    let mut f_hat = Tensor::zeros(vec![b, cfg.cvae, p, p]);
-    let mut next_in: Option<Tensor> = None;
-    for si in 0..sn {
-        let pn = sch.patch_nums[si];
-        let n = pn * pn;
-        let stage = format!("step[{si}]");
-        let out = if si == 0 {
-            md.run(
-                "step",
-                Some(0),
-                &[
-                    ("pooled", (&pooled).into()),
-                    ("text_kv", (&text_kv).into()),
-                    ("text_bias", (&text_bias).into()),
-                ],
-            )?
-        } else {
-            let ni = next_in.as_ref().unwrap();
-            md.run(
-                "step",
-                Some(si),
-                &[
-                    ("next_in", ni.into()),
-                    ("kv_cache", Input::F32(&cache.shape, &cache.data)),
-                    ("text_kv", (&text_kv).into()),
-                    ("text_bias", (&text_bias).into()),
-                ],
-            )?
-        };
-        let kv = &out["kv_new"];
-        for i in 0..depth {
-            for (j, kn) in ["k", "v"].iter().enumerate() {
-                let name = format!("s{si:02}.b{i}.{kn}");
-                if r.has(&name) {
-                    let ours = kv.slice(0, i, i + 1).slice(1, j, j + 1);
-                    let ours = Tensor::f32(vec![b2, h, n, hd], f32v(&ours).to_vec());
-                    rep.push(compare(
-                        &stage,
-                        &name,
-                        &r.align(&name, &ours)?,
-                        &r.get(&name)?,
-                        FP32_TOL,
-                    ));
-                }
-            }
-        }
-        let oname = format!("s{si:02}.b{}.out", depth - 1);
-        check(rep, r, &stage, &oname, &out["hidden"])?;
-        let lname = format!("s{si:02}.logits");
-        check(rep, r, &stage, &lname, &out["logits"])?;
-        cache.write(f32v(kv), n, sch.begin_end[si].0);
-
-        let idx = r.get(&format!("s{si:02}.idx"))?;
-        if !sch.substeps[si].is_empty() {
-            for s in 0..sch.substeps[si].len() {
-                let name = format!("s{si:02}.u{s:02}.sampler_logits");
-                if !r.has(&name) {
-                    continue;
-                }
-                let m = r.input(&format!("s{si:02}.u{s:02}.mask_before"))?;
-                let so = md.run(
-                    "sampler",
-                    Some(si),
-                    &[
-                        ("hidden", (&out["hidden"]).into()),
-                        ("pooled", (&pooled).into()),
-                        ("idx", (&idx).into()),
-                        ("mask", (&m).into()),
-                    ],
-                )?;
-                rep.push(compare(
-                    &format!("sampler[{si}]"),
-                    &name,
-                    &r.align(&name, &so["logits"])?,
-                    &r.get(&name)?,
-                    FP32_TOL,
-                ));
-            }
-        }
-        let vo = md.run(
-            "vq",
-            Some(si),
-            &[("idx", (&idx).into()), ("f_hat", (&f_hat).into())],
-        )?;
-        let fname = format!("s{si:02}.f_hat");
-        check(rep, r, &format!("vq[{si}]"), &fname, &vo["f_hat_out"])?;
-        f_hat = vo["f_hat_out"].clone();
-        if let Some(ni) = vo.get("next_in") {
-            let nname = format!("s{si:02}.next_in");
-            check(rep, r, &format!("vq[{si}]"), &nname, ni)?;
-            // The recorded input when it is stored whole, else ours.
-            let full = r.has(&nname)
-                && r.meta(&nname).get("probed").is_none()
-                && r.get(&nname)?.shape == ni.shape;
-            next_in = Some(if full { r.input(&nname)? } else { ni.clone() });
-        }
-    }
-    let dec = md.run("decoder", None, &[("f_hat", (&f_hat).into())])?;
-    for (ours, name) in [("image_raw", "image_raw"), ("image", "image")] {
-        if r.has(name) {
-            rep.push(compare(
-                "decoder",
-                name,
-                &r.align(name, &dec[ours])?,
-                &r.get(name)?,
-                FP32_TOL,
-            ));
-        }
-    }
+    let got = star_runtime::replay::replay_record(p, r, true).map_err(run_err)?;
+    rep.checks.extend(got.checks);
     Ok(())
+}
+
+fn run_err(e: star_runtime::pipeline::RunError) -> ExportError {
+    match e {
+        star_runtime::pipeline::RunError::Engine(e) => ExportError::Engine(e),
+        other => ExportError::Validation(other.to_string()),
+    }
 }

@@ -6,10 +6,11 @@ use crate::rng::{image_seed, uniform, Purpose};
 use crate::sampler::{filter_row, guide, pick, softmax, top_positions};
 use crate::timing::Timings;
 use crate::tokenizer::{Encoded, Tokenizer};
-use star_engines::backend::{BackendOptions, Input};
-use star_engines::kv_cache::KvCache;
+use star_engines::backend::{Arg, BackendOptions};
 use star_engines::model_dir::ModelDir;
-use star_engines::{EngineError, Tensor};
+use star_engines::stage::io;
+use star_engines::{EngineError, Stage, Tensor};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -54,7 +55,42 @@ pub trait Hooks {
     fn substep(&mut self, _si: usize, _s: usize) -> Option<(Vec<f32>, Vec<i64>)> {
         None
     }
+    /// Stage isolation: a recorded tensor to use instead of ours from here on (validate feeds
+    /// the recorded text features and next-scale inputs so that each stage is compared alone).
+    fn substitute(&mut self, _name: &str) -> Option<Tensor> {
+        None
+    }
     fn scale_done(&mut self, _si: usize, _pn: usize, _ms: f64) {}
+}
+
+/// An output the graph declares (ModelDir checked it is there); an error, not a panic, if not.
+fn take(out: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    out.remove(name)
+        .ok_or_else(|| RunError::Invalid(format!("stage output '{name}' missing")))
+}
+
+fn f32s<'a>(t: &'a Tensor, name: &str) -> Result<&'a [f32]> {
+    t.as_f32()
+        .ok_or_else(|| RunError::Invalid(format!("stage output '{name}' is not float32")))
+}
+
+/// Block i's K (j = 0) or V (j = 1) of a token-major cache region (n, depth, 2, B2, H, hd), as
+/// the release's (B2, H, n, hd).
+pub fn kv_block(kv: &Tensor, i: usize, j: usize) -> Tensor {
+    let s = &kv.shape;
+    let (n, depth, rows, h, hd) = (s[0], s[1], s[3], s[4], s[5]);
+    let d = kv.as_f32().unwrap_or(&[]);
+    let mut out = vec![0f32; rows * h * n * hd];
+    for t in 0..n {
+        for r in 0..rows {
+            for hh in 0..h {
+                let src = ((((t * depth + i) * 2 + j) * rows + r) * h + hh) * hd;
+                let dst = ((r * h + hh) * n + t) * hd;
+                out[dst..dst + hd].copy_from_slice(&d[src..src + hd]);
+            }
+        }
+    }
+    Tensor::f32(vec![rows, h, n, hd], out)
 }
 
 pub struct NoHooks;
@@ -144,18 +180,66 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Run a stage, timed under its label (`step[03]`, `vq[03]`, `text_encoder`, ...).
     fn run(
         &mut self,
         label: &str,
-        stage: &str,
+        stage: Stage,
         scale: Option<usize>,
-        inputs: &[(&str, Input<'_>)],
-    ) -> Result<std::collections::HashMap<String, Tensor>> {
+        inputs: &[(&str, Arg<'_>)],
+        kv_at: Option<usize>,
+    ) -> Result<HashMap<String, Tensor>> {
         let t = Instant::now();
-        let out = self.md.run(stage, scale, inputs)?;
+        let out = self.md.run_kv(stage, scale, inputs, kv_at)?;
         self.timings
             .add(label, t.elapsed().as_secs_f64() * 1e3, true);
         Ok(out)
+    }
+
+    /// One step of the transformer at scale `si`: its K/V go into the cache at the scale's
+    /// begin; `next_in` is None at scale 0.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        label: &str,
+        si: usize,
+        next_in: Option<&Tensor>,
+        pooled: &Tensor,
+        text_kv: &Tensor,
+        text_bias: &Tensor,
+    ) -> Result<HashMap<String, Tensor>> {
+        let begin = self.md.manifest.schedule.begin_end[si].0;
+        let text: [(&str, Arg<'_>); 2] = [
+            (io::TEXT_KV, text_kv.into()),
+            (io::TEXT_BIAS, text_bias.into()),
+        ];
+        match next_in {
+            None => {
+                let [a, b] = text;
+                self.run(
+                    label,
+                    Stage::StepFirst,
+                    Some(si),
+                    &[(io::POOLED, pooled.into()), a, b],
+                    Some(begin),
+                )
+            }
+            Some(ni) => {
+                let [a, b] = text;
+                self.run(
+                    label,
+                    Stage::Step,
+                    Some(si),
+                    &[
+                        (io::NEXT_IN, ni.into()),
+                        (io::PAST, Arg::KvPast(begin)),
+                        a,
+                        b,
+                    ],
+                    Some(begin),
+                )
+            }
+        }
     }
 
     fn timed<T>(&mut self, label: &str, f: impl FnOnce() -> T) -> T {
@@ -232,37 +316,50 @@ impl Pipeline {
         if hooks.observing() {
             hooks.observe("text.attention_mask", &mask);
         }
-        let te = self.run(
-            "text_encoder",
-            "text_encoder",
+        let mut te = self.run(
+            &Stage::TextEncoder.label(None),
+            Stage::TextEncoder,
             None,
             &[
-                ("input_ids", (&ids).into()),
-                ("attention_mask", (&mask).into()),
+                (io::INPUT_IDS, (&ids).into()),
+                (io::ATTENTION_MASK, (&mask).into()),
             ],
+            None,
         )?;
-        let (hidden, pooled) = (te["hidden"].clone(), te["pooled"].clone());
+        let mut hidden = take(&mut te, io::HIDDEN)?;
+        let mut pooled = take(&mut te, io::POOLED)?;
         if hooks.observing() {
             hooks.observe("text.hidden", &hidden);
-        }
-        if hooks.observing() {
             hooks.observe("text.pooled", &pooled);
         }
+        // Stage isolation (validate): later stages take the recorded text features.
+        if let Some(t) = hooks.substitute("text.hidden") {
+            hidden = t;
+        }
+        if let Some(t) = hooks.substitute("text.pooled") {
+            pooled = t;
+        }
         // Cross-attention K/V from each image's own conditional row (batch invariance).
-        let tkv = self.run(
-            "text_kv",
-            "text_kv",
+        let mut tkv = self.run(
+            &Stage::TextKv.label(None),
+            Stage::TextKv,
             None,
             &[
-                ("hidden", (&hidden.slice(0, 0, b)).into()),
-                ("attention_mask", (&mask.slice(0, 0, b)).into()),
+                (io::HIDDEN, (&hidden.slice(0, 0, b)).into()),
+                (io::ATTENTION_MASK, (&mask.slice(0, 0, b)).into()),
             ],
+            None,
         )?;
-        let (text_kv, text_bias) = (tkv["text_kv"].clone(), tkv["text_bias"].clone());
+        let text_kv = take(&mut tkv, io::TEXT_KV)?;
+        let text_bias = take(&mut tkv, io::TEXT_BIAS)?;
 
-        let mut cache = self.timed("kv_cache_alloc", || {
-            KvCache::new(cfg.depth, 2 * b, cfg.heads, sch.total_tokens, cfg.head_dim)
-        });
+        let t_alloc = Instant::now();
+        self.md.kv_alloc(2 * b)?;
+        self.timings.add(
+            "kv_cache_alloc",
+            t_alloc.elapsed().as_secs_f64() * 1e3,
+            false,
+        );
         let mut f_hat = Tensor::zeros(vec![b, cv, pside, pside]);
         let mut next_in: Option<Tensor> = None;
         let mut past_inputs: Vec<Tensor> = vec![];
@@ -270,63 +367,40 @@ impl Pipeline {
             let t_scale = Instant::now();
             let pn = sch.patch_nums[si];
             let n = pn * pn;
-            let label = format!("step[{si:02}]");
+            let label = Stage::Step.label(Some(si));
             if p.recompute_past && si > 0 {
-                self.recompute_past(&mut cache, &past_inputs, &pooled, &text_kv, &text_bias)?;
+                self.recompute_past(&past_inputs, &pooled, &text_kv, &text_bias)?;
             }
-            let out = if si == 0 {
-                self.run(
-                    &label,
-                    "step",
-                    Some(0),
-                    &[
-                        ("pooled", (&pooled).into()),
-                        ("text_kv", (&text_kv).into()),
-                        ("text_bias", (&text_bias).into()),
-                    ],
-                )?
+            let ni = if si == 0 {
+                None
             } else {
-                let ni = next_in.take().expect("next_in of the previous scale");
+                let ni = next_in.take().ok_or_else(|| {
+                    RunError::Invalid(format!("scale {si}: no input from scale {}", si - 1))
+                })?;
                 if p.recompute_past {
                     past_inputs.push(ni.clone());
                 }
-                let cache_in = Input::F32(&cache.shape, &cache.data);
-                self.run(
-                    &label,
-                    "step",
-                    Some(si),
-                    &[
-                        ("next_in", (&ni).into()),
-                        ("kv_cache", cache_in),
-                        ("text_kv", (&text_kv).into()),
-                        ("text_bias", (&text_bias).into()),
-                    ],
-                )?
+                Some(ni)
             };
-            let kv = &out["kv_new"];
-            self.timed("kv_cache_write", || {
-                cache.write(kv.as_f32().unwrap(), n, sch.begin_end[si].0)
-            });
+            let mut out = self.step(&label, si, ni.as_ref(), &pooled, &text_kv, &text_bias)?;
             if hooks.observing() {
+                let begin = sch.begin_end[si].0;
+                // (n, depth, 2, B2, H, hd) -> per block and K/V: (B2, H, n, hd), the release's layout.
+                let kv = self.md.kv_read(begin, n)?;
                 for i in 0..cfg.depth {
                     for (j, name) in ["k", "v"].iter().enumerate() {
-                        let t = kv.slice(0, i, i + 1).slice(1, j, j + 1);
-                        let t = t_f32(
-                            vec![2 * b, cfg.heads, n, cfg.head_dim],
-                            t.as_f32().unwrap().to_vec(),
-                        );
-                        hooks.observe(&format!("s{si:02}.b{i}.{name}"), &t);
+                        hooks.observe(&format!("s{si:02}.b{i}.{name}"), &kv_block(&kv, i, j));
                     }
                 }
             }
+            let hidden_s = take(&mut out, io::HIDDEN)?;
+            let logits_t = take(&mut out, io::LOGITS)?;
             if hooks.observing() {
-                hooks.observe(&format!("s{si:02}.b{}.out", cfg.depth - 1), &out["hidden"]);
-            }
-            if hooks.observing() {
-                hooks.observe(&format!("s{si:02}.logits"), &out["logits"]);
+                hooks.observe(&format!("s{si:02}.b{}.out", cfg.depth - 1), &hidden_s);
+                hooks.observe(&format!("s{si:02}.logits"), &logits_t);
             }
             let t = p.cfg * si as f64 / (sn - 1).max(1) as f64;
-            let logits = out["logits"].as_f32().unwrap();
+            let logits = f32s(&logits_t, io::LOGITS)?;
             let guided = self.timed("sampling", || guide(logits, b, n, v, t));
             if hooks.observing() {
                 hooks.observe(
@@ -338,17 +412,7 @@ impl Pipeline {
             let counts = &sch.substeps[si];
             let idx: Vec<i64> = if !counts.is_empty() && p.stable_sampling && cfg.sampler_blocks > 0
             {
-                self.stable_scale(
-                    si,
-                    pn,
-                    counts,
-                    &guided,
-                    &out["hidden"],
-                    &pooled,
-                    b,
-                    p,
-                    hooks,
-                )?
+                self.stable_scale(si, pn, counts, &guided, &hidden_s, &pooled, b, p, hooks)?
             } else {
                 let mut g = guided.clone();
                 let (drawn, _) = self.timed("sampling", || {
@@ -366,77 +430,68 @@ impl Pipeline {
             if hooks.observing() {
                 hooks.observe(&format!("s{si:02}.idx"), &idx_t);
             }
-            let vo = self.run(
-                &format!("vq[{si:02}]"),
-                "vq",
+            let scale_t = Tensor::i64(vec![1], vec![si as i64]);
+            let mut vo = self.run(
+                &Stage::Vq.label(Some(si)),
+                Stage::Vq,
                 Some(si),
-                &[("idx", (&idx_t).into()), ("f_hat", (&f_hat).into())],
+                &[
+                    (io::IDX, (&idx_t).into()),
+                    (io::F_HAT, (&f_hat).into()),
+                    (io::SCALE, (&scale_t).into()),
+                ],
+                None,
             )?;
-            f_hat = vo["f_hat_out"].clone();
+            f_hat = take(&mut vo, io::F_HAT_OUT)?;
             if hooks.observing() {
                 hooks.observe(&format!("s{si:02}.f_hat"), &f_hat);
             }
-            if let Some(ni) = vo.get("next_in") {
+            // At the last scale the graph's next_in is the full map: there is no next scale.
+            if si + 1 < sn {
+                let mut ni = take(&mut vo, io::NEXT_IN)?;
+                let name = format!("s{si:02}.next_in");
                 if hooks.observing() {
-                    hooks.observe(&format!("s{si:02}.next_in"), ni);
+                    hooks.observe(&name, &ni);
                 }
-                next_in = Some(ni.clone());
+                if let Some(t) = hooks.substitute(&name) {
+                    ni = t;
+                }
+                next_in = Some(ni);
             }
             hooks.scale_done(si, pn, t_scale.elapsed().as_secs_f64() * 1e3);
         }
-        let dec = self.run("decoder", "decoder", None, &[("f_hat", (&f_hat).into())])?;
+        let mut dec = self.run(
+            &Stage::Decoder.label(None),
+            Stage::Decoder,
+            None,
+            &[(io::F_HAT, (&f_hat).into())],
+            None,
+        )?;
+        let image = take(&mut dec, io::IMAGE)?;
         if hooks.observing() {
-            hooks.observe("image_raw", &dec["image_raw"]);
-        }
-        if hooks.observing() {
-            hooks.observe("image", &dec["image"]);
+            hooks.observe("image_raw", &take(&mut dec, io::IMAGE_RAW)?);
+            hooks.observe("image", &image);
         }
         self.timings
             .add("end_to_end", t_all.elapsed().as_secs_f64() * 1e3, false);
-        Ok(Generated {
-            image: dec["image"].clone(),
-            truncated,
-        })
+        Ok(Generated { image, truncated })
     }
 
-    /// Rebuild the cache of scales 0..past_inputs.len() by running their steps again.
+    /// Rebuild the cache of scales 0..=past_inputs.len() by running their steps again.
     fn recompute_past(
         &mut self,
-        cache: &mut KvCache,
         past_inputs: &[Tensor],
         pooled: &Tensor,
         text_kv: &Tensor,
         text_bias: &Tensor,
     ) -> Result<()> {
-        let sch = self.md.manifest.schedule.clone();
         for j in 0..=past_inputs.len() {
-            let n = sch.patch_nums[j] * sch.patch_nums[j];
-            let out = if j == 0 {
-                self.run(
-                    "recompute_past",
-                    "step",
-                    Some(0),
-                    &[
-                        ("pooled", pooled.into()),
-                        ("text_kv", text_kv.into()),
-                        ("text_bias", text_bias.into()),
-                    ],
-                )?
+            let ni = if j == 0 {
+                None
             } else {
-                let c = Input::F32(&cache.shape, &cache.data);
-                self.run(
-                    "recompute_past",
-                    "step",
-                    Some(j),
-                    &[
-                        ("next_in", (&past_inputs[j - 1]).into()),
-                        ("kv_cache", c),
-                        ("text_kv", text_kv.into()),
-                        ("text_bias", text_bias.into()),
-                    ],
-                )?
+                Some(&past_inputs[j - 1])
             };
-            cache.write(out["kv_new"].as_f32().unwrap(), n, sch.begin_end[j].0);
+            self.step("recompute_past", j, ni, pooled, text_kv, text_bias)?;
         }
         Ok(())
     }
@@ -478,21 +533,25 @@ impl Pipeline {
             } else {
                 let idx_t = Tensor::i64(vec![b, n], tokens.clone());
                 let mask_t = t_f32(vec![b, n], mask.clone());
-                let so = self.run(
-                    &format!("sampler[{si:02}].u{s:02}"),
-                    "sampler",
+                let scale_t = Tensor::i64(vec![1], vec![si as i64]);
+                let mut so = self.run(
+                    &format!("{}.u{s:02}", Stage::Sampler.label(Some(si))),
+                    Stage::Sampler,
                     Some(si),
                     &[
-                        ("hidden", hidden.into()),
-                        ("pooled", pooled.into()),
-                        ("idx", (&idx_t).into()),
-                        ("mask", (&mask_t).into()),
+                        (io::HIDDEN, hidden.into()),
+                        (io::POOLED, pooled.into()),
+                        (io::IDX, (&idx_t).into()),
+                        (io::MASK, (&mask_t).into()),
+                        (io::SCALE, (&scale_t).into()),
                     ],
+                    None,
                 )?;
+                let sl = take(&mut so, io::LOGITS)?;
                 if hooks.observing() {
-                    hooks.observe(&format!("s{si:02}.u{s:02}.sampler_logits"), &so["logits"]);
+                    hooks.observe(&format!("s{si:02}.u{s:02}.sampler_logits"), &sl);
                 }
-                let logits = so["logits"].as_f32().unwrap().to_vec();
+                let logits = f32s(&sl, io::LOGITS)?.to_vec();
                 let mut g = self.timed("sampling", || guide(&logits, b, n, v, p.cfg));
                 if hooks.observing() {
                     hooks.observe(

@@ -1,18 +1,22 @@
-//! `star-run replay`: run the whole pipeline on a fixture variant folder, taking the recorded
-//! token choices and reveal masks instead of sampling, and compare every recorded tensor on the way.
+//! Replaying golden generation records through the one scale loop (`Pipeline::generate`): the
+//! recorded token choices and reveal masks are taken instead of sampling, and every recorded
+//! tensor is compared on the way. `star-run replay` runs it end to end; `star-export validate`
+//! runs the same loop with stage isolation (each stage fed the recorded text features and
+//! next-scale inputs), so there is one place that assembles stage inputs.
 
 use crate::pipeline::{GenParams, Hooks, Pipeline, Result, RunError};
 use star_engines::golden::{compare, Record, Report, FP32_TOL};
 use star_engines::Tensor;
 use std::path::Path;
 
-struct ReplayHooks<'a> {
+struct RecordHooks<'a> {
     rec: &'a Record,
     rep: Report,
     err: Option<String>,
+    isolate: bool,
 }
 
-impl Hooks for ReplayHooks<'_> {
+impl Hooks for RecordHooks<'_> {
     fn observing(&self) -> bool {
         true
     }
@@ -23,7 +27,9 @@ impl Hooks for ReplayHooks<'_> {
         let stage = name.split('.').next().unwrap_or(name).to_string();
         match (self.rec.align(name, t), self.rec.get(name)) {
             (Ok(ours), Ok(gold)) => self.rep.push(compare(&stage, name, &ours, &gold, FP32_TOL)),
-            (Err(e), _) | (_, Err(e)) => self.err = Some(e.to_string()),
+            (Err(e), _) | (_, Err(e)) => {
+                self.err.get_or_insert(e.to_string());
+            }
         }
     }
     fn plain_tokens(&mut self, si: usize) -> Option<Vec<i64>> {
@@ -35,13 +41,23 @@ impl Hooks for ReplayHooks<'_> {
         let ids = self.recorded(&format!("s{si:02}.idx"))?;
         Some((m.as_f32()?.to_vec(), ids.as_i64()?.to_vec()))
     }
+    fn substitute(&mut self, name: &str) -> Option<Tensor> {
+        if !self.isolate {
+            return None;
+        }
+        // Only a tensor the record stores whole can stand in for ours (probed ones keep a few
+        // tokens); text features always are.
+        if self.rec.meta(name).get("probed").is_some() {
+            return None;
+        }
+        self.recorded(name)
+    }
 }
 
-impl ReplayHooks<'_> {
-    /// A recorded choice to substitute: None when the record does not hold it; a record that
-    /// holds it but cannot be read (or holds non-finite values) is an error, never a silent
-    /// fallback to sampling.
-    fn recorded(&mut self, name: &str) -> Option<star_engines::Tensor> {
+impl RecordHooks<'_> {
+    /// A recorded tensor to use: None when the record does not hold it; a record that holds it
+    /// but cannot be read (or holds non-finite values) is an error, never a silent fallback.
+    fn recorded(&mut self, name: &str) -> Option<Tensor> {
         if !self.rec.has(name) {
             return None;
         }
@@ -55,6 +71,56 @@ impl ReplayHooks<'_> {
     }
 }
 
+/// The prompts of a generation record's call.
+pub fn record_prompts(rec: &Record) -> Vec<String> {
+    rec.info()["call"]["prompts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Run one generation record through the scale loop with its recorded choices; `isolate`
+/// substitutes the recorded text features and next-scale inputs (stage isolation).
+pub fn replay_record(p: &mut Pipeline, rec: &Record, isolate: bool) -> Result<Report> {
+    let call = rec.info()["call"].clone();
+    let prompts = record_prompts(rec);
+    let distinct = prompts
+        .iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    if distinct > 1 {
+        // The release broadcasts row 0's cross-attention to every row; we follow batch
+        // invariance instead, so such a record is not reproducible by design.
+        return Err(RunError::Invalid(format!(
+            "{}: record of {distinct} different prompts (the release's row-0 broadcast); replay its rows one prompt at a time",
+            rec.stem.display()
+        )));
+    }
+    let params = GenParams {
+        cfg: call["cfg"].as_f64().unwrap_or(4.0),
+        top_k: call["top_k"].as_u64().unwrap_or(0) as usize,
+        top_p: call["top_p"].as_f64().unwrap_or(0.0),
+        seed: call["g_seed"].as_u64().unwrap_or(0),
+        stable_sampling: call["w_mask"].as_bool().unwrap_or(true),
+        recompute_past: false,
+    };
+    let mut hooks = RecordHooks {
+        rec,
+        rep: Report::default(),
+        err: None,
+        isolate,
+    };
+    p.generate(&prompts, "", &params, &mut hooks)?;
+    if let Some(e) = hooks.err {
+        return Err(RunError::Invalid(e));
+    }
+    Ok(hooks.rep)
+}
+
 pub fn replay(p: &mut Pipeline, golden: &Path) -> Result<Report> {
     let gens = star_engines::golden::generation_records(golden)?;
     if gens.is_empty() {
@@ -66,45 +132,7 @@ pub fn replay(p: &mut Pipeline, golden: &Path) -> Result<Report> {
     let mut all = Report::default();
     for g in gens {
         let rec = Record::open(&g)?;
-        let call = rec.info()["call"].clone();
-        let prompts: Vec<String> = call["prompts"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let distinct = prompts
-            .iter()
-            .collect::<std::collections::HashSet<_>>()
-            .len();
-        if distinct > 1 {
-            // The release broadcasts row 0's cross-attention to every row; we follow batch
-            // invariance instead, so such a record is not reproducible by design.
-            return Err(RunError::Invalid(format!(
-                "{}: record of {distinct} different prompts (the release's row-0 broadcast); replay its rows one prompt at a time",
-                g.display()
-            )));
-        }
-        let params = GenParams {
-            cfg: call["cfg"].as_f64().unwrap_or(4.0),
-            top_k: call["top_k"].as_u64().unwrap_or(0) as usize,
-            top_p: call["top_p"].as_f64().unwrap_or(0.0),
-            seed: call["g_seed"].as_u64().unwrap_or(0),
-            stable_sampling: call["w_mask"].as_bool().unwrap_or(true),
-            recompute_past: false,
-        };
-        let mut hooks = ReplayHooks {
-            rec: &rec,
-            rep: Report::default(),
-            err: None,
-        };
-        p.generate(&prompts, "", &params, &mut hooks)?;
-        if let Some(e) = hooks.err {
-            return Err(RunError::Invalid(e));
-        }
-        all.checks.extend(hooks.rep.checks);
+        all.checks.extend(replay_record(p, &rec, false)?.checks);
     }
     Ok(all)
 }

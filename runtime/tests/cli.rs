@@ -87,8 +87,8 @@ fn missing_model_directory() {
 fn partial_model_directory() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
-    std::fs::remove_file(m.join("step_s02.onnx")).unwrap();
-    expect_error(&m, &[], &[], "step_s02.onnx is listed but missing");
+    std::fs::remove_file(m.join("step.onnx")).unwrap();
+    expect_error(&m, &[], &[], "step.onnx is listed but missing");
 }
 
 #[test]
@@ -97,12 +97,33 @@ fn manifest_schema_mismatch() {
     let m = copy_demo(t.path());
     let p = m.join("manifest.json");
     let text = std::fs::read_to_string(&p).unwrap().replacen(
-        "\"schema_version\": 1",
+        "\"schema_version\": 2",
         "\"schema_version\": 99",
         1,
     );
     std::fs::write(&p, text).unwrap();
     expect_error(&m, &[], &[], "schema version 99");
+}
+
+/// A directory exported before the per-stage-kind graphs (schema v1: one graph per scale) is
+/// refused with a re-export hint, before anything else is read.
+#[test]
+fn schema_v1_directory_is_refused_with_a_re_export_hint() {
+    let t = tempfile::tempdir().unwrap();
+    let m = copy_demo(t.path());
+    let p = m.join("manifest.json");
+    let text = std::fs::read_to_string(&p).unwrap().replacen(
+        "\"schema_version\": 2",
+        "\"schema_version\": 1",
+        1,
+    );
+    std::fs::write(&p, text).unwrap();
+    expect_error(
+        &m,
+        &[],
+        &[],
+        "schema version 1, this build reads version 2; re-export the model",
+    );
 }
 
 #[test]

@@ -148,6 +148,8 @@ pub struct G<'s> {
     counter: usize,
     pub in_specs: Vec<IoSpec>,
     pub out_specs: Vec<IoSpec>,
+    /// The LayerNorm scale of ones of this graph (width, constant name).
+    ones: Option<(usize, String)>,
 }
 
 impl<'s> G<'s> {
@@ -164,6 +166,7 @@ impl<'s> G<'s> {
             counter: 0,
             in_specs: vec![],
             out_specs: vec![],
+            ones: None,
         }
     }
 
@@ -360,6 +363,32 @@ impl<'s> G<'s> {
         let a = self.c_i64(&[axis], &[1]);
         self.op("Slice", &[x, &s, &e, &a], vec![])
     }
+    /// Slice along `axis` with computed bounds (int64 tensors of shape (1,)).
+    pub fn slice_dyn(&mut self, x: &str, axis: i64, start: &str, end: &str) -> String {
+        let a = self.c_i64(&[axis], &[1]);
+        self.op("Slice", &[x, start, end, &a], vec![])
+    }
+    /// Dim `axis` of `x` as an int64 tensor of shape (1,).
+    pub fn dim(&mut self, x: &str, axis: i64) -> String {
+        self.op(
+            "Shape",
+            &[x],
+            vec![
+                AttributeProto::int("start", axis),
+                AttributeProto::int("end", axis + 1),
+            ],
+        )
+    }
+    /// Entries of an int64 table selected by an int64 index tensor.
+    pub fn lookup(&mut self, table: &[i64], index: &str) -> String {
+        let t = self.c_i64(table, &[table.len() as i64]);
+        self.op("Gather", &[&t, index], vec![])
+    }
+    /// Reshape to a shape assembled from constant and computed parts (each (1,) or (k,)).
+    pub fn reshape_dyn(&mut self, x: &str, parts: &[&str]) -> String {
+        let shape = self.concat(parts, 0);
+        self.op("Reshape", &[x, &shape], vec![])
+    }
     /// Take index `i` along `axis`, removing that axis.
     pub fn pick(&mut self, x: &str, axis: i64, i: i64) -> String {
         let idx = self.c_i64(&[i], &[]);
@@ -378,10 +407,16 @@ impl<'s> G<'s> {
 
     /// LayerNorm over the last axis without affine parameters (the STAR blocks' norms).
     pub fn layer_norm_plain(&mut self, x: &str, width: usize, eps: f32) -> String {
-        let key = format!("__ones_{width}");
-        let ones = self
-            .weight(&key, &[width], || Ok(vec![1.0; width]))
-            .unwrap_or_default();
+        // A graph-local constant, not a shared weight: no weight may be referenced by more than
+        // two graphs, and these ones are needed by every transformer graph.
+        let ones = match &self.ones {
+            Some((w, name)) if *w == width => name.clone(),
+            _ => {
+                let name = self.c_f32(&vec![1.0; width], &[width as i64]);
+                self.ones = Some((width, name.clone()));
+                name
+            }
+        };
         self.op(
             "LayerNormalization",
             &[x, &ones],

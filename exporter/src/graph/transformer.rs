@@ -1,6 +1,8 @@
-//! The STAR transformer stages: text K/V (once per prompt), one scale step per scale (same code
-//! path for every scale; scale 0 starts from the pooled text instead of the previous tokens and
-//! has no past), and the stable-sampler step.
+//! The STAR transformer stages: text K/V (once per prompt); `step_first` (scale 0: the pooled
+//! text as the only token, no past) and `step` (every later scale: token count and past length
+//! are dynamic, the scale's RoPE rows and level embedding are selected by the past length); and
+//! the stable-sampler step (every sampler scale, selected by its `scale` input). The KV cache is
+//! token-major: past (P, depth, 2, B2, H, hd) in, kv_new (n, depth, 2, B2, H, hd) out.
 
 use super::builder::G;
 use super::Src;
@@ -8,6 +10,7 @@ use crate::error::Result;
 use crate::schedule::rope_table;
 use star_engines::manifest::{ModelConfig, Schedule};
 use star_engines::onnx::{dtype, Dim};
+use star_engines::stage::io;
 
 pub const LN_EPS: f32 = 1e-6;
 pub const TEXT_LEN: usize = 77;
@@ -32,8 +35,8 @@ fn head_scale(g: &mut G, src: &Src, heads: usize) -> Result<String> {
 }
 
 /// Apply the rotary table (cos/sin of shape (n, 32, 1)) to x of shape (R, H, n, 64).
-fn apply_rope(g: &mut G, x: &str, cos: &str, sin: &str, n: usize, hd: usize) -> String {
-    let x = g.reshape(x, &[0, 0, n as i64, (hd / 2) as i64, 2]);
+fn apply_rope(g: &mut G, x: &str, cos: &str, sin: &str, hd: usize) -> String {
+    let x = g.reshape(x, &[0, 0, -1, (hd / 2) as i64, 2]);
     let parts = g.split(&x, -1, 2);
     let (a, b) = (&parts[0], &parts[1]);
     let ac = g.mul(a, cos);
@@ -43,12 +46,26 @@ fn apply_rope(g: &mut G, x: &str, cos: &str, sin: &str, n: usize, hd: usize) -> 
     let bc = g.mul(b, cos);
     let im = g.add(&as_, &bc);
     let y = g.concat(&[&re, &im], -1);
-    g.reshape(&y, &[0, 0, n as i64, hd as i64])
+    g.reshape(&y, &[0, 0, -1, hd as i64])
 }
 
 struct Rope {
     cos: String,
     sin: String,
+}
+
+/// The rotary tables of every scale, stacked in token order: rows [begin, end) are scale k's.
+fn rope_all(g: &mut G, sch: &Schedule) -> Rope {
+    let tables: Vec<_> = sch.patch_nums.iter().map(|&pn| rope_table(pn)).collect();
+    rope_consts(g, &tables)
+}
+
+/// Rows [begin, end) of a stacked table.
+fn rope_rows(g: &mut G, all: &Rope, begin: &str, end: &str) -> Rope {
+    Rope {
+        cos: g.slice_dyn(&all.cos, 0, begin, end),
+        sin: g.slice_dyn(&all.sin, 0, begin, end),
+    }
 }
 
 fn rope_consts(g: &mut G, tables: &[(Vec<f32>, Vec<f32>)]) -> Rope {
@@ -66,15 +83,15 @@ fn rope_consts(g: &mut G, tables: &[(Vec<f32>, Vec<f32>)]) -> Rope {
 }
 
 /// (R, n, C) -> (R, H, n, hd)
-fn heads_first(g: &mut G, x: &str, n: usize, h: usize, hd: usize) -> String {
-    let x = g.reshape(x, &[0, n as i64, h as i64, hd as i64]);
+fn heads_first(g: &mut G, x: &str, h: usize, hd: usize) -> String {
+    let x = g.reshape(x, &[0, -1, h as i64, hd as i64]);
     g.transpose(&x, &[0, 2, 1, 3])
 }
 
 /// (R, H, n, hd) -> (R, n, C)
-fn heads_last(g: &mut G, x: &str, n: usize, c: usize) -> String {
+fn heads_last(g: &mut G, x: &str, c: usize) -> String {
     let x = g.transpose(x, &[0, 2, 1, 3]);
-    g.reshape(&x, &[0, n as i64, c as i64])
+    g.reshape(&x, &[0, -1, c as i64])
 }
 
 /// Self-attention of one block. Returns (output before residual, k, v) with k after RoPE and L2
@@ -85,7 +102,6 @@ fn self_attention(
     a: &Src,
     cfg: &ModelConfig,
     x: &str,
-    n: usize,
     rope: &Rope,
     past: Option<(&str, &str)>,
 ) -> Result<(String, String, String)> {
@@ -103,11 +119,11 @@ fn self_attention(
     })?;
     let qkv = g.add(&qkv, &bias);
     let parts = g.split(&qkv, -1, 3);
-    let q = heads_first(g, &parts[0], n, h, hd);
-    let k = heads_first(g, &parts[1], n, h, hd);
-    let v = heads_first(g, &parts[2], n, h, hd);
-    let q = apply_rope(g, &q, &rope.cos, &rope.sin, n, hd);
-    let k = apply_rope(g, &k, &rope.cos, &rope.sin, n, hd);
+    let q = heads_first(g, &parts[0], h, hd);
+    let k = heads_first(g, &parts[1], h, hd);
+    let v = heads_first(g, &parts[2], h, hd);
+    let q = apply_rope(g, &q, &rope.cos, &rope.sin, hd);
+    let k = apply_rope(g, &k, &rope.cos, &rope.sin, hd);
     let q = g.l2_normalize(&q);
     let k = g.l2_normalize(&k);
     let s = head_scale(g, a, h)?;
@@ -120,7 +136,7 @@ fn self_attention(
     let att = g.matmul(&q, &kt);
     let att = g.softmax(&att, -1);
     let o = g.matmul(&att, &v_all);
-    let o = heads_last(g, &o, n, c);
+    let o = heads_last(g, &o, c);
     let o = a.linear(g, &o, "proj", c, c, true)?;
     Ok((o, k, v))
 }
@@ -133,7 +149,6 @@ fn cross_attention(
     a: &Src,
     cfg: &ModelConfig,
     x_cond: &str,
-    n: usize,
     tk: &str,
     tv: &str,
     bias: &str,
@@ -142,7 +157,7 @@ fn cross_attention(
     let q = a.linear(g, x_cond, "mat_q", c, c, false)?;
     let qb = a.raw(g, "q_bias", &[c])?;
     let q = g.add(&q, &qb);
-    let q = heads_first(g, &q, n, h, hd);
+    let q = heads_first(g, &q, h, hd);
     let q = g.l2_normalize(&q);
     let s = head_scale(g, a, h)?;
     let q = g.mul(&q, &s);
@@ -151,7 +166,7 @@ fn cross_attention(
     let att = g.add(&att, bias);
     let att = g.softmax(&att, -1);
     let o = g.matmul(&att, tv);
-    let o = heads_last(g, &o, n, c);
+    let o = heads_last(g, &o, c);
     a.linear(g, &o, "proj", c, c, true)
 }
 
@@ -213,70 +228,36 @@ pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// One scale step of the main transformer. Inputs: scale 0 takes `pooled` (2B, Dt); later scales
-/// take `next_in` (B, n, Cvae) and the whole KV cache (depth, 2, 2B, H, L, hd), of which the
-/// graph reads the first `begin` tokens (static per scale). Outputs this scale's K/V, the last
-/// block's hidden states (the stable sampler's prior) and the main head's logits.
-pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usize) -> Result<()> {
+/// The blocks and heads shared by `step_first` and `step`: x (B2, n, C) through every block
+/// (self-attention over [past ; this scale], cross-attention, FFN), then the outputs: kv_new
+/// token-major (n, depth, 2, B2, H, hd), the last block's hidden states (the stable sampler's
+/// prior) and the main head's logits.
+fn blocks_and_heads(
+    g: &mut G,
+    t: &Src,
+    cfg: &ModelConfig,
+    mut x: String,
+    rope: &Rope,
+    past: Option<&str>,
+    tokens: Dim,
+) -> Result<()> {
     let (c, h, hd, v) = (cfg.width, cfg.heads, cfg.head_dim, cfg.vocab);
-    let pn = sch.patch_nums[si];
-    let n = pn * pn;
-    let (begin, _) = sch.begin_end[si];
-    let lvl_w = t.w.clone();
-    let sn = sch.patch_nums.len();
-    lvl_w.check("lvl_embed.weight", &[sn, c])?;
-    let lvl = g.weight(
-        &format!("{}[{si}]", t.key("lvl_embed.weight")),
-        &[c],
-        move || Ok(lvl_w.get("lvl_embed.weight", &[sn, c])?[si * c..(si + 1) * c].to_vec()),
-    )?;
-
-    let mut x = if si == 0 {
-        let pooled = g.input("pooled", dtype::FLOAT, &[sym("B2"), fx(cfg.text_width)]);
-        let sos = t.linear(g, &pooled, "encoder_proj", cfg.text_width, c, true)?;
-        let sos = g.unsqueeze(&sos, &[1]);
-        let ps = t.raw(g, "pos_start", &[1, 1, c])?;
-        let x = g.add(&sos, &ps);
-        g.add(&x, &lvl)
-    } else {
-        let next_in = g.input("next_in", dtype::FLOAT, &[sym("B"), fx(n), fx(cfg.cvae)]);
-        let e = t.linear(g, &next_in, "word_embed", cfg.cvae, c, true)?;
-        let e = g.add(&e, &lvl);
-        g.concat(&[&e, &e], 0)
-    };
-    let past = if si > 0 {
-        let cache = g.input(
-            "kv_cache",
-            dtype::FLOAT,
-            &[
-                fx(cfg.depth),
-                fx(2),
-                sym("B2"),
-                fx(h),
-                fx(sch.total_tokens),
-                fx(hd),
-            ],
-        );
-        Some(g.slice(&cache, 4, 0, begin as i64))
-    } else {
-        None
-    };
     let text_kv = g.input(
-        "text_kv",
+        io::TEXT_KV,
         dtype::FLOAT,
         &[fx(cfg.depth), fx(2), sym("B"), fx(h), fx(TEXT_LEN), fx(hd)],
     );
     let text_bias = g.input(
-        "text_bias",
+        io::TEXT_BIAS,
         dtype::FLOAT,
         &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)],
     );
-    let rope = rope_consts(g, &[rope_table(pn)]);
-
+    // (P, depth, 2, B2, H, hd) -> (depth, 2, B2, H, P, hd): one transpose, then per-block picks.
+    let past_t = past.map(|p| g.transpose(p, &[1, 2, 3, 4, 0, 5]));
     let mut new_kv = vec![];
     for i in 0..cfg.depth {
         let b = t.pp(&format!("blocks.{i}"));
-        let pkv = past.as_ref().map(|p| {
+        let pkv = past_t.as_ref().map(|p| {
             let blk = g.pick(p, 0, i as i64);
             (g.pick(&blk, 0, 0), g.pick(&blk, 0, 1))
         });
@@ -286,8 +267,7 @@ pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usi
             &b.pp("attn"),
             cfg,
             &xn,
-            n,
-            &rope,
+            rope,
             pkv.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
         )?;
         x = g.add(&x, &o);
@@ -301,16 +281,7 @@ pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usi
         let tkv = g.pick(&text_kv, 0, i as i64);
         let tk = g.pick(&tkv, 0, 0);
         let tv = g.pick(&tkv, 0, 1);
-        let xa = cross_attention(
-            g,
-            &b.pp("cross_attn"),
-            cfg,
-            &rows[0],
-            n,
-            &tk,
-            &tv,
-            &text_bias,
-        )?;
+        let xa = cross_attention(g, &b.pp("cross_attn"), cfg, &rows[0], &tk, &tv, &text_bias)?;
         let xa = g.concat(&[&xa, &xa], 0);
         x = g.add(&x, &xa);
 
@@ -319,38 +290,104 @@ pub fn scale_step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule, si: usi
         x = g.add(&x, &f);
     }
     let refs: Vec<&str> = new_kv.iter().map(|s| s.as_str()).collect();
+    // (depth, 2, B2, H, n, hd) -> (n, depth, 2, B2, H, hd): this scale's region of the cache.
     let kv = g.concat(&refs, 0);
+    let kv = g.transpose(&kv, &[4, 0, 1, 2, 3, 5]);
     g.output(
         &kv,
-        "kv_new",
+        io::KV_NEW,
         dtype::FLOAT,
-        &[fx(cfg.depth), fx(2), sym("B2"), fx(h), fx(n), fx(hd)],
+        &[
+            tokens.clone(),
+            fx(cfg.depth),
+            fx(2),
+            sym("B2"),
+            fx(h),
+            fx(hd),
+        ],
     );
-    g.output(&x, "hidden", dtype::FLOAT, &[sym("B2"), fx(n), fx(c)]);
+    g.output(
+        &x,
+        io::HIDDEN,
+        dtype::FLOAT,
+        &[sym("B2"), tokens.clone(), fx(c)],
+    );
     let xn = g.layer_norm_plain(&x, c, LN_EPS);
     let logits = t.linear(g, &xn, "head_logits", c, v, true)?;
-    g.output(&logits, "logits", dtype::FLOAT, &[sym("B2"), fx(n), fx(v)]);
+    g.output(
+        &logits,
+        io::LOGITS,
+        dtype::FLOAT,
+        &[sym("B2"), tokens, fx(v)],
+    );
     Ok(())
 }
 
-/// The stable sampler for scale si: refiner blocks over [prefix ; revealed tokens] fused with the
-/// main transformer's hidden states. `idx` and `mask` pick the revealed codebook vectors.
-pub fn sampler_step(
-    g: &mut G,
-    t: &Src,
-    vq: &Src,
-    cfg: &ModelConfig,
-    sch: &Schedule,
-    si: usize,
-) -> Result<()> {
-    let (c, v, cv) = (cfg.width, cfg.vocab, cfg.cvae);
-    let pn = sch.patch_nums[si];
-    let n = pn * pn;
+/// Scale 0: the pooled text (2B, Dt) projected to the start token; no past.
+pub fn step_first(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
+    let c = cfg.width;
     let sn = sch.patch_nums.len();
-    let hidden = g.input("hidden", dtype::FLOAT, &[sym("B2"), fx(n), fx(c)]);
-    let pooled = g.input("pooled", dtype::FLOAT, &[sym("B2"), fx(cfg.text_width)]);
-    let idx = g.input("idx", dtype::INT64, &[sym("B"), fx(n)]);
-    let mask = g.input("mask", dtype::FLOAT, &[sym("B"), fx(n)]);
+    let lvl_all = t.raw(g, "lvl_embed.weight", &[sn, c])?;
+    let zero = g.c_i64(&[0], &[1]);
+    let lvl = g.op("Gather", &[&lvl_all, &zero], vec![]);
+    let pooled = g.input(io::POOLED, dtype::FLOAT, &[sym("B2"), fx(cfg.text_width)]);
+    let sos = t.linear(g, &pooled, "encoder_proj", cfg.text_width, c, true)?;
+    let sos = g.unsqueeze(&sos, &[1]);
+    let ps = t.raw(g, "pos_start", &[1, 1, c])?;
+    let x = g.add(&sos, &ps);
+    let x = g.add(&x, &lvl);
+    let rope = rope_consts(g, &[rope_table(sch.patch_nums[0])]);
+    blocks_and_heads(g, t, cfg, x, &rope, None, fx(1))
+}
+
+/// Every scale >= 1: next_in (B, n, Cvae) and the past (P, depth, 2, B2, H, hd). The scale is
+/// known from P (its first token): its RoPE rows are rows [P, P+n) of the stacked tables and its
+/// level embedding is row scale_of_token[P].
+pub fn step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
+    let (c, h, hd) = (cfg.width, cfg.heads, cfg.head_dim);
+    let sn = sch.patch_nums.len();
+    let next_in = g.input(
+        io::NEXT_IN,
+        dtype::FLOAT,
+        &[sym("B"), sym("tokens"), fx(cfg.cvae)],
+    );
+    let past = g.input(
+        io::PAST,
+        dtype::FLOAT,
+        &[sym("past"), fx(cfg.depth), fx(2), sym("B2"), fx(h), fx(hd)],
+    );
+    let begin = g.dim(&past, 0);
+    let n = g.dim(&next_in, 1);
+    let end = g.add(&begin, &n);
+    let scale_of_token: Vec<i64> = sch
+        .begin_end
+        .iter()
+        .enumerate()
+        .flat_map(|(si, (b, e))| std::iter::repeat_n(si as i64, e - b))
+        .collect();
+    let si = g.lookup(&scale_of_token, &begin);
+    let lvl_all = t.raw(g, "lvl_embed.weight", &[sn, c])?;
+    let lvl = g.op("Gather", &[&lvl_all, &si], vec![]);
+    let e = t.linear(g, &next_in, "word_embed", cfg.cvae, c, true)?;
+    let e = g.add(&e, &lvl);
+    let x = g.concat(&[&e, &e], 0);
+    let all = rope_all(g, sch);
+    let rope = rope_rows(g, &all, &begin, &end);
+    blocks_and_heads(g, t, cfg, x, &rope, Some(&past), sym("tokens"))
+}
+
+/// The stable sampler of any sampler scale (its `scale` input, shape (1,)): refiner blocks over
+/// [prefix ; revealed tokens] fused with the main transformer's hidden states. `idx` and `mask`
+/// pick the revealed codebook vectors.
+pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
+    let (c, v, cv) = (cfg.width, cfg.vocab, cfg.cvae);
+    let sn = sch.patch_nums.len();
+    let tok = || sym("tokens");
+    let hidden = g.input(io::HIDDEN, dtype::FLOAT, &[sym("B2"), tok(), fx(c)]);
+    let pooled = g.input(io::POOLED, dtype::FLOAT, &[sym("B2"), fx(cfg.text_width)]);
+    let idx = g.input(io::IDX, dtype::INT64, &[sym("B"), tok()]);
+    let mask = g.input(io::MASK, dtype::FLOAT, &[sym("B"), tok()]);
+    let scale = g.input(io::SCALE, dtype::INT64, &[fx(1)]);
 
     let p = t.linear(g, &pooled, "encoder_proj2", cfg.text_width, c, true)?;
     let p = g.unsqueeze(&p, &[1]);
@@ -362,13 +399,8 @@ pub fn sampler_step(
     let m = g.unsqueeze(&mask, &[-1]);
     let h = g.mul(&h, &m);
     let e = t.linear(g, &h, "word_embed_head", cv, c, true)?;
-    let lw = t.w.clone();
-    lw.check("lvl_embed_2.weight", &[sn, c])?;
-    let lvl = g.weight(
-        &format!("{}[{si}]", t.key("lvl_embed_2.weight")),
-        &[c],
-        move || Ok(lw.get("lvl_embed_2.weight", &[sn, c])?[si * c..(si + 1) * c].to_vec()),
-    )?;
+    let lvl_all = t.raw(g, "lvl_embed_2.weight", &[sn, c])?;
+    let lvl = g.op("Gather", &[&lvl_all, &scale], vec![]);
     let e = g.add(&e, &lvl);
     let e = g.concat(&[&e, &e], 0);
     let feature = g.concat(&[&p, &e], 1);
@@ -376,13 +408,23 @@ pub fn sampler_step(
     let cat = g.concat(&[&feature, &prior], -1);
     let mut x = t.linear(g, &cat, "head_proj", 2 * c, c, true)?;
 
-    // The prefix token has angle 0 (cos 1, sin 0), then this scale's table.
-    let zero = (vec![1.0f32; 32], vec![0.0f32; 32]);
-    let rope = rope_consts(g, &[zero, rope_table(pn)]);
+    // The prefix token has angle 0 (cos 1, sin 0), then this scale's rows of the stacked tables.
+    let begins: Vec<i64> = sch.begin_end.iter().map(|(b, _)| *b as i64).collect();
+    let begin = g.lookup(&begins, &scale);
+    let n = g.dim(&idx, 1);
+    let end = g.add(&begin, &n);
+    let all = rope_all(g, sch);
+    let rows = rope_rows(g, &all, &begin, &end);
+    let one = g.c_f32(&[1.0f32; 32], &[1, 32, 1]);
+    let zero = g.c_f32(&[0.0f32; 32], &[1, 32, 1]);
+    let rope = Rope {
+        cos: g.concat(&[&one, &rows.cos], 0),
+        sin: g.concat(&[&zero, &rows.sin], 0),
+    };
     for j in 0..cfg.sampler_blocks {
         let b = t.pp(&format!("feat_extract_blocks.{j}"));
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
-        let (o, _, _) = self_attention(g, &b.pp("attn"), cfg, &xn, n + 1, &rope, None)?;
+        let (o, _, _) = self_attention(g, &b.pp("attn"), cfg, &xn, &rope, None)?;
         x = g.add(&x, &o);
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
         let f = ffn(g, &b.pp("ffn"), c, &xn)?;
@@ -390,7 +432,12 @@ pub fn sampler_step(
     }
     let xn = g.layer_norm_plain(&x, c, LN_EPS);
     let logits = t.linear(g, &xn, "head_logits2", c, v, true)?;
-    let logits = g.slice(&logits, 1, 1, (n + 1) as i64);
-    g.output(&logits, "logits", dtype::FLOAT, &[sym("B2"), fx(n), fx(v)]);
+    let logits = g.slice(&logits, 1, 1, i64::MAX);
+    g.output(
+        &logits,
+        io::LOGITS,
+        dtype::FLOAT,
+        &[sym("B2"), tok(), fx(v)],
+    );
     Ok(())
 }

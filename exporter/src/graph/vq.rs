@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::schedule::{area_matrix, bicubic_matrix};
 use star_engines::manifest::{ModelConfig, Schedule};
 use star_engines::onnx::{dtype, Dim};
+use star_engines::stage::io;
 
 fn sym(s: &str) -> Dim {
     Dim::Sym(s.into())
@@ -15,44 +16,120 @@ fn fx(v: usize) -> Dim {
     Dim::Fixed(v as i64)
 }
 
-/// up = M h Mᵀ per channel, with M (out x inp).
-fn resample(g: &mut G, x: &str, m: &[f32], out: usize, inp: usize) -> String {
-    let mm = g.c_f32(m, &[out as i64, inp as i64]);
-    let mut mt = vec![0f32; m.len()];
-    for o in 0..out {
-        for i in 0..inp {
-            mt[i * out + o] = m[o * inp + i];
-        }
-    }
-    let mtt = g.c_f32(&mt, &[inp as i64, out as i64]);
-    let y = g.matmul(&mm, x);
-    g.matmul(&y, &mtt)
+fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    crate::graph::transpose2(m, rows, cols)
 }
 
-pub fn vq_step(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule, si: usize) -> Result<()> {
+/// Per-scale resampling matrices stacked side by side, (out, Σ inp), with each block's column
+/// offset; and the transposed stack (Σ inp, out). Block k is `mats[k]` (out x inp_k).
+fn stack_cols(mats: &[(Vec<f32>, usize)], out: usize) -> (Vec<f32>, Vec<f32>, Vec<i64>, usize) {
+    let total: usize = mats.iter().map(|(_, i)| i).sum();
+    let mut m = vec![0f32; out * total];
+    let mut mt = vec![0f32; total * out];
+    let mut offs = vec![];
+    let mut off = 0;
+    for (blk, inp) in mats {
+        offs.push(off as i64);
+        for o in 0..out {
+            for i in 0..*inp {
+                m[o * total + off + i] = blk[o * inp + i];
+            }
+        }
+        let t = transposed(blk, out, *inp);
+        mt[off * out..(off + inp) * out].copy_from_slice(&t);
+        off += inp;
+    }
+    (m, mt, offs, total)
+}
+
+fn identity(n: usize) -> Vec<f32> {
+    let mut m = vec![0f32; n * n];
+    for i in 0..n {
+        m[i * n + i] = 1.0;
+    }
+    m
+}
+
+/// The VQ transition of any scale (its `scale` input, shape (1,)): codebook lookup, bicubic up
+/// to the full side P (constant matrix pair M h Mᵀ; identity at the last scale, where the release
+/// does not interpolate), phi, the f_hat update, and area down to the next scale's side. Every
+/// phi conv is computed as one stacked conv and the scale's phi picked from it: tiny next to the
+/// transformer, and constant weights for TensorRT. At the last scale `next_in` is the full map
+/// (identity down), which the runtime ignores.
+pub fn vq_step(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
     let (v, cv) = (cfg.vocab, cfg.cvae);
     let sn = sch.patch_nums.len();
-    let pn = sch.patch_nums[si];
     let p = sch.patch_nums[sn - 1];
-    let idx = g.input("idx", dtype::INT64, &[sym("B"), fx(pn * pn)]);
-    let f_hat = g.input("f_hat", dtype::FLOAT, &[sym("B"), fx(cv), fx(p), fx(p)]);
+    let k = cfg.vq.phi_count;
+    let idx = g.input(io::IDX, dtype::INT64, &[sym("B"), sym("tokens")]);
+    let f_hat = g.input(io::F_HAT, dtype::FLOAT, &[sym("B"), fx(cv), fx(p), fx(p)]);
+    let scale = g.input(io::SCALE, dtype::INT64, &[fx(1)]);
+    let pns: Vec<i64> = sch.patch_nums.iter().map(|&x| x as i64).collect();
+    let pn = g.lookup(&pns, &scale);
+
     let codebook = vq.raw(g, "quantize.embedding.weight", &[v, cv])?;
     let h = g.op("Gather", &[&codebook, &idx], vec![]);
     let h = g.transpose(&h, &[0, 2, 1]);
-    let h = g.reshape(&h, &[0, cv as i64, pn as i64, pn as i64]);
-    let last = si == sn - 1;
-    let h = if last {
-        h
-    } else {
-        resample(g, &h, &bicubic_matrix(pn, p), p, pn)
-    };
-    let phi = vq.pp(&format!(
-        "quantize.quant_resi.qresi_ls.{}",
-        sch.phi_index[si]
-    ));
-    let w = phi.raw(g, "weight", &[cv, cv, 3, 3])?;
-    let b = phi.raw(g, "bias", &[cv])?;
+    let head = g.c_i64(&[0, cv as i64], &[2]);
+    let h = g.reshape_dyn(&h, &[&head, &pn, &pn]);
+
+    let ups: Vec<(Vec<f32>, usize)> = sch
+        .patch_nums
+        .iter()
+        .enumerate()
+        .map(|(si, &q)| {
+            if si == sn - 1 {
+                (identity(p), p)
+            } else {
+                (bicubic_matrix(q, p), q)
+            }
+        })
+        .collect();
+    let (m, mt, offs, total) = stack_cols(&ups, p);
+    let m = g.c_f32(&m, &[p as i64, total as i64]);
+    let mt = g.c_f32(&mt, &[total as i64, p as i64]);
+    let off = g.lookup(&offs, &scale);
+    let end = g.add(&off, &pn);
+    let mk = g.slice_dyn(&m, 1, &off, &end);
+    let mkt = g.slice_dyn(&mt, 0, &off, &end);
+    let h = g.matmul(&mk, &h);
+    let h = g.matmul(&h, &mkt);
+
+    // Every phi as one conv (K*Cvae outputs), then the scale's block.
+    let key = "vq/quantize.quant_resi.qresi_ls.stacked";
+    let mut ws = vec![];
+    let mut bs = vec![];
+    for j in 0..k {
+        let phi = vq.w.pp(&format!("quantize.quant_resi.qresi_ls.{j}"));
+        phi.check("weight", &[cv, cv, 3, 3])?;
+        phi.check("bias", &[cv])?;
+        ws.push(phi.clone());
+        bs.push(phi);
+    }
+    let w = g.weight(&format!("{key}.weight"), &[k * cv, cv, 3, 3], || {
+        let mut all = vec![];
+        for phi in &ws {
+            all.extend(phi.get("weight", &[cv, cv, 3, 3])?);
+        }
+        Ok(all)
+    })?;
+    let b = g.weight(&format!("{key}.bias"), &[k * cv], || {
+        let mut all = vec![];
+        for phi in &bs {
+            all.extend(phi.get("bias", &[cv])?);
+        }
+        Ok(all)
+    })?;
     let conv = g.conv(&h, &w, &b, 3);
+    let conv = g.reshape(&conv, &[0, k as i64, cv as i64, p as i64, p as i64]);
+    let phis: Vec<i64> = sch.phi_index.iter().map(|&x| x as i64).collect();
+    let which = g.lookup(&phis, &scale);
+    let conv = g.op(
+        "Gather",
+        &[&conv, &which],
+        vec![star_engines::onnx::AttributeProto::int("axis", 1)],
+    );
+    let conv = g.reshape(&conv, &[0, cv as i64, p as i64, p as i64]);
     let half = g.scalar(0.5);
     let a = g.mul(&h, &half);
     let c = g.mul(&conv, &half);
@@ -60,22 +137,45 @@ pub fn vq_step(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule, si: usize
     let f = g.add(&f_hat, &phi_out);
     g.output(
         &f,
-        "f_hat_out",
+        io::F_HAT_OUT,
         dtype::FLOAT,
         &[sym("B"), fx(cv), fx(p), fx(p)],
     );
-    if !last {
-        let pn2 = sch.patch_nums[si + 1];
-        let d = resample(g, &f, &area_matrix(p, pn2), pn2, p);
-        let d = g.reshape(&d, &[0, cv as i64, (pn2 * pn2) as i64]);
-        let d = g.transpose(&d, &[0, 2, 1]);
-        g.output(
-            &d,
-            "next_in",
-            dtype::FLOAT,
-            &[sym("B"), fx(pn2 * pn2), fx(cv)],
-        );
-    }
+
+    // Area down to the next side: (next, P) blocks stacked as rows, with the transposed stack.
+    let downs: Vec<(Vec<f32>, usize)> = (0..sn)
+        .map(|si| {
+            if si + 1 < sn {
+                let q = sch.patch_nums[si + 1];
+                (transposed(&area_matrix(p, q), q, p), q)
+            } else {
+                (identity(p), p)
+            }
+        })
+        .collect();
+    // stack_cols works on (out=P) x inp blocks: the transposed area matrices (P x next).
+    let (dt, d, offs, total) = stack_cols(&downs, p);
+    let dt = g.c_f32(&dt, &[p as i64, total as i64]);
+    let d = g.c_f32(&d, &[total as i64, p as i64]);
+    let nexts: Vec<i64> = (0..sn)
+        .map(|si| sch.patch_nums.get(si + 1).copied().unwrap_or(p) as i64)
+        .collect();
+    let pn2 = g.lookup(&nexts, &scale);
+    let off = g.lookup(&offs, &scale);
+    let end = g.add(&off, &pn2);
+    let dk = g.slice_dyn(&d, 0, &off, &end);
+    let dkt = g.slice_dyn(&dt, 1, &off, &end);
+    let y = g.matmul(&dk, &f);
+    let y = g.matmul(&y, &dkt);
+    let n2 = g.mul(&pn2, &pn2);
+    let y = g.reshape_dyn(&y, &[&head, &n2]);
+    let y = g.transpose(&y, &[0, 2, 1]);
+    g.output(
+        &y,
+        io::NEXT_IN,
+        dtype::FLOAT,
+        &[sym("B"), sym("next_tokens"), fx(cv)],
+    );
     Ok(())
 }
 

@@ -1,0 +1,129 @@
+//! The stages of a model directory as one typed identity: graph file names, manifest names,
+//! timing labels, bench rows and JSON keys all come from here, and tensor names from `io`.
+
+use serde::{Deserialize, Serialize};
+
+/// One graph per stage kind (manifest schema v2): per-scale variation is carried by inputs and
+/// by shape, never by a separate graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// CLIP text encoder: ids -> hidden states and pooled vector, once per prompt.
+    TextEncoder,
+    /// Cross-attention K/V of every block from the conditional rows, once per prompt.
+    TextKv,
+    /// Scale 0: the pooled text as the first token, no past (its own graph: TensorRT profiles
+    /// handle zero-length dimensions badly).
+    StepFirst,
+    /// Scales >= 1: dynamic token count and past length.
+    Step,
+    /// The stable sampler's refiner, every sampler scale.
+    Sampler,
+    /// VQ transition of any scale (selected by the `scale` input).
+    Vq,
+    /// VQ decoder: f_hat -> image.
+    Decoder,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 7] = [
+        Stage::TextEncoder,
+        Stage::TextKv,
+        Stage::StepFirst,
+        Stage::Step,
+        Stage::Sampler,
+        Stage::Vq,
+        Stage::Decoder,
+    ];
+
+    /// The manifest's and the JSON's name of the stage.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::TextEncoder => "text_encoder",
+            Stage::TextKv => "text_kv",
+            Stage::StepFirst => "step_first",
+            Stage::Step => "step",
+            Stage::Sampler => "sampler",
+            Stage::Vq => "vq",
+            Stage::Decoder => "decoder",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|st| st.name() == s)
+    }
+
+    /// The graph file of the stage in a model directory.
+    pub fn file(self) -> String {
+        format!("{}.onnx", self.name())
+    }
+
+    /// Whether the stage runs once per scale (its timings are kept per scale).
+    pub fn per_scale(self) -> bool {
+        matches!(
+            self,
+            Stage::StepFirst | Stage::Step | Stage::Sampler | Stage::Vq
+        )
+    }
+
+    /// Timing label and bench row: `step[03]` for a per-scale stage, else the name. Scale 0 and
+    /// later scales of the transformer share the `step[..]` rows (one row per scale).
+    pub fn label(self, scale: Option<usize>) -> String {
+        let base = match self {
+            Stage::StepFirst => "step",
+            s => s.name(),
+        };
+        match scale {
+            Some(s) if self.per_scale() => format!("{base}[{s:02}]"),
+            _ => base.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Graph input and output names (the I/O contract of `check.rs`).
+pub mod io {
+    pub const INPUT_IDS: &str = "input_ids";
+    pub const ATTENTION_MASK: &str = "attention_mask";
+    pub const HIDDEN: &str = "hidden";
+    pub const POOLED: &str = "pooled";
+    pub const TEXT_KV: &str = "text_kv";
+    pub const TEXT_BIAS: &str = "text_bias";
+    pub const NEXT_IN: &str = "next_in";
+    pub const PAST: &str = "past";
+    pub const KV_NEW: &str = "kv_new";
+    pub const LOGITS: &str = "logits";
+    pub const IDX: &str = "idx";
+    pub const MASK: &str = "mask";
+    pub const SCALE: &str = "scale";
+    pub const F_HAT: &str = "f_hat";
+    pub const F_HAT_OUT: &str = "f_hat_out";
+    pub const IMAGE_RAW: &str = "image_raw";
+    pub const IMAGE: &str = "image";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_labels() {
+        for s in Stage::ALL {
+            assert_eq!(Stage::parse(s.name()), Some(s));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.name())
+            );
+        }
+        assert_eq!(Stage::Step.label(Some(3)), "step[03]");
+        assert_eq!(Stage::StepFirst.label(Some(0)), "step[00]");
+        assert_eq!(Stage::Vq.label(Some(12)), "vq[12]");
+        assert_eq!(Stage::Decoder.label(None), "decoder");
+        assert_eq!(Stage::TextKv.file(), "text_kv.onnx");
+    }
+}
