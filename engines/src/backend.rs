@@ -86,6 +86,9 @@ pub trait Engine {
     fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor>;
     /// (values, bytes) of the weights every session shares.
     fn shared_weights(&self) -> (usize, usize);
+    /// Sessions created since the last call, with the milliseconds each took (creation happens
+    /// at first use, inside the first run of a stage).
+    fn take_created(&mut self) -> Vec<(Stage, f64)>;
 }
 
 /// An execution backend: a name, the graph precisions it executes, and how to load a model
@@ -154,6 +157,7 @@ impl Backend for OrtCpu {
             sessions: HashMap::new(),
             pool: WeightPool::default(),
             kv: None,
+            created: vec![],
         }))
     }
 }
@@ -165,6 +169,7 @@ pub struct OrtCpuEngine {
     /// One copy of the weights, shared by every session.
     pool: WeightPool,
     kv: Option<KvCache>,
+    created: Vec<(Stage, f64)>,
 }
 
 impl OrtCpuEngine {
@@ -178,7 +183,9 @@ impl OrtCpuEngine {
                 .ok_or_else(|| {
                     EngineError::Unsupported(format!("this model has no {stage} graph"))
                 })?;
+            let t = std::time::Instant::now();
             let s = OrtSession::load(&path, stage.name(), self.threads, &mut self.pool)?;
+            self.created.push((stage, t.elapsed().as_secs_f64() * 1e3));
             self.sessions.insert(stage, s);
         }
         Ok(self.sessions.get_mut(&stage).expect("inserted above"))
@@ -285,16 +292,86 @@ impl Engine for OrtCpuEngine {
     fn shared_weights(&self) -> (usize, usize) {
         self.pool.stats()
     }
+
+    fn take_created(&mut self) -> Vec<(Stage, f64)> {
+        std::mem::take(&mut self.created)
+    }
 }
 
-/// Weights shared by every session of a model directory: one owned ONNX Runtime value per
-/// external initializer, created once and handed to each session that names it (AddInitializer),
-/// so the per-scale graphs hold one copy of the weights between them instead of one each.
-#[derive(Default)]
+/// Weights shared by every session of a model directory, with no copy of their bytes: each
+/// external initializer becomes an ONNX Runtime value over a read-only mapping of `weights.bin`,
+/// handed to every session that names it (AddInitializer). Sessions pre-pack their MatMul
+/// weights into one shared container, so a weight used by `step_first` and `step` is packed
+/// once. After each session is created the mapping's pages are released (MADV_DONTNEED): what a
+/// session pre-packed is never read again, and what it reads directly (biases, embedding tables)
+/// faults back in from the page cache. Resident: the packed weights plus the working set, not a
+/// second unpacked copy.
 pub struct WeightPool {
+    // Field order is drop order: the values before the mappings they point into.
     values: HashMap<String, std::sync::Arc<ort::value::DynValue>>,
-    files: HashMap<String, std::fs::File>,
+    maps: HashMap<String, std::sync::Arc<memmap2::Mmap>>,
     bytes: usize,
+    prepacked: ort::session::builder::PrepackedWeights,
+}
+
+impl Default for WeightPool {
+    fn default() -> Self {
+        WeightPool {
+            values: HashMap::new(),
+            maps: HashMap::new(),
+            bytes: 0,
+            prepacked: ort::session::builder::PrepackedWeights::new(),
+        }
+    }
+}
+
+/// An ONNX Runtime tensor over `len` bytes at `data` (host memory that outlives it).
+///
+/// # Safety
+/// `data..data+len` must stay valid and unchanged for the value's lifetime, and be aligned for
+/// the element type.
+unsafe fn value_over(
+    data: *const u8,
+    len: usize,
+    shape: &[i64],
+    elem: ort::sys::ONNXTensorElementDataType,
+) -> std::result::Result<ort::value::DynValue, String> {
+    use ort::AsPointer;
+    let info = ort::memory::MemoryInfo::new(
+        ort::memory::AllocationDevice::CPU,
+        0,
+        ort::memory::AllocatorType::Device,
+        ort::memory::MemoryType::Default,
+    )
+    .map_err(|e| e.to_string())?;
+    let api = ort::api();
+    let mut v: *mut ort::sys::OrtValue = std::ptr::null_mut();
+    // SAFETY: the caller guarantees the buffer; ORT does not write to initializers.
+    let status = unsafe {
+        (api.CreateTensorWithDataAsOrtValue)(
+            info.ptr(),
+            data as *mut std::ffi::c_void,
+            len,
+            shape.as_ptr(),
+            shape.len(),
+            elem,
+            &mut v,
+        )
+    };
+    if !status.0.is_null() {
+        // SAFETY: a non-null status is a valid OrtStatus until released.
+        let msg = unsafe {
+            let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+                .to_string_lossy()
+                .into_owned();
+            (api.ReleaseStatus)(status.0);
+            m
+        };
+        return Err(msg);
+    }
+    let v = std::ptr::NonNull::new(v).ok_or("CreateTensorWithDataAsOrtValue returned null")?;
+    // SAFETY: a fresh tensor value we own; its data is not allocator-owned (ORT never frees it).
+    Ok(unsafe { ort::value::Value::from_ptr(v, Some(&ort::memory::Allocator::default())) })
 }
 
 impl WeightPool {
@@ -303,12 +380,20 @@ impl WeightPool {
         (self.values.len(), self.bytes)
     }
 
+    /// Drop the mapped pages from this process (they stay in the page cache and fault back in
+    /// if read again): called once a session has pre-packed what it needs.
+    fn release_pages(&self) {
+        for m in self.maps.values() {
+            // SAFETY: a read-only file mapping: dropped pages are re-read from the file.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// The shared values of every external initializer of `graph` (created on first use).
     fn for_graph(
         &mut self,
         graph: &Path,
     ) -> Result<Vec<(String, std::sync::Arc<ort::value::DynValue>)>> {
-        use std::os::unix::fs::FileExt;
         let bytes = std::fs::read(graph).map_err(crate::error::io_err(graph))?;
         let model = crate::onnx::decode_model(&bytes).map_err(|e| EngineError::Manifest {
             path: graph.to_path_buf(),
@@ -332,45 +417,50 @@ impl WeightPool {
                     why: format!("initializer {}: {why}", t.name),
                 };
                 let file = get("location").ok_or_else(|| bad("no location"))?;
-                let offset: u64 = get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let offset: usize = get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
                 let length: usize = get("length")
                     .and_then(|v| v.parse().ok())
                     .ok_or_else(|| bad("no length"))?;
-                if !self.files.contains_key(&file) {
+                if !self.maps.contains_key(&file) {
                     let p = dir.join(&file);
-                    self.files.insert(
-                        file.clone(),
-                        std::fs::File::open(&p).map_err(crate::error::io_err(&p))?,
-                    );
+                    let f = std::fs::File::open(&p).map_err(crate::error::io_err(&p))?;
+                    // SAFETY: read-only mapping of a file the manifest check just verified.
+                    let m = unsafe { memmap2::Mmap::map(&f) }.map_err(crate::error::io_err(&p))?;
+                    self.maps.insert(file.clone(), std::sync::Arc::new(m));
                 }
-                self.bytes += length;
-                let mut buf = vec![0u8; length];
-                self.files[&file]
-                    .read_exact_at(&mut buf, offset)
-                    .map_err(crate::error::io_err(dir.join(&file)))?;
-                let shape: Vec<i64> = t.dims.clone();
-                let ctx = format!("weight {}", t.name);
-                let value: ort::value::DynValue = match t.data_type {
-                    crate::onnx::dtype::FLOAT => {
-                        let v: Vec<f32> = buf
-                            .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                            .collect();
-                        ort::value::Tensor::from_array((shape, v))
-                            .map_err(ort_err(ctx))?
-                            .into_dyn()
-                    }
-                    crate::onnx::dtype::FLOAT16 => {
-                        let v: Vec<half::f16> = buf
-                            .chunks_exact(2)
-                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                            .collect();
-                        ort::value::Tensor::from_array((shape, v))
-                            .map_err(ort_err(ctx))?
-                            .into_dyn()
-                    }
+                let map = &self.maps[&file];
+                let (elem, size) = match t.data_type {
+                    crate::onnx::dtype::FLOAT => (
+                        ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                        4,
+                    ),
+                    crate::onnx::dtype::FLOAT16 => (
+                        ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+                        2,
+                    ),
                     other => return Err(bad(&format!("unsupported external data type {other}"))),
                 };
+                let numel: i64 = t.dims.iter().product();
+                if offset.checked_add(length).is_none_or(|e| e > map.len())
+                    || numel < 0
+                    || numel as usize * size != length
+                {
+                    return Err(bad(&format!(
+                        "{length} bytes at offset {offset} do not fit {} ({} bytes) as {:?}",
+                        file,
+                        map.len(),
+                        t.dims
+                    )));
+                }
+                let ptr = map[offset..].as_ptr();
+                if !(ptr as usize).is_multiple_of(size) {
+                    return Err(bad("misaligned in the weights file; re-export the model"));
+                }
+                // SAFETY: in bounds and aligned (checked above); the mapping lives in `maps`
+                // until after every value (field order) and is never written.
+                let value = unsafe { value_over(ptr, length, &t.dims, elem) }
+                    .map_err(|e| ort_err(format!("weight {}", t.name))(ort::Error::new(e)))?;
+                self.bytes += length;
                 self.values
                     .insert(t.name.clone(), std::sync::Arc::new(value));
             }
@@ -461,10 +551,10 @@ impl OrtSession {
         let env = ort_environment()?;
         let ctx = format!("loading {}", graph.display());
         let mut b = ort::session::Session::builder(env).map_err(ort_err(ctx.clone()))?;
-        // Weights come from the shared pool; pre-packing would give every session its own
-        // private (packed) copy of every matrix again.
+        // Weights come from the shared pool; their pre-packed forms go into the pool's shared
+        // container, so two graphs naming the same weight pack it once.
         b = b
-            .with_config_entry("session.disable_prepacking", "1")
+            .with_prepacked_weights(&pool.prepacked)
             .map_err(|e| ort_err(ctx.clone())(e.into()))?;
         for (name, value) in pool.for_graph(graph)? {
             b = b
@@ -477,6 +567,7 @@ impl OrtSession {
                 .map_err(|e| ort_err(ctx.clone())(e.into()))?;
         }
         let session = b.commit_from_file(graph).map_err(ort_err(ctx))?;
+        pool.release_pages();
         Ok(OrtSession {
             label: label.to_string(),
             session,

@@ -12,6 +12,15 @@ use std::path::{Path, PathBuf};
 
 pub const FP32_TOL: f64 = 1e-4;
 
+/// The tolerance (max relative error, infinity norm) of stage outputs at a graph precision. Only
+/// precisions this build exports have one; FP16 and INT8 get theirs, measured, when they land.
+pub fn tolerance(precision: &str) -> Option<f64> {
+    match precision {
+        "fp32" => Some(FP32_TOL),
+        _ => None,
+    }
+}
+
 pub struct Record {
     pub stem: PathBuf,
     pub st: SafeTensors,

@@ -12,6 +12,7 @@ pub mod onnx;
 pub mod safetensors;
 pub mod schedule;
 pub mod stage;
+pub mod stamp;
 pub mod tensor;
 
 pub use error::{EngineError, Result};

@@ -180,8 +180,11 @@ impl Manifest {
     }
 
     /// Check that every file the manifest lists exists with its recorded size and hash, and that
-    /// every graph file declares the I/O the manifest lists for it.
-    pub fn verify_files(&self, dir: &Path) -> Result<()> {
+    /// every graph file declares the I/O the manifest lists for it. With `Integrity::Stamped`
+    /// the large files are not hashed when their stamps from the last full verification still
+    /// match (see `stamp.rs`); graph files are always hashed and decoded (they are small).
+    pub fn verify_files(&self, dir: &Path, mode: Integrity) -> Result<Verified> {
+        let t = std::time::Instant::now();
         let missing = |file: &str| {
             EngineError::Manifest {
             path: dir.join(MANIFEST_FILE),
@@ -211,9 +214,21 @@ impl Manifest {
                 return Err(missing(&g.file));
             }
         }
+        let stamps = match mode {
+            Integrity::Stamped => crate::stamp::load(dir, self).unwrap_or_default(),
+            Integrity::Full => vec![],
+        };
+        let mut fresh = vec![];
+        let mut hashed = 0u64;
         for f in &self.files {
+            let now = crate::stamp::FileStamp::of(dir, &f.file, &f.sha256);
+            if now.is_some() && stamps.iter().any(|s| Some(s) == now.as_ref()) {
+                fresh.extend(now);
+                continue;
+            }
             let p = dir.join(&f.file);
             let got = sha256_file(&p)?;
+            hashed += f.bytes;
             if got != f.sha256 {
                 return Err(EngineError::HashMismatch {
                     path: p,
@@ -221,6 +236,7 @@ impl Manifest {
                     found: got,
                 });
             }
+            fresh.extend(crate::stamp::FileStamp::of(dir, &f.file, &f.sha256));
         }
         for g in &self.graphs {
             let p = dir.join(&g.file);
@@ -235,8 +251,32 @@ impl Manifest {
             }
             crate::check::check_graph_file(g, &p, &bytes, self)?;
         }
-        Ok(())
+        if hashed > 0 {
+            crate::stamp::save(dir, self, &fresh);
+        }
+        Ok(Verified {
+            hashed_bytes: hashed,
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        })
     }
+}
+
+/// How much of a model directory is hashed when it is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Integrity {
+    /// Hash what the stamps of the last full verification do not vouch for (the default).
+    #[default]
+    Stamped,
+    /// Hash everything (`star-run verify`).
+    Full,
+}
+
+/// What a verification did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Verified {
+    /// Bytes hashed (0 when every stamp matched).
+    pub hashed_bytes: u64,
+    pub ms: f64,
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {

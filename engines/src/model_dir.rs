@@ -3,7 +3,7 @@
 
 use crate::backend::{backend_for_name, Arg, BackendOptions, Engine};
 use crate::error::{EngineError, Result};
-use crate::manifest::{GraphEntry, IoSpec, Manifest};
+use crate::manifest::{GraphEntry, Integrity, IoSpec, Manifest};
 use crate::stage::{io, Stage};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
@@ -13,11 +13,17 @@ pub struct ModelDir {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub opts: BackendOptions,
+    /// What opening checked, and how long it took.
+    pub verified: crate::manifest::Verified,
     engine: Box<dyn Engine>,
 }
 
 impl ModelDir {
     pub fn open(dir: &Path, opts: BackendOptions) -> Result<ModelDir> {
+        Self::open_with(dir, opts, Integrity::Stamped)
+    }
+
+    pub fn open_with(dir: &Path, opts: BackendOptions, integrity: Integrity) -> Result<ModelDir> {
         let backend = backend_for_name(&opts.name)?;
         if !dir.is_dir() {
             return Err(EngineError::Manifest {
@@ -36,12 +42,13 @@ impl ModelDir {
                 backend.precisions()
             )));
         }
-        manifest.verify_files(dir)?;
+        let verified = manifest.verify_files(dir, integrity)?;
         let engine = backend.load(dir, &manifest, &opts)?;
         Ok(ModelDir {
             dir: dir.to_path_buf(),
             manifest,
             opts,
+            verified,
             engine,
         })
     }
@@ -58,6 +65,11 @@ impl ModelDir {
     /// (values, bytes) of the weight pool every session shares.
     pub fn shared_weights(&self) -> (usize, usize) {
         self.engine.shared_weights()
+    }
+
+    /// Sessions created since the last call and how long each took.
+    pub fn take_created(&mut self) -> Vec<(Stage, f64)> {
+        self.engine.take_created()
     }
 
     /// Allocate the KV cache of one generation with `rows` (2B) guidance rows.

@@ -306,6 +306,14 @@ pub fn export(a: &ExportArgs) -> Result<Manifest> {
             path: a.out.clone(),
             why: format!("final rename failed: {e}"),
         })?;
+        // Every file was just hashed for the manifest: record the stamps, so that the first
+        // star-run does not hash gigabytes again.
+        let stamps: Vec<_> = m
+            .files
+            .iter()
+            .filter_map(|f| star_engines::stamp::FileStamp::of(&a.out, &f.file, &f.sha256))
+            .collect();
+        star_engines::stamp::save(&a.out, &m, &stamps);
         Ok(m)
     });
     if result.is_err() {

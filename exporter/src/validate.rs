@@ -16,14 +16,21 @@ use std::path::Path;
 
 /// Compare `ours` with the record's tensor `name` (reduced to what the record stored), if the
 /// record has it.
-fn check(rep: &mut Report, r: &Record, stage: &str, name: &str, ours: &Tensor) -> Result<()> {
+fn check(
+    rep: &mut Report,
+    r: &Record,
+    stage: &str,
+    name: &str,
+    ours: &Tensor,
+    tol: f64,
+) -> Result<()> {
     if r.has(name) {
         rep.push(compare(
             stage,
             name,
             &r.align(name, ours)?,
             &r.get(name)?,
-            FP32_TOL,
+            tol,
         ));
     }
     Ok(())
@@ -80,6 +87,7 @@ fn text_encoder_checks(
     stage: &str,
     names: [&str; 4],
 ) -> Result<(Tensor, Tensor)> {
+    let tol = tol_of(md)?;
     let ids = r.get(names[0])?;
     let mask = r.get(names[1])?;
     let out = md.run(
@@ -95,14 +103,14 @@ fn text_encoder_checks(
         names[2],
         &out["hidden"],
         &r.get(names[2])?,
-        FP32_TOL,
+        tol,
     ));
     rep.push(compare(
         stage,
         names[3],
         &out["pooled"],
         &r.get(names[3])?,
-        FP32_TOL,
+        tol,
     ));
     Ok((ids, mask))
 }
@@ -184,6 +192,7 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
             ));
         }
     }
+    let tol = tol_of(md)?;
     let b = r.get("s00.idx")?.shape[0];
     let cv = md.manifest.config.cvae;
     let mut f_hat = Tensor::zeros(vec![b, cv, p, p]);
@@ -200,7 +209,7 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
             ],
         )?;
         let fname = format!("s{si:02}.f_hat");
-        check(rep, r, &format!("vq[{si}]"), &fname, &out["f_hat_out"])?;
+        check(rep, r, &format!("vq[{si}]"), &fname, &out["f_hat_out"], tol)?;
         let dname = format!("s{si:02}.down");
         if let (Some(n), true) = (out.get(io::NEXT_IN).filter(|_| si + 1 < sn), r.has(&dname)) {
             rep.push(compare(
@@ -208,20 +217,20 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
                 &dname,
                 &r.align(&dname, &tokens_to_map(n))?,
                 &r.get(&dname)?,
-                FP32_TOL,
+                tol,
             ));
         }
         f_hat = out["f_hat_out"].clone();
     }
     let fe = r.input("fhat_embed_to_fhat")?;
-    rep.push(compare("vq", "fhat_embed_to_fhat", &f_hat, &fe, FP32_TOL));
+    rep.push(compare("vq", "fhat_embed_to_fhat", &f_hat, &fe, tol));
     let out = md.run(Stage::Decoder, None, &[(io::F_HAT, (&fe).into())])?;
     rep.push(compare(
         "decoder",
         "dec.image_raw",
         &r.align("dec.image_raw", &out["image_raw"])?,
         &r.get("dec.image_raw")?,
-        FP32_TOL,
+        tol,
     ));
     // This record's `dec.image` is fhat_to_img's output: clamped to [-1, 1], before (x + 1) / 2.
     let clamped = out["image"]
@@ -236,7 +245,7 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
         "dec.image",
         &r.align("dec.image", &clamped)?,
         &r.get("dec.image")?,
-        FP32_TOL,
+        tol,
     ));
     Ok(())
 }
@@ -272,6 +281,16 @@ fn gen_record(p: &mut Pipeline, r: &Record, rep: &mut Report) -> Result<()> {
     let got = star_runtime::replay::replay_record(p, r, true).map_err(run_err)?;
     rep.checks.extend(got.checks);
     Ok(())
+}
+
+/// The tolerance of this model's precision (stage outputs); host-computed tables stay FP32.
+fn tol_of(md: &ModelDir) -> Result<f64> {
+    star_engines::golden::tolerance(&md.manifest.precision).ok_or_else(|| {
+        ExportError::Validation(format!(
+            "no tolerance is defined for precision '{}'",
+            md.manifest.precision
+        ))
+    })
 }
 
 fn run_err(e: star_runtime::pipeline::RunError) -> ExportError {

@@ -94,6 +94,12 @@ enum Cmd {
         #[arg(long)]
         golden: PathBuf,
     },
+    /// Hash every file of a model directory against its manifest (opening a directory otherwise
+    /// trusts the stamps of the last full verification; a modified file never matches them).
+    Verify {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
     /// Latency benchmark: per-stage median/p90/min over repeated generations.
     #[command(allow_negative_numbers = true)]
     Bench {
@@ -238,6 +244,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Some(Cmd::Verify { model }) => {
+            let dir = model
+                .model
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL));
+            let md = star_engines::model_dir::ModelDir::open_with(
+                &dir,
+                BackendOptions {
+                    name: model.backend.clone(),
+                    threads: model.threads,
+                },
+                star_engines::manifest::Integrity::Full,
+            )?;
+            let m = &md.manifest;
+            println!(
+                "{}: {} files and {} graphs match manifest.json ({:.2} GB hashed in {:.1} s), model {}",
+                dir.display(),
+                m.files.len(),
+                m.graphs.len(),
+                md.verified.hashed_bytes as f64 / 1e9,
+                md.verified.ms / 1e3,
+                m.model_hash
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         None => generate(cli.gen),
     }
 }
@@ -278,6 +309,22 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
     let (mut p, dir) = open(&a.model)?;
     let gp = params(&p, &a.sampling);
     p.check_params(prompts.len(), &gp)?;
+    if !a.quiet {
+        let v = &p.md.verified;
+        eprintln!(
+            "start-up {:.0} ms: model checked and opened ({}), sessions created at first use",
+            p.open_ms,
+            if v.hashed_bytes > 0 {
+                format!(
+                    "{:.2} GB hashed in {:.0} ms",
+                    v.hashed_bytes as f64 / 1e9,
+                    v.ms
+                )
+            } else {
+                "integrity stamps matched, nothing re-hashed".to_string()
+            }
+        );
+    }
     let t = std::time::Instant::now();
     let mut prog = Progress { quiet: a.quiet };
     let Generated { image, truncated } =
@@ -322,6 +369,7 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
         let tm = &p.timings;
         let mut parts: Vec<String> = vec![];
         for k in [
+            "session_create",
             "tokenizer",
             "text_encoder",
             "text_kv",

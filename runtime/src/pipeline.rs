@@ -100,6 +100,8 @@ pub struct Pipeline {
     pub md: ModelDir,
     pub tok: Tokenizer,
     pub timings: Timings,
+    /// Wall time of `open`: manifest and graph checks, integrity, tokenizer, backend load.
+    pub open_ms: f64,
 }
 
 pub struct Generated {
@@ -114,6 +116,7 @@ fn t_f32(shape: Vec<usize>, v: Vec<f32>) -> Tensor {
 
 impl Pipeline {
     pub fn open(dir: &Path, opts: BackendOptions) -> Result<Pipeline> {
+        let started = Instant::now();
         let md = ModelDir::open(dir, opts)?;
         let tok = Tokenizer::from_dir(&dir.join("tokenizer"))?;
         let t = &md.manifest.config.text;
@@ -133,6 +136,7 @@ impl Pipeline {
             md,
             tok,
             timings: Timings::default(),
+            open_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }
 
@@ -191,8 +195,18 @@ impl Pipeline {
     ) -> Result<HashMap<String, Tensor>> {
         let t = Instant::now();
         let out = self.md.run_kv(stage, scale, inputs, kv_at)?;
-        self.timings
-            .add(label, t.elapsed().as_secs_f64() * 1e3, true);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        // Session creation at first use is reported apart from the stage it preceded.
+        let made = self.md.take_created();
+        for (st, ms) in &made {
+            self.timings
+                .add(&format!("session_create[{st}]"), *ms, false);
+        }
+        let created: f64 = made.iter().map(|(_, ms)| ms).sum();
+        if created > 0.0 {
+            self.timings.add("session_create", created, false);
+        }
+        self.timings.add(label, ms - created, true);
         Ok(out)
     }
 

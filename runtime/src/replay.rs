@@ -5,7 +5,7 @@
 //! next-scale inputs), so there is one place that assembles stage inputs.
 
 use crate::pipeline::{GenParams, Hooks, Pipeline, Result, RunError};
-use star_engines::golden::{compare, Record, Report, FP32_TOL};
+use star_engines::golden::{compare, tolerance, Record, Report};
 use star_engines::Tensor;
 use std::path::Path;
 
@@ -14,6 +14,8 @@ struct RecordHooks<'a> {
     rep: Report,
     err: Option<String>,
     isolate: bool,
+    /// The tolerance of the model's precision.
+    tol: f64,
 }
 
 impl Hooks for RecordHooks<'_> {
@@ -26,7 +28,7 @@ impl Hooks for RecordHooks<'_> {
         }
         let stage = name.split('.').next().unwrap_or(name).to_string();
         match (self.rec.align(name, t), self.rec.get(name)) {
-            (Ok(ours), Ok(gold)) => self.rep.push(compare(&stage, name, &ours, &gold, FP32_TOL)),
+            (Ok(ours), Ok(gold)) => self.rep.push(compare(&stage, name, &ours, &gold, self.tol)),
             (Err(e), _) | (_, Err(e)) => {
                 self.err.get_or_insert(e.to_string());
             }
@@ -108,11 +110,18 @@ pub fn replay_record(p: &mut Pipeline, rec: &Record, isolate: bool) -> Result<Re
         stable_sampling: call["w_mask"].as_bool().unwrap_or(true),
         recompute_past: false,
     };
+    let precision = &p.md.manifest.precision;
+    let tol = tolerance(precision).ok_or_else(|| {
+        RunError::Invalid(format!(
+            "no tolerance is defined for precision '{precision}'"
+        ))
+    })?;
     let mut hooks = RecordHooks {
         rec,
         rep: Report::default(),
         err: None,
         isolate,
+        tol,
     };
     p.generate(&prompts, "", &params, &mut hooks)?;
     if let Some(e) = hooks.err {

@@ -483,3 +483,73 @@ fn out_dir_is_created_only_when_images_are_written() {
         "--out-dir was created for a refused run"
     );
 }
+
+/// Opening a directory trusts the stamps of the last full verification instead of re-hashing;
+/// a file modified in place, even with its size and mtime restored, no longer matches its stamp
+/// (its ctime changed) and is hashed again and refused. `verify` always hashes.
+#[test]
+fn integrity_stamps_skip_rehashing_but_never_a_modified_file() {
+    let t = tempfile::tempdir().unwrap();
+    let m = copy_demo(t.path());
+    let cache = t.path().join("cache");
+    let env = [("STAR_CACHE_DIR", cache.to_str().unwrap())];
+    let png = t.path().join("x.png");
+    let run = || {
+        star_run(
+            &[
+                "--model",
+                m.to_str().unwrap(),
+                "--prompt",
+                "a red circle on a blue background",
+                "--out",
+                png.to_str().unwrap(),
+            ],
+            &env,
+        )
+    };
+    let first = run();
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert!(first.stderr.contains("GB hashed"), "{}", first.stderr);
+    let second = run();
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert!(
+        second
+            .stderr
+            .contains("integrity stamps matched, nothing re-hashed"),
+        "{}",
+        second.stderr
+    );
+    let v = star_run(&["verify", "--model", m.to_str().unwrap()], &env);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    assert!(v.stdout.contains("match manifest.json"), "{}", v.stdout);
+
+    // Flip one byte in place, then put the modification time back.
+    let w = m.join("weights.bin");
+    let mtime = std::fs::metadata(&w).unwrap().modified().unwrap();
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&w)
+            .unwrap();
+        f.seek(SeekFrom::Start(1000)).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(1000)).unwrap();
+        f.write_all(&[b[0] ^ 0x55]).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    assert_eq!(std::fs::metadata(&w).unwrap().modified().unwrap(), mtime);
+    std::fs::remove_file(&png).unwrap();
+    let third = run();
+    assert_eq!(third.code, 2, "{}", third.stderr);
+    assert!(
+        third.stderr.contains("does not match the manifest"),
+        "{}",
+        third.stderr
+    );
+    assert!(!png.exists());
+    let v = star_run(&["verify", "--model", m.to_str().unwrap()], &env);
+    assert_eq!(v.code, 2, "{}", v.stderr);
+}

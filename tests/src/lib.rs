@@ -18,10 +18,20 @@ pub fn demo_model() -> PathBuf {
     PathBuf::from(star_runtime::EMBEDDED_MODEL)
 }
 
-/// Export one fixture variant into `out`.
+/// Export one fixture variant into `out` (FP32).
 pub fn export_fixture(
     variant: &str,
     resolution: usize,
+    out: &Path,
+) -> star_engines::manifest::Manifest {
+    export_fixture_at(variant, resolution, "fp32", out)
+}
+
+/// Export one fixture variant into `out` at a graph precision.
+pub fn export_fixture_at(
+    variant: &str,
+    resolution: usize,
+    precision: &str,
     out: &Path,
 ) -> star_engines::manifest::Manifest {
     let f = fixtures();
@@ -33,7 +43,7 @@ pub fn export_fixture(
         resolution: Some(resolution),
         patch_nums: None,
         out: out.to_path_buf(),
-        precision: "fp32".into(),
+        precision: precision.into(),
         cfg: None,
         top_k: None,
         top_p: None,

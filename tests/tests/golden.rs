@@ -5,10 +5,28 @@ use star_engines::backend::BackendOptions;
 use star_runtime::pipeline::Pipeline;
 use star_tests::*;
 
+/// Every (backend, precision) this build runs: each golden check below runs once per row, at the
+/// precision's tolerance (`star_engines::golden::tolerance`). A new backend or precision adds a
+/// row here and re-runs every check.
+const RUNS: &[(&str, &str)] = &[("ort-cpu", "fp32")];
+
 fn full_cycle(variant: &str, resolution: usize) {
+    for (backend, precision) in RUNS {
+        let tol = star_engines::golden::tolerance(precision).expect("a tolerance per precision");
+        println!("== {variant} on {backend} at {precision} (tolerance {tol:e})");
+        cycle_on(variant, resolution, backend, precision);
+    }
+}
+
+fn cycle_on(variant: &str, resolution: usize, backend: &str, precision: &str) {
+    let opts = || BackendOptions {
+        name: backend.to_string(),
+        threads: 0,
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model");
-    let m = export_fixture(variant, resolution, &out);
+    let m = export_fixture_at(variant, resolution, precision, &out);
+    assert_eq!(m.precision, precision);
     // One graph per stage kind, whatever the number of scales.
     let stages: Vec<&str> = m.graphs.iter().map(|g| g.stage.name()).collect();
     let mut want = vec![
@@ -27,8 +45,7 @@ fn full_cycle(variant: &str, resolution: usize) {
     println!("{checked}");
 
     let golden = fixtures().join(variant);
-    let rep = star_export::validate::validate(&out, &golden, BackendOptions::default())
-        .expect("validate");
+    let rep = star_export::validate::validate(&out, &golden, opts()).expect("validate");
     println!("{}", rep.table());
     assert!(
         rep.checks.len() > 100,
@@ -37,7 +54,7 @@ fn full_cycle(variant: &str, resolution: usize) {
     );
     assert!(rep.all_pass(), "validate: {} failures", rep.failures());
 
-    let mut p = Pipeline::open(&out, BackendOptions::default()).unwrap();
+    let mut p = Pipeline::open(&out, opts()).unwrap();
     let rep = star_runtime::replay::replay(&mut p, &golden).expect("replay");
     println!("{}", rep.table());
     assert!(
@@ -78,6 +95,7 @@ const TENSORRT_PARSER_OPS: &[&str] = &[
     "Erf",
     "Gather",
     "Identity",
+    "InstanceNormalization",
     "LayerNormalization",
     "MatMul",
     "Max",

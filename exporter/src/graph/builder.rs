@@ -490,7 +490,10 @@ impl<'s> G<'s> {
         self.mul(x, &s)
     }
 
-    /// GroupNorm(groups) with affine, eps; x is (B, C, H, W) with C and H*W known.
+    /// GroupNorm(groups) with affine, eps; x is (B, C, H, W) with C and H*W known. Computed as
+    /// InstanceNormalization over (B, groups, C/groups*H*W): one fused kernel in ONNX Runtime and
+    /// TensorRT alike, where the opset-18 GroupNormalization is a decomposed function in ONNX
+    /// Runtime's CPU provider (measured: RESULTS.md).
     #[allow(clippy::too_many_arguments)]
     pub fn group_norm(
         &mut self,
@@ -503,28 +506,13 @@ impl<'s> G<'s> {
         eps: f32,
     ) -> String {
         let g = self.reshape(x, &[0, groups as i64, ((c / groups) * hw) as i64]);
-        let mean = self.op(
-            "ReduceMean",
-            &[&g],
-            vec![
-                AttributeProto::ints("axes", &[2]),
-                AttributeProto::int("keepdims", 1),
-            ],
+        let ones = self.c_f32(&vec![1.0; groups], &[groups as i64]);
+        let zeros = self.c_f32(&vec![0.0; groups], &[groups as i64]);
+        let y = self.op(
+            "InstanceNormalization",
+            &[&g, &ones, &zeros],
+            vec![AttributeProto::float("epsilon", eps)],
         );
-        let d = self.sub(&g, &mean);
-        let d2 = self.mul(&d, &d);
-        let var = self.op(
-            "ReduceMean",
-            &[&d2],
-            vec![
-                AttributeProto::ints("axes", &[2]),
-                AttributeProto::int("keepdims", 1),
-            ],
-        );
-        let e = self.scalar(eps);
-        let var = self.add(&var, &e);
-        let sd = self.op("Sqrt", &[&var], vec![]);
-        let y = self.div(&d, &sd);
         let side = (hw as f64).sqrt() as i64;
         let y = self.reshape(&y, &[0, c as i64, side, side]);
         let y = self.mul(&y, gamma);
