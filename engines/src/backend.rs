@@ -70,6 +70,9 @@ impl<'a> From<&'a Tensor> for Arg<'a> {
 pub trait Engine {
     /// Create every stage's session now (so that timings exclude session creation).
     fn load_all(&mut self) -> Result<()>;
+    /// Start creating the sessions of later stages in the background, so that a one-shot run
+    /// does not create them one after another on its critical path. Idempotent.
+    fn prefetch(&mut self);
     /// Run one stage. With `kv_at = Some(begin)` the stage's `kv_new` output is written into the
     /// engine's KV cache at token `begin` and not returned.
     fn run(
@@ -86,9 +89,11 @@ pub trait Engine {
     fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor>;
     /// (values, bytes) of the weights every session shares.
     fn shared_weights(&self) -> (usize, usize);
-    /// Sessions created since the last call, with the milliseconds each took (creation happens
-    /// at first use, inside the first run of a stage).
+    /// Sessions created since the last call, with the milliseconds each took (at first use, or
+    /// in the background after `prefetch`).
     fn take_created(&mut self) -> Vec<(Stage, f64)>;
+    /// How long the last `run` waited for its session (creating it, or for the background).
+    fn last_session_wait_ms(&self) -> f64;
 }
 
 /// An execution backend: a name, the graph precisions it executes, and how to load a model
@@ -147,58 +152,122 @@ impl Backend for OrtCpu {
     fn load(&self, dir: &Path, m: &Manifest, opts: &BackendOptions) -> Result<Box<dyn Engine>> {
         // Fail now, not at the first stage, when the library is missing.
         ort_environment()?;
+        let graphs: Vec<(Stage, PathBuf)> = m
+            .graphs
+            .iter()
+            .map(|g| (g.stage, dir.join(&g.file)))
+            .collect();
         Ok(Box::new(OrtCpuEngine {
-            graphs: m
-                .graphs
-                .iter()
-                .map(|g| (g.stage, dir.join(&g.file)))
-                .collect(),
-            threads: opts.threads,
-            sessions: HashMap::new(),
-            pool: WeightPool::default(),
+            shared: std::sync::Arc::new(Shared {
+                slots: graphs.iter().map(|(s, _)| (*s, Slot::new())).collect(),
+                graphs,
+                threads: opts.threads,
+                pool: std::sync::Mutex::new(WeightPool::default()),
+                created: std::sync::Mutex::new(vec![]),
+            }),
+            worker: None,
             kv: None,
-            created: vec![],
+            last_wait_ms: 0.0,
         }))
     }
 }
 
 pub struct OrtCpuEngine {
-    graphs: Vec<(Stage, PathBuf)>,
-    threads: usize,
-    sessions: HashMap<Stage, OrtSession>,
-    /// One copy of the weights, shared by every session.
-    pool: WeightPool,
+    shared: std::sync::Arc<Shared>,
+    /// Creates the transformer, VQ and decoder sessions in the background (`prefetch`).
+    worker: Option<std::thread::JoinHandle<()>>,
     kv: Option<KvCache>,
-    created: Vec<(Stage, f64)>,
+    /// Time the last `run` spent getting its session (creating it, or waiting for the worker).
+    last_wait_ms: f64,
 }
 
-impl OrtCpuEngine {
-    fn session(&mut self, stage: Stage) -> Result<&mut OrtSession> {
-        if !self.sessions.contains_key(&stage) {
+/// One slot per graph: created once, by whichever thread asks first (the other waits).
+type Slot = std::sync::OnceLock<std::result::Result<std::sync::Mutex<OrtSession>, String>>;
+
+struct Shared {
+    graphs: Vec<(Stage, PathBuf)>,
+    threads: usize,
+    // Field order is drop order: the sessions before the pool whose mapping they read.
+    slots: HashMap<Stage, Slot>,
+    /// One copy of the weights (a mapping), shared by every session.
+    pool: std::sync::Mutex<WeightPool>,
+    created: std::sync::Mutex<Vec<(Stage, f64)>>,
+}
+
+impl Shared {
+    fn session(&self, stage: Stage) -> Result<&std::sync::Mutex<OrtSession>> {
+        let slot = self
+            .slots
+            .get(&stage)
+            .ok_or_else(|| EngineError::Unsupported(format!("this model has no {stage} graph")))?;
+        let r = slot.get_or_init(|| {
             let path = self
                 .graphs
                 .iter()
                 .find(|(s, _)| *s == stage)
                 .map(|(_, p)| p.clone())
-                .ok_or_else(|| {
-                    EngineError::Unsupported(format!("this model has no {stage} graph"))
-                })?;
+                .unwrap_or_default();
             let t = std::time::Instant::now();
-            let s = OrtSession::load(&path, stage.name(), self.threads, &mut self.pool)?;
-            self.created.push((stage, t.elapsed().as_secs_f64() * 1e3));
-            self.sessions.insert(stage, s);
+            let shares = matches!(stage, Stage::StepFirst | Stage::Step);
+            let s = OrtSession::load(&path, stage.name(), self.threads, &self.pool, shares)
+                .map_err(|e| e.to_string())?;
+            self.created
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((stage, t.elapsed().as_secs_f64() * 1e3));
+            Ok(std::sync::Mutex::new(s))
+        });
+        r.as_ref().map_err(|why| EngineError::SessionCreate {
+            stage: stage.name().into(),
+            why: why.clone(),
+        })
+    }
+}
+
+impl Drop for OrtCpuEngine {
+    fn drop(&mut self) {
+        // The worker holds the shared state; let it finish the session it is creating.
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
         }
-        Ok(self.sessions.get_mut(&stage).expect("inserted above"))
     }
 }
 
 impl Engine for OrtCpuEngine {
     fn load_all(&mut self) -> Result<()> {
-        let stages: Vec<Stage> = self.graphs.iter().map(|(s, _)| *s).collect();
+        let stages: Vec<Stage> = self.shared.graphs.iter().map(|(s, _)| *s).collect();
         for s in stages {
-            self.session(s)?;
+            self.shared.session(s)?;
         }
         Ok(())
+    }
+
+    fn prefetch(&mut self) {
+        if self.worker.is_some() {
+            return;
+        }
+        let shared = self.shared.clone();
+        // The caller creates the text stages itself as it reaches them; meanwhile this thread
+        // creates the rest in the order a generation needs them. step_first and step pack the
+        // same weights, so they are created one after the other (never two packed copies).
+        let order = [
+            Stage::StepFirst,
+            Stage::Step,
+            Stage::Vq,
+            Stage::Sampler,
+            Stage::Decoder,
+        ];
+        self.worker = std::thread::Builder::new()
+            .name("star-sessions".into())
+            .spawn(move || {
+                for st in order {
+                    if shared.slots.contains_key(&st) {
+                        // An error is kept in the slot and reported when the stage is run.
+                        let _ = shared.session(st);
+                    }
+                }
+            })
+            .ok();
     }
 
     fn run(
@@ -207,26 +276,28 @@ impl Engine for OrtCpuEngine {
         inputs: &[(&str, Arg<'_>)],
         kv_at: Option<usize>,
     ) -> Result<HashMap<String, Tensor>> {
-        // Borrow the cache and the session apart: the past is a view of the cache's buffer.
-        let kv = self.kv.take();
-        let r = (|| {
-            let mut host: Vec<(&str, Input<'_>)> = Vec::with_capacity(inputs.len());
-            for (name, a) in inputs {
-                match a {
-                    Arg::Host(i) => host.push((name, i.reborrow())),
-                    Arg::KvPast(len) => {
-                        let c = kv.as_ref().ok_or_else(|| {
-                            EngineError::Unsupported("KV cache used before kv_alloc".into())
-                        })?;
-                        let (shape, data) = c.past(*len);
-                        host.push((name, Input::F32Owned(shape.to_vec(), data)));
-                    }
+        let kv = self.kv.as_ref();
+        let mut host: Vec<(&str, Input<'_>)> = Vec::with_capacity(inputs.len());
+        for (name, a) in inputs {
+            match a {
+                Arg::Host(i) => host.push((name, i.reborrow())),
+                Arg::KvPast(len) => {
+                    let c = kv.ok_or_else(|| {
+                        EngineError::Unsupported("KV cache used before kv_alloc".into())
+                    })?;
+                    let (shape, data) = c.past(*len);
+                    host.push((name, Input::F32Owned(shape.to_vec(), data)));
                 }
             }
-            self.session(stage)?.run(&host)
-        })();
-        self.kv = kv;
-        let mut out = r?;
+        }
+        let t = std::time::Instant::now();
+        let session = self.shared.session(stage)?;
+        self.last_wait_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut out = session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .run(&host)?;
+        drop(host);
         if let Some(begin) = kv_at {
             let t = out
                 .remove(crate::stage::io::KV_NEW)
@@ -290,11 +361,25 @@ impl Engine for OrtCpuEngine {
     }
 
     fn shared_weights(&self) -> (usize, usize) {
-        self.pool.stats()
+        self.shared
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats()
+    }
+
+    fn last_session_wait_ms(&self) -> f64 {
+        self.last_wait_ms
     }
 
     fn take_created(&mut self) -> Vec<(Stage, f64)> {
-        std::mem::take(&mut self.created)
+        std::mem::take(
+            &mut *self
+                .shared
+                .created
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 }
 
@@ -547,16 +632,38 @@ pub struct OrtSession {
 }
 
 impl OrtSession {
-    pub fn load(graph: &Path, label: &str, threads: usize, pool: &mut WeightPool) -> Result<Self> {
+    /// Create a session with the pool's shared values as initializers. The pool is locked only
+    /// while the values are looked up, not while ONNX Runtime optimizes and pre-packs.
+    ///
+    /// `share_packing`: pre-pack into the pool's shared container (for the graphs that share
+    /// weights: step_first and step). ONNX Runtime holds a container's lock for a session's
+    /// whole pre-packing, so the other graphs get a container of their own and are created in
+    /// parallel with them.
+    pub fn load(
+        graph: &Path,
+        label: &str,
+        threads: usize,
+        pool: &std::sync::Mutex<WeightPool>,
+        share_packing: bool,
+    ) -> Result<Self> {
         let env = ort_environment()?;
         let ctx = format!("loading {}", graph.display());
+        let (inits, prepacked) = {
+            let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
+            let c = if share_packing {
+                p.prepacked.clone()
+            } else {
+                ort::session::builder::PrepackedWeights::new()
+            };
+            (p.for_graph(graph)?, c)
+        };
         let mut b = ort::session::Session::builder(env).map_err(ort_err(ctx.clone()))?;
         // Weights come from the shared pool; their pre-packed forms go into the pool's shared
         // container, so two graphs naming the same weight pack it once.
         b = b
-            .with_prepacked_weights(&pool.prepacked)
+            .with_prepacked_weights(&prepacked)
             .map_err(|e| ort_err(ctx.clone())(e.into()))?;
-        for (name, value) in pool.for_graph(graph)? {
+        for (name, value) in inits {
             b = b
                 .with_initializer(&name, value)
                 .map_err(|e| ort_err(ctx.clone())(e.into()))?;
@@ -567,7 +674,9 @@ impl OrtSession {
                 .map_err(|e| ort_err(ctx.clone())(e.into()))?;
         }
         let session = b.commit_from_file(graph).map_err(ort_err(ctx))?;
-        pool.release_pages();
+        pool.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release_pages();
         Ok(OrtSession {
             label: label.to_string(),
             session,

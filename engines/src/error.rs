@@ -40,6 +40,8 @@ pub enum EngineError {
     UnknownBackend { name: String, available: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("creating the {stage} session: {why}")]
+    SessionCreate { stage: String, why: String },
     #[error("stage '{stage}': input '{input}' {why}")]
     BadInput {
         stage: String,

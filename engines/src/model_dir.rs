@@ -67,6 +67,16 @@ impl ModelDir {
         self.engine.shared_weights()
     }
 
+    /// Start creating later stages' sessions in the background (see `Engine::prefetch`).
+    pub fn prefetch(&mut self) {
+        self.engine.prefetch()
+    }
+
+    /// How long the last run waited for its session.
+    pub fn last_session_wait_ms(&self) -> f64 {
+        self.engine.last_session_wait_ms()
+    }
+
     /// Sessions created since the last call and how long each took.
     pub fn take_created(&mut self) -> Vec<(Stage, f64)> {
         self.engine.take_created()

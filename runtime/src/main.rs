@@ -81,6 +81,9 @@ struct GenArgs {
     /// No progress or timing lines.
     #[arg(long)]
     quiet: bool,
+    /// Also print every stage's time, session creation included (one line each).
+    #[arg(long, conflicts_with = "quiet")]
+    timings: bool,
 }
 
 #[derive(Subcommand)]
@@ -369,7 +372,7 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
         let tm = &p.timings;
         let mut parts: Vec<String> = vec![];
         for k in [
-            "session_create",
+            "session_wait",
             "tokenizer",
             "text_encoder",
             "text_kv",
@@ -405,6 +408,11 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
             t.elapsed().as_millis(),
             parts.join(", ")
         );
+        if a.timings {
+            for (k, (ms, _)) in &tm.ms {
+                eprintln!("  {k:<30} {ms:>10.1} ms");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

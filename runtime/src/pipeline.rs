@@ -196,17 +196,17 @@ impl Pipeline {
         let t = Instant::now();
         let out = self.md.run_kv(stage, scale, inputs, kv_at)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        // Session creation at first use is reported apart from the stage it preceded.
-        let made = self.md.take_created();
-        for (st, ms) in &made {
+        // Getting a session (creating it at first use, or waiting for the background thread
+        // that creates it) is reported apart from the stage's own time.
+        let wait = self.md.last_session_wait_ms();
+        if wait > 0.05 {
+            self.timings.add("session_wait", wait, false);
+        }
+        for (st, ms) in self.md.take_created() {
             self.timings
-                .add(&format!("session_create[{st}]"), *ms, false);
+                .add(&format!("session_create[{st}]"), ms, false);
         }
-        let created: f64 = made.iter().map(|(_, ms)| ms).sum();
-        if created > 0.0 {
-            self.timings.add("session_create", created, false);
-        }
-        self.timings.add(label, ms - created, true);
+        self.timings.add(label, ms - wait, true);
         Ok(out)
     }
 
@@ -306,6 +306,7 @@ impl Pipeline {
             return Err(RunError::Invalid("no prompt given".into()));
         }
         self.check_params(b, p)?;
+        self.md.prefetch();
         let (v, cv, sn) = (cfg.vocab, cfg.cvae, sch.patch_nums.len());
         let pside = sch.patch_nums[sn - 1];
 
