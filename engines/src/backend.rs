@@ -94,6 +94,9 @@ pub trait Engine {
     fn take_created(&mut self) -> Vec<(Stage, f64)>;
     /// How long the last `run` waited for its session (creating it, or for the background).
     fn last_session_wait_ms(&self) -> f64;
+    /// Whether `step` may be run with an empty past (scale 0); otherwise scale 0 runs on
+    /// `step_first`.
+    fn takes_empty_past(&self) -> bool;
 }
 
 /// An execution backend: a name, the graph precisions it executes, and how to load a model
@@ -235,7 +238,13 @@ impl Drop for OrtCpuEngine {
 
 impl Engine for OrtCpuEngine {
     fn load_all(&mut self) -> Result<()> {
-        let stages: Vec<Stage> = self.shared.graphs.iter().map(|(s, _)| *s).collect();
+        let stages: Vec<Stage> = self
+            .shared
+            .graphs
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| *s != Stage::StepFirst || !self.takes_empty_past())
+            .collect();
         for s in stages {
             self.shared.session(s)?;
         }
@@ -248,15 +257,9 @@ impl Engine for OrtCpuEngine {
         }
         let shared = self.shared.clone();
         // The caller creates the text stages itself as it reaches them; meanwhile this thread
-        // creates the rest in the order a generation needs them. step_first and step pack the
-        // same weights, so they are created one after the other (never two packed copies).
-        let order = [
-            Stage::StepFirst,
-            Stage::Step,
-            Stage::Vq,
-            Stage::Sampler,
-            Stage::Decoder,
-        ];
+        // creates the rest in the order a generation needs them (step_first is not used here:
+        // scale 0 runs on step).
+        let order = [Stage::Step, Stage::Vq, Stage::Sampler, Stage::Decoder];
         self.worker = std::thread::Builder::new()
             .name("star-sessions".into())
             .spawn(move || {
@@ -370,6 +373,12 @@ impl Engine for OrtCpuEngine {
 
     fn last_session_wait_ms(&self) -> f64 {
         self.last_wait_ms
+    }
+
+    fn takes_empty_past(&self) -> bool {
+        // ONNX Runtime handles zero-length dims: scale 0 runs on `step`, whose pre-packed
+        // weights then serve every scale (step_first would pack the same weights again).
+        true
     }
 
     fn take_created(&mut self) -> Vec<(Stage, f64)> {

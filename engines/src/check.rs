@@ -124,22 +124,43 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
                 ),
             ],
         ),
-        Stage::TextKv => (
-            vec![
-                port(
-                    io::HIDDEN,
-                    F32,
-                    vec![B("B"), t77(), F(c.text_width, "config.text_width")],
-                ),
-                port(io::ATTENTION_MASK, I64, vec![B("B"), t77()]),
-            ],
-            text_kv(),
-        ),
+        Stage::TextKv => {
+            let mut outs = vec![port(
+                io::X,
+                F32,
+                vec![
+                    B("B2"),
+                    F(1, "1 token at scale 0"),
+                    F(c.width, "config.width"),
+                ],
+            )];
+            outs.extend(text_kv());
+            (
+                vec![
+                    port(
+                        io::HIDDEN,
+                        F32,
+                        vec![B("B"), t77(), F(c.text_width, "config.text_width")],
+                    ),
+                    port(io::ATTENTION_MASK, I64, vec![B("B"), t77()]),
+                    port(
+                        io::POOLED,
+                        F32,
+                        vec![B("B2"), F(c.text_width, "config.text_width")],
+                    ),
+                ],
+                outs,
+            )
+        }
         Stage::StepFirst => {
             let mut ins = vec![port(
-                io::POOLED,
+                io::X,
                 F32,
-                vec![B("B2"), F(c.text_width, "config.text_width")],
+                vec![
+                    B("B2"),
+                    F(1, "1 token at scale 0"),
+                    F(c.width, "config.width"),
+                ],
             )];
             ins.extend(text_kv());
             (ins, step_out(F(1, "1 token at scale 0")))
@@ -152,9 +173,9 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
             );
             let mut ins = vec![
                 port(
-                    io::NEXT_IN,
+                    io::X,
                     F32,
-                    vec![B("B"), tokens.clone(), F(c.cvae, "config.cvae")],
+                    vec![B("B2"), tokens.clone(), F(c.width, "config.width")],
                 ),
                 port(io::PAST, F32, kv(past)),
             ];
@@ -203,6 +224,15 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
                             F(c.cvae, "config.cvae"),
                         ],
                     ),
+                    port(
+                        io::X,
+                        F32,
+                        vec![
+                            B("B2"),
+                            S("next_tokens", next * next, "schedule.patch_nums"),
+                            F(c.width, "config.width"),
+                        ],
+                    ),
                 ],
             )
         }
@@ -228,7 +258,7 @@ pub fn stage_scales(stage: Stage, c: &ModelConfig, s: &Schedule) -> Vec<usize> {
     let sn = s.patch_nums.len();
     match stage {
         Stage::StepFirst => vec![0],
-        Stage::Step => (1..sn).collect(),
+        Stage::Step => (0..sn).collect(),
         Stage::Sampler => (0..sn)
             .filter(|&i| c.sampler_blocks > 0 && s.substeps.get(i).is_some_and(|v| !v.is_empty()))
             .collect(),

@@ -72,6 +72,11 @@ impl ModelDir {
         self.engine.prefetch()
     }
 
+    /// Whether the backend runs scale 0 on `step` (empty past) rather than `step_first`.
+    pub fn takes_empty_past(&self) -> bool {
+        self.engine.takes_empty_past()
+    }
+
     /// How long the last run waited for its session.
     pub fn last_session_wait_ms(&self) -> f64 {
         self.engine.last_session_wait_ms()

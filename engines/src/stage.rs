@@ -10,12 +10,13 @@ use serde::{Deserialize, Serialize};
 pub enum Stage {
     /// CLIP text encoder: ids -> hidden states and pooled vector, once per prompt.
     TextEncoder,
-    /// Cross-attention K/V of every block from the conditional rows, once per prompt.
+    /// Cross-attention K/V of every block from the conditional rows, and scale 0's embedded
+    /// start token, once per prompt.
     TextKv,
-    /// Scale 0: the pooled text as the first token, no past (its own graph: TensorRT profiles
+    /// Scale 0 without a past, for backends that cannot take an empty one (TensorRT profiles
     /// handle zero-length dimensions badly).
     StepFirst,
-    /// Scales >= 1: dynamic token count and past length.
+    /// Any scale: dynamic token count and past length (0 at scale 0).
     Step,
     /// The stable sampler's refiner, every sampler scale.
     Sampler,
@@ -95,6 +96,8 @@ pub mod io {
     pub const TEXT_KV: &str = "text_kv";
     pub const TEXT_BIAS: &str = "text_bias";
     pub const NEXT_IN: &str = "next_in";
+    /// Embedded tokens of a scale (B2, n, C): the step's input.
+    pub const X: &str = "x";
     pub const PAST: &str = "past";
     pub const KV_NEW: &str = "kv_new";
     pub const LOGITS: &str = "logits";

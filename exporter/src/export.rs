@@ -364,11 +364,11 @@ fn write_all(
         let mut g = G::new(name, precision, &mut store);
         match stage {
             Stage::TextEncoder => text::text_encoder(&mut g, &clip, &cfg.text)?,
-            Stage::TextKv => transformer::text_kv(&mut g, &star, cfg)?,
+            Stage::TextKv => transformer::text_kv(&mut g, &star, cfg, sch)?,
             Stage::StepFirst => transformer::step_first(&mut g, &star, cfg, sch)?,
             Stage::Step => transformer::step(&mut g, &star, cfg, sch)?,
             Stage::Sampler => transformer::sampler_step(&mut g, &star, &vqs, cfg, sch)?,
-            Stage::Vq => vq::vq_step(&mut g, &vqs, cfg, sch)?,
+            Stage::Vq => vq::vq_step(&mut g, &vqs, &star, cfg, sch)?,
             Stage::Decoder => vq::decoder(&mut g, &vqs, cfg, sch)?,
         }
         let (model, inputs, outputs) = g.finish(&format!("STAR stage {name}"));

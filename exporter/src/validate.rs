@@ -1,8 +1,7 @@
 //! `star-export validate`: run every exported stage on the recorded inputs of a fixture variant
 //! folder and compare with the recorded outputs. Generation records go through the runtime's one
-//! scale loop (`star_runtime::replay::replay_record`) with stage isolation: each stage takes the
-//! recorded text features and next-scale inputs where the record stores them whole, else our own
-//! value from the previous stage.
+//! scale loop (`star_runtime::replay::replay_record`) with stage isolation: the transformer takes
+//! the recorded text features; every later stage takes our own value from the previous stage.
 
 use crate::error::{ExportError, Result};
 use crate::schedule::{area_matrix, bicubic_matrix, rope_table};

@@ -56,7 +56,8 @@ pub trait Hooks {
         None
     }
     /// Stage isolation: a recorded tensor to use instead of ours from here on (validate feeds
-    /// the recorded text features and next-scale inputs so that each stage is compared alone).
+    /// the recorded text features so that the transformer is compared apart from the text
+    /// encoder).
     fn substitute(&mut self, _name: &str) -> Option<Tensor> {
         None
     }
@@ -210,50 +211,40 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// One step of the transformer at scale `si`: its K/V go into the cache at the scale's
-    /// begin; `next_in` is None at scale 0.
-    #[allow(clippy::too_many_arguments)]
+    /// One step of the transformer at scale `si` on its embedded tokens x (B2, n, C); its K/V go
+    /// into the cache at the scale's begin. Scale 0 has an empty past: backends that take one run
+    /// it on `step` too (one graph, one set of packed weights), the others on `step_first`.
     fn step(
         &mut self,
         label: &str,
         si: usize,
-        next_in: Option<&Tensor>,
-        pooled: &Tensor,
+        x: &Tensor,
         text_kv: &Tensor,
         text_bias: &Tensor,
     ) -> Result<HashMap<String, Tensor>> {
         let begin = self.md.manifest.schedule.begin_end[si].0;
-        let text: [(&str, Arg<'_>); 2] = [
-            (io::TEXT_KV, text_kv.into()),
-            (io::TEXT_BIAS, text_bias.into()),
+        let t = [
+            (io::TEXT_KV, Arg::from(text_kv)),
+            (io::TEXT_BIAS, Arg::from(text_bias)),
         ];
-        match next_in {
-            None => {
-                let [a, b] = text;
-                self.run(
-                    label,
-                    Stage::StepFirst,
-                    Some(si),
-                    &[(io::POOLED, pooled.into()), a, b],
-                    Some(begin),
-                )
-            }
-            Some(ni) => {
-                let [a, b] = text;
-                self.run(
-                    label,
-                    Stage::Step,
-                    Some(si),
-                    &[
-                        (io::NEXT_IN, ni.into()),
-                        (io::PAST, Arg::KvPast(begin)),
-                        a,
-                        b,
-                    ],
-                    Some(begin),
-                )
-            }
+        if si == 0 && !self.md.takes_empty_past() {
+            let [a, b] = t;
+            return self.run(
+                label,
+                Stage::StepFirst,
+                Some(si),
+                &[(io::X, x.into()), a, b],
+                Some(begin),
+            );
         }
+        let [a, b] = t;
+        self.run(
+            label,
+            Stage::Step,
+            Some(si),
+            &[(io::X, x.into()), (io::PAST, Arg::KvPast(begin)), a, b],
+            Some(begin),
+        )
     }
 
     fn timed<T>(&mut self, label: &str, f: impl FnOnce() -> T) -> T {
@@ -362,11 +353,13 @@ impl Pipeline {
             &[
                 (io::HIDDEN, (&hidden.slice(0, 0, b)).into()),
                 (io::ATTENTION_MASK, (&mask.slice(0, 0, b)).into()),
+                (io::POOLED, (&pooled).into()),
             ],
             None,
         )?;
         let text_kv = take(&mut tkv, io::TEXT_KV)?;
         let text_bias = take(&mut tkv, io::TEXT_BIAS)?;
+        let mut x = Some(take(&mut tkv, io::X)?);
 
         let t_alloc = Instant::now();
         self.md.kv_alloc(2 * b)?;
@@ -376,7 +369,6 @@ impl Pipeline {
             false,
         );
         let mut f_hat = Tensor::zeros(vec![b, cv, pside, pside]);
-        let mut next_in: Option<Tensor> = None;
         let mut past_inputs: Vec<Tensor> = vec![];
         for si in 0..sn {
             let t_scale = Instant::now();
@@ -384,20 +376,15 @@ impl Pipeline {
             let n = pn * pn;
             let label = Stage::Step.label(Some(si));
             if p.recompute_past && si > 0 {
-                self.recompute_past(&past_inputs, &pooled, &text_kv, &text_bias)?;
+                self.recompute_past(&past_inputs, &text_kv, &text_bias)?;
             }
-            let ni = if si == 0 {
-                None
-            } else {
-                let ni = next_in.take().ok_or_else(|| {
-                    RunError::Invalid(format!("scale {si}: no input from scale {}", si - 1))
-                })?;
-                if p.recompute_past {
-                    past_inputs.push(ni.clone());
-                }
-                Some(ni)
-            };
-            let mut out = self.step(&label, si, ni.as_ref(), &pooled, &text_kv, &text_bias)?;
+            let xs = x.take().ok_or_else(|| {
+                RunError::Invalid(format!("scale {si}: no input from scale {}", si.max(1) - 1))
+            })?;
+            let mut out = self.step(&label, si, &xs, &text_kv, &text_bias)?;
+            if p.recompute_past {
+                past_inputs.push(xs);
+            }
             if hooks.observing() {
                 let begin = sch.begin_end[si].0;
                 // (n, depth, 2, B2, H, hd) -> per block and K/V: (B2, H, n, hd), the release's layout.
@@ -463,15 +450,10 @@ impl Pipeline {
             }
             // At the last scale the graph's next_in is the full map: there is no next scale.
             if si + 1 < sn {
-                let mut ni = take(&mut vo, io::NEXT_IN)?;
-                let name = format!("s{si:02}.next_in");
                 if hooks.observing() {
-                    hooks.observe(&name, &ni);
+                    hooks.observe(&format!("s{si:02}.next_in"), &take(&mut vo, io::NEXT_IN)?);
                 }
-                if let Some(t) = hooks.substitute(&name) {
-                    ni = t;
-                }
-                next_in = Some(ni);
+                x = Some(take(&mut vo, io::X)?);
             }
             hooks.scale_done(si, pn, t_scale.elapsed().as_secs_f64() * 1e3);
         }
@@ -492,21 +474,16 @@ impl Pipeline {
         Ok(Generated { image, truncated })
     }
 
-    /// Rebuild the cache of scales 0..=past_inputs.len() by running their steps again.
+    /// Rebuild the cache of the earlier scales by running their steps again (`past_inputs`
+    /// holds each earlier scale's embedded tokens).
     fn recompute_past(
         &mut self,
         past_inputs: &[Tensor],
-        pooled: &Tensor,
         text_kv: &Tensor,
         text_bias: &Tensor,
     ) -> Result<()> {
-        for j in 0..=past_inputs.len() {
-            let ni = if j == 0 {
-                None
-            } else {
-                Some(&past_inputs[j - 1])
-            };
-            self.step("recompute_past", j, ni, pooled, text_kv, text_bias)?;
+        for (j, x) in past_inputs.iter().enumerate() {
+            self.step("recompute_past", j, x, text_kv, text_bias)?;
         }
         Ok(())
     }

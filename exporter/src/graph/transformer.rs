@@ -178,10 +178,22 @@ fn ffn(g: &mut G, f: &Src, c: usize, x: &str) -> Result<String> {
 
 /// Text K/V for every block's cross-attention, from the conditional rows' hidden states; K is L2
 /// normalised here once per prompt. Also the additive mask bias.
-pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig) -> Result<()> {
+pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
     let (c, h, hd, dt) = (cfg.width, cfg.heads, cfg.head_dim, cfg.text_width);
-    let hidden = g.input("hidden", dtype::FLOAT, &[sym("B"), fx(TEXT_LEN), fx(dt)]);
-    let mask = g.input("attention_mask", dtype::INT64, &[sym("B"), fx(TEXT_LEN)]);
+    let hidden = g.input(io::HIDDEN, dtype::FLOAT, &[sym("B"), fx(TEXT_LEN), fx(dt)]);
+    let mask = g.input(io::ATTENTION_MASK, dtype::INT64, &[sym("B"), fx(TEXT_LEN)]);
+    let pooled = g.input(io::POOLED, dtype::FLOAT, &[sym("B2"), fx(dt)]);
+    // Scale 0's only token: the pooled text projected, plus pos_start and level 0.
+    let sn = sch.patch_nums.len();
+    let lvl_all = t.raw(g, "lvl_embed.weight", &[sn, c])?;
+    let zero = g.c_i64(&[0], &[1]);
+    let lvl = g.op("Gather", &[&lvl_all, &zero], vec![]);
+    let sos = t.linear(g, &pooled, "encoder_proj", dt, c, true)?;
+    let sos = g.unsqueeze(&sos, &[1]);
+    let ps = t.raw(g, "pos_start", &[1, 1, c])?;
+    let x0 = g.add(&sos, &ps);
+    let x0 = g.add(&x0, &lvl);
+    g.output(&x0, io::X, dtype::FLOAT, &[sym("B2"), fx(1), fx(c)]);
     let mut per_block = vec![];
     for i in 0..cfg.depth {
         let a = t.pp(&format!("blocks.{i}.cross_attn"));
@@ -323,33 +335,23 @@ fn blocks_and_heads(
     Ok(())
 }
 
-/// Scale 0: the pooled text (2B, Dt) projected to the start token; no past.
+/// Scale 0 without a past: x (B2, 1, C) from text_kv. For backends that cannot take an empty
+/// past (TensorRT profiles); the others run scale 0 through `step` with past length 0.
 pub fn step_first(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
-    let c = cfg.width;
-    let sn = sch.patch_nums.len();
-    let lvl_all = t.raw(g, "lvl_embed.weight", &[sn, c])?;
-    let zero = g.c_i64(&[0], &[1]);
-    let lvl = g.op("Gather", &[&lvl_all, &zero], vec![]);
-    let pooled = g.input(io::POOLED, dtype::FLOAT, &[sym("B2"), fx(cfg.text_width)]);
-    let sos = t.linear(g, &pooled, "encoder_proj", cfg.text_width, c, true)?;
-    let sos = g.unsqueeze(&sos, &[1]);
-    let ps = t.raw(g, "pos_start", &[1, 1, c])?;
-    let x = g.add(&sos, &ps);
-    let x = g.add(&x, &lvl);
+    let x = g.input(io::X, dtype::FLOAT, &[sym("B2"), fx(1), fx(cfg.width)]);
     let rope = rope_consts(g, &[rope_table(sch.patch_nums[0])]);
     blocks_and_heads(g, t, cfg, x, &rope, None, fx(1))
 }
 
-/// Every scale >= 1: next_in (B, n, Cvae) and the past (P, depth, 2, B2, H, hd). The scale is
-/// known from P (its first token): its RoPE rows are rows [P, P+n) of the stacked tables and its
-/// level embedding is row scale_of_token[P].
+/// Any scale: x (B2, n, C), the embedded tokens (text_kv makes scale 0's, vq every later
+/// one's), and the past (P, depth, 2, B2, H, hd), P = the scale's first token (0 at scale 0).
+/// The scale's RoPE rows are rows [P, P+n) of the stacked tables.
 pub fn step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
-    let (c, h, hd) = (cfg.width, cfg.heads, cfg.head_dim);
-    let sn = sch.patch_nums.len();
-    let next_in = g.input(
-        io::NEXT_IN,
+    let (h, hd) = (cfg.heads, cfg.head_dim);
+    let x = g.input(
+        io::X,
         dtype::FLOAT,
-        &[sym("B"), sym("tokens"), fx(cfg.cvae)],
+        &[sym("B2"), sym("tokens"), fx(cfg.width)],
     );
     let past = g.input(
         io::PAST,
@@ -357,20 +359,8 @@ pub fn step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()>
         &[sym("past"), fx(cfg.depth), fx(2), sym("B2"), fx(h), fx(hd)],
     );
     let begin = g.dim(&past, 0);
-    let n = g.dim(&next_in, 1);
+    let n = g.dim(&x, 1);
     let end = g.add(&begin, &n);
-    let scale_of_token: Vec<i64> = sch
-        .begin_end
-        .iter()
-        .enumerate()
-        .flat_map(|(si, (b, e))| std::iter::repeat_n(si as i64, e - b))
-        .collect();
-    let si = g.lookup(&scale_of_token, &begin);
-    let lvl_all = t.raw(g, "lvl_embed.weight", &[sn, c])?;
-    let lvl = g.op("Gather", &[&lvl_all, &si], vec![]);
-    let e = t.linear(g, &next_in, "word_embed", cfg.cvae, c, true)?;
-    let e = g.add(&e, &lvl);
-    let x = g.concat(&[&e, &e], 0);
     let all = rope_all(g, sch);
     let rope = rope_rows(g, &all, &begin, &end);
     blocks_and_heads(g, t, cfg, x, &rope, Some(&past), sym("tokens"))

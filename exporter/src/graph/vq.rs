@@ -56,7 +56,7 @@ fn identity(n: usize) -> Vec<f32> {
 /// phi conv is computed as one stacked conv and the scale's phi picked from it: tiny next to the
 /// transformer, and constant weights for TensorRT. At the last scale `next_in` is the full map
 /// (identity down), which the runtime ignores.
-pub fn vq_step(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
+pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
     let (v, cv) = (cfg.vocab, cfg.cvae);
     let sn = sch.patch_nums.len();
     let p = sch.patch_nums[sn - 1];
@@ -175,6 +175,22 @@ pub fn vq_step(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result
         io::NEXT_IN,
         dtype::FLOAT,
         &[sym("B"), sym("next_tokens"), fx(cv)],
+    );
+    // The next scale's embedded tokens for the step: word_embed(next_in) + its level embedding,
+    // for both guidance rows (at the last scale: level sn-1, unused).
+    let c = cfg.width;
+    let nexts: Vec<i64> = (0..sn).map(|si| (si + 1).min(sn - 1) as i64).collect();
+    let lvl_i = g.lookup(&nexts, &scale);
+    let lvl_all = t.raw(g, "lvl_embed.weight", &[sn, c])?;
+    let lvl = g.op("Gather", &[&lvl_all, &lvl_i], vec![]);
+    let e = t.linear(g, &y, "word_embed", cv, c, true)?;
+    let e = g.add(&e, &lvl);
+    let x = g.concat(&[&e, &e], 0);
+    g.output(
+        &x,
+        io::X,
+        dtype::FLOAT,
+        &[sym("B2"), sym("next_tokens"), fx(c)],
     );
     Ok(())
 }
