@@ -167,6 +167,7 @@ impl Backend for OrtCpu {
                 threads: opts.threads,
                 pool: std::sync::Mutex::new(WeightPool::default()),
                 created: std::sync::Mutex::new(vec![]),
+                cancel: std::sync::atomic::AtomicBool::new(false),
             }),
             worker: None,
             kv: None,
@@ -195,6 +196,8 @@ struct Shared {
     /// One copy of the weights (a mapping), shared by every session.
     pool: std::sync::Mutex<WeightPool>,
     created: std::sync::Mutex<Vec<(Stage, f64)>>,
+    /// Set when the engine is dropped: the background thread stops after its current session.
+    cancel: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -229,7 +232,11 @@ impl Shared {
 
 impl Drop for OrtCpuEngine {
     fn drop(&mut self) {
-        // The worker holds the shared state; let it finish the session it is creating.
+        // The worker holds the shared state; let it finish the session it is creating, and no
+        // more.
+        self.shared
+            .cancel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
@@ -264,6 +271,9 @@ impl Engine for OrtCpuEngine {
             .name("star-sessions".into())
             .spawn(move || {
                 for st in order {
+                    if shared.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
                     if shared.slots.contains_key(&st) {
                         // An error is kept in the slot and reported when the stage is run.
                         let _ = shared.session(st);
@@ -318,6 +328,17 @@ impl Engine for OrtCpuEngine {
                 input: crate::stage::io::KV_NEW.into(),
                 why: "(output) is not float32".into(),
             })?;
+            if t.shape.len() != 6 || t.shape[1..] != c.shape[1..] {
+                return Err(EngineError::BadInput {
+                    stage: stage.name().into(),
+                    input: crate::stage::io::KV_NEW.into(),
+                    why: format!(
+                        "(output) has shape {:?}, the cache takes (n, {:?})",
+                        t.shape,
+                        &c.shape[1..]
+                    ),
+                });
+            }
             c.write(data, begin).map_err(|why| EngineError::BadInput {
                 stage: stage.name().into(),
                 input: crate::stage::io::KV_NEW.into(),
@@ -403,6 +424,9 @@ impl Engine for OrtCpuEngine {
 pub struct WeightPool {
     // Field order is drop order: the values before the mappings they point into.
     values: HashMap<String, std::sync::Arc<ort::value::DynValue>>,
+    /// Where each value's bytes are: (file, offset, length, dims, dtype); a second graph naming
+    /// the same weight must agree.
+    origin: HashMap<String, (String, usize, usize, Vec<i64>, i32)>,
     maps: HashMap<String, std::sync::Arc<memmap2::Mmap>>,
     bytes: usize,
     prepacked: ort::session::builder::PrepackedWeights,
@@ -412,6 +436,7 @@ impl Default for WeightPool {
     fn default() -> Self {
         WeightPool {
             values: HashMap::new(),
+            origin: HashMap::new(),
             maps: HashMap::new(),
             bytes: 0,
             prepacked: ort::session::builder::PrepackedWeights::new(),
@@ -499,22 +524,29 @@ impl WeightPool {
             if t.data_location != 1 {
                 continue;
             }
-            if !self.values.contains_key(&t.name) {
-                let get = |k: &str| {
-                    t.external_data
-                        .iter()
-                        .find(|e| e.key == k)
-                        .map(|e| e.value.clone())
-                };
-                let bad = |why: &str| EngineError::Manifest {
-                    path: graph.to_path_buf(),
-                    why: format!("initializer {}: {why}", t.name),
-                };
-                let file = get("location").ok_or_else(|| bad("no location"))?;
-                let offset: usize = get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
-                let length: usize = get("length")
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| bad("no length"))?;
+            let get = |k: &str| {
+                t.external_data
+                    .iter()
+                    .find(|e| e.key == k)
+                    .map(|e| e.value.clone())
+            };
+            let bad = |why: &str| EngineError::Manifest {
+                path: graph.to_path_buf(),
+                why: format!("initializer {}: {why}", t.name),
+            };
+            let file = get("location").ok_or_else(|| bad("no location"))?;
+            let offset: usize = get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let length: usize = get("length")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad("no length"))?;
+            let origin = (file.clone(), offset, length, t.dims.clone(), t.data_type);
+            if let Some(o) = self.origin.get(&t.name) {
+                if *o != origin {
+                    return Err(bad(
+                        "another graph names a different tensor with this name; re-export the model",
+                    ));
+                }
+            } else {
                 if !self.maps.contains_key(&file) {
                     let p = dir.join(&file);
                     let f = std::fs::File::open(&p).map_err(crate::error::io_err(&p))?;
@@ -534,10 +566,14 @@ impl WeightPool {
                     ),
                     other => return Err(bad(&format!("unsupported external data type {other}"))),
                 };
-                let numel: i64 = t.dims.iter().product();
-                if offset.checked_add(length).is_none_or(|e| e > map.len())
-                    || numel < 0
-                    || numel as usize * size != length
+                let numel = t
+                    .dims
+                    .iter()
+                    .try_fold(1usize, |a, &d| {
+                        usize::try_from(d).ok().and_then(|d| a.checked_mul(d))
+                    })
+                    .and_then(|n| n.checked_mul(size));
+                if offset.checked_add(length).is_none_or(|e| e > map.len()) || numel != Some(length)
                 {
                     return Err(bad(&format!(
                         "{length} bytes at offset {offset} do not fit {} ({} bytes) as {:?}",
@@ -557,6 +593,7 @@ impl WeightPool {
                 self.bytes += length;
                 self.values
                     .insert(t.name.clone(), std::sync::Arc::new(value));
+                self.origin.insert(t.name.clone(), origin);
             }
             out.push((t.name.clone(), self.values[&t.name].clone()));
         }

@@ -833,6 +833,21 @@ pub fn check_graph_file(g: &GraphEntry, path: &Path, bytes: &[u8], m: &Manifest)
     }
     check_graph_weights(g, &model, &m.config).map_err(&bad)?;
     let graph = model.graph.unwrap_or_default();
+    // External data only from the files the manifest lists (and hashes).
+    for t in graph.initializer.iter().filter(|t| t.data_location == 1) {
+        let loc = t
+            .external_data
+            .iter()
+            .find(|e| e.key == "location")
+            .map(|e| e.value.as_str())
+            .unwrap_or("");
+        if !inside(loc) || !m.files.iter().any(|f| f.file == loc) {
+            return Err(bad(format!(
+                "initializer {} reads external data from '{loc}', which manifest.json does not list",
+                t.name
+            )));
+        }
+    }
     let declared = |v: &[onnx::ValueInfoProto]| -> Vec<IoSpec> {
         v.iter()
             .map(|vi| {

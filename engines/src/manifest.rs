@@ -227,7 +227,11 @@ impl Manifest {
                 continue;
             }
             let p = dir.join(&f.file);
-            let got = sha256_file(&p)?;
+            // Stamp what was hashed: the open file's metadata before and after hashing must
+            // agree (a write during hashing changes its ctime), and the path must still name it.
+            let file = std::fs::File::open(&p).map_err(io_err(&p))?;
+            let before = file.metadata().map_err(io_err(&p))?;
+            let got = sha256_reader(&file, &p)?;
             hashed += f.bytes;
             if got != f.sha256 {
                 return Err(EngineError::HashMismatch {
@@ -236,7 +240,13 @@ impl Manifest {
                     found: got,
                 });
             }
-            fresh.extend(crate::stamp::FileStamp::of(dir, &f.file, &f.sha256));
+            let after = file.metadata().map_err(io_err(&p))?;
+            let s0 = crate::stamp::FileStamp::from_meta(&f.file, &f.sha256, &before);
+            let s1 = crate::stamp::FileStamp::from_meta(&f.file, &f.sha256, &after);
+            if s0 == s1 && crate::stamp::FileStamp::of(dir, &f.file, &f.sha256) == Some(s1.clone())
+            {
+                fresh.push(s1);
+            }
         }
         for g in &self.graphs {
             let p = dir.join(&g.file);
@@ -280,7 +290,11 @@ pub struct Verified {
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    sha256_reader(&f, path)
+}
+
+fn sha256_reader(mut f: &std::fs::File, path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -223,6 +223,23 @@ fn check_inputs<'a>(
             }
         }
     }
+    // The contract's guidance rows: B2 = 2B wherever only one of them is given.
+    match (bound.get("B").copied(), bound.get("B2").copied()) {
+        (Some(b), None) => {
+            bound.insert("B2", 2 * b);
+        }
+        (None, Some(b2)) if b2 % 2 == 0 => {
+            bound.insert("B", b2 / 2);
+        }
+        (Some(b), Some(b2)) if b2 != 2 * b => {
+            return Err(bad(
+                g,
+                "B2",
+                format!("is {b2} rows for {b} images; guidance needs 2 per image"),
+            ))
+        }
+        _ => {}
+    }
     Ok(bound)
 }
 

@@ -27,7 +27,12 @@ pub struct FileStamp {
 impl FileStamp {
     pub fn of(dir: &Path, file: &str, sha256: &str) -> Option<FileStamp> {
         let m = std::fs::metadata(dir.join(file)).ok()?;
-        Some(FileStamp {
+        Some(Self::from_meta(file, sha256, &m))
+    }
+
+    /// The stamp of an open file's metadata (fstat): what was actually hashed.
+    pub fn from_meta(file: &str, sha256: &str, m: &std::fs::Metadata) -> FileStamp {
+        FileStamp {
             file: file.to_string(),
             sha256: sha256.to_string(),
             bytes: m.len(),
@@ -35,7 +40,7 @@ impl FileStamp {
             ino: m.ino(),
             mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
             ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
-        })
+        }
     }
 }
 
