@@ -105,6 +105,18 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
         ]
     };
     let scale_in = || port(io::SCALE, I64, vec![F(1, "1")]);
+    // Scale 0's embedded start token (text_kv makes it, step_first takes it).
+    let x0 = || {
+        port(
+            io::X,
+            F32,
+            vec![
+                B("B2"),
+                F(1, "1 token at scale 0"),
+                F(c.width, "config.width"),
+            ],
+        )
+    };
     match stage {
         Stage::TextEncoder => (
             vec![
@@ -125,15 +137,7 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
             ],
         ),
         Stage::TextKv => {
-            let mut outs = vec![port(
-                io::X,
-                F32,
-                vec![
-                    B("B2"),
-                    F(1, "1 token at scale 0"),
-                    F(c.width, "config.width"),
-                ],
-            )];
+            let mut outs = vec![x0()];
             outs.extend(text_kv());
             (
                 vec![
@@ -153,15 +157,7 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
             )
         }
         Stage::StepFirst => {
-            let mut ins = vec![port(
-                io::X,
-                F32,
-                vec![
-                    B("B2"),
-                    F(1, "1 token at scale 0"),
-                    F(c.width, "config.width"),
-                ],
-            )];
+            let mut ins = vec![x0()];
             ins.extend(text_kv());
             (ins, step_out(F(1, "1 token at scale 0")))
         }

@@ -46,6 +46,14 @@ fn copy_demo(to: &Path) -> PathBuf {
     dst
 }
 
+/// Replace the first occurrence of `from` in a model directory's manifest.json.
+fn edit_manifest(model: &Path, from: &str, to: &str) {
+    let p = model.join("manifest.json");
+    let text = std::fs::read_to_string(&p).unwrap();
+    assert!(text.contains(from), "{from} not in {}", p.display());
+    std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
+}
+
 fn expect_error(model: &Path, extra: &[&str], env: &[(&str, &str)], needle: &str) {
     let t = tempfile::tempdir().unwrap();
     let png = t.path().join("out.png");
@@ -95,13 +103,7 @@ fn partial_model_directory() {
 fn manifest_schema_mismatch() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
-    let p = m.join("manifest.json");
-    let text = std::fs::read_to_string(&p).unwrap().replacen(
-        "\"schema_version\": 2",
-        "\"schema_version\": 99",
-        1,
-    );
-    std::fs::write(&p, text).unwrap();
+    edit_manifest(&m, "\"schema_version\": 2", "\"schema_version\": 99");
     expect_error(&m, &[], &[], "schema version 99");
 }
 
@@ -111,13 +113,7 @@ fn manifest_schema_mismatch() {
 fn schema_v1_directory_is_refused_with_a_re_export_hint() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
-    let p = m.join("manifest.json");
-    let text = std::fs::read_to_string(&p).unwrap().replacen(
-        "\"schema_version\": 2",
-        "\"schema_version\": 1",
-        1,
-    );
-    std::fs::write(&p, text).unwrap();
+    edit_manifest(&m, "\"schema_version\": 2", "\"schema_version\": 1");
     expect_error(
         &m,
         &[],
@@ -142,13 +138,7 @@ fn weights_hash_mismatch() {
 fn unsupported_precision_is_refused_not_converted() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
-    let p = m.join("manifest.json");
-    let text = std::fs::read_to_string(&p).unwrap().replacen(
-        "\"precision\": \"fp32\"",
-        "\"precision\": \"fp16\"",
-        1,
-    );
-    std::fs::write(&p, text).unwrap();
+    edit_manifest(&m, "\"precision\": \"fp32\"", "\"precision\": \"fp16\"");
     expect_error(&m, &[], &[], "precision 'fp16'");
 }
 
