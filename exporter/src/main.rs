@@ -23,6 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Export checkpoints to a model directory (written atomically: nothing appears at --out on failure).
+    #[command(allow_negative_numbers = true)]
     Export {
         /// Transformer checkpoint: .pth (state_dict under ["trainer"]["var_wo_ddp"]) or .safetensors.
         #[arg(long)]
@@ -48,14 +49,14 @@ enum Cmd {
         /// Graph precision (fp32; fp16/int8 are not implemented yet).
         #[arg(long, default_value = "fp32")]
         precision: String,
-        /// Guidance scale stored as this model's default [default: 4.0].
-        #[arg(long)]
+        /// Guidance scale stored as this model's default, a finite number >= 0 [default: 4.0].
+        #[arg(long, value_parser = star_runtime::args::cfg)]
         default_cfg: Option<f64>,
         /// top-k stored as this model's default [default: 600 of 4096, scaled to the vocabulary].
         #[arg(long)]
         default_top_k: Option<usize>,
-        /// top-p stored as this model's default [default: 0.8].
-        #[arg(long)]
+        /// top-p stored as this model's default, in [0, 1] [default: 0.8].
+        #[arg(long, value_parser = star_runtime::args::top_p)]
         default_top_p: Option<f64>,
         /// No progress lines.
         #[arg(long)]
@@ -86,7 +87,10 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return star_runtime::args::usage_error(e),
+    };
     if let Err(e) = star_export::export::install_interrupt_cleanup() {
         eprintln!("error: {e}");
         return ExitCode::from(2);

@@ -469,3 +469,75 @@ fn hf_folder_with_pytorch_model_bin_reads_like_its_safetensors() {
         assert_eq!(st.read_f32(k).unwrap(), bin.read_f32(k).unwrap(), "{k}");
     }
 }
+
+#[test]
+fn argument_errors_are_one_line_before_any_work() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let o = out.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec![
+                "export",
+                "--transformer",
+                "x",
+                "--vae",
+                "y",
+                "--text-encoder",
+                "z",
+                "--out",
+                o,
+                "--default-cfg",
+                "-1",
+            ],
+            "negative",
+        ),
+        (
+            vec![
+                "export",
+                "--transformer",
+                "x",
+                "--vae",
+                "y",
+                "--text-encoder",
+                "z",
+                "--out",
+                o,
+                "--default-cfg",
+                "NaN",
+            ],
+            "not finite",
+        ),
+        (
+            vec![
+                "export",
+                "--transformer",
+                "x",
+                "--vae",
+                "y",
+                "--text-encoder",
+                "z",
+                "--out",
+                o,
+                "--default-top-p",
+                "2",
+            ],
+            "[0, 1]",
+        ),
+        (vec!["export", "--no-such-flag"], "--no-such-flag"),
+        (vec!["validate"], "--model"),
+    ] {
+        let r = Command::new(env!("CARGO_BIN_EXE_star-export"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: '{needle}' not in {stderr}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -108,6 +108,33 @@ pub fn check_output_dir(dir: &Path) -> Result<(), String> {
     writable_dir(&base, &format!("--out-dir {}", dir.display()))
 }
 
+/// An argument error as one line on stderr, exit 2; --help and --version print as clap renders
+/// them (shared by star-run and star-export).
+pub fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return std::process::ExitCode::SUCCESS;
+    }
+    // clap's first paragraph, folded onto one line ("required arguments were not provided:"
+    // lists them on the lines after it); the usage and tip paragraphs are dropped.
+    let text = e.render().to_string();
+    let para: Vec<&str> = text
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = if para.is_empty() {
+        "bad arguments".to_string()
+    } else {
+        para.join(" ")
+    };
+    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+    eprintln!("error: {msg} (see --help)");
+    std::process::ExitCode::from(2)
+}
+
 /// Bytes of memory the system can still give us (MemAvailable), if the kernel says.
 pub fn available_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
