@@ -105,7 +105,14 @@ pub trait Backend: Sync {
     fn name(&self) -> &'static str;
     /// Graph precisions it runs as they are; any other is refused, never converted.
     fn precisions(&self) -> &'static [&'static str];
-    fn load(&self, dir: &Path, m: &Manifest, opts: &BackendOptions) -> Result<Box<dyn Engine>>;
+    /// `graphs`: each stage's graph bytes as verified (never re-read from disk).
+    fn load(
+        &self,
+        dir: &Path,
+        m: &Manifest,
+        opts: &BackendOptions,
+        graphs: &[(Stage, std::sync::Arc<[u8]>)],
+    ) -> Result<Box<dyn Engine>>;
 }
 
 #[derive(Clone, Debug)]
@@ -152,17 +159,29 @@ impl Backend for OrtCpu {
     fn precisions(&self) -> &'static [&'static str] {
         &["fp32"]
     }
-    fn load(&self, dir: &Path, m: &Manifest, opts: &BackendOptions) -> Result<Box<dyn Engine>> {
+    fn load(
+        &self,
+        dir: &Path,
+        m: &Manifest,
+        opts: &BackendOptions,
+        verified: &[(Stage, std::sync::Arc<[u8]>)],
+    ) -> Result<Box<dyn Engine>> {
         // Fail now, not at the first stage, when the library is missing.
         ort_environment()?;
-        let graphs: Vec<(Stage, PathBuf)> = m
-            .graphs
-            .iter()
-            .map(|g| (g.stage, dir.join(&g.file)))
-            .collect();
+        let mut graphs: Vec<(Stage, PathBuf, std::sync::Arc<[u8]>)> = vec![];
+        for g in &m.graphs {
+            let bytes = verified
+                .iter()
+                .find(|(s, _)| *s == g.stage)
+                .map(|(_, b)| b.clone())
+                .ok_or_else(|| {
+                    EngineError::Unsupported(format!("graph {} was not verified", g.file))
+                })?;
+            graphs.push((g.stage, dir.join(&g.file), bytes));
+        }
         Ok(Box::new(OrtCpuEngine {
             shared: std::sync::Arc::new(Shared {
-                slots: graphs.iter().map(|(s, _)| (*s, Slot::new())).collect(),
+                slots: graphs.iter().map(|(s, _, _)| (*s, Slot::new())).collect(),
                 graphs,
                 threads: opts.threads,
                 pool: std::sync::Mutex::new(WeightPool::default()),
@@ -189,7 +208,9 @@ pub struct OrtCpuEngine {
 type Slot = std::sync::OnceLock<std::result::Result<std::sync::Mutex<OrtSession>, String>>;
 
 struct Shared {
-    graphs: Vec<(Stage, PathBuf)>,
+    /// Each stage's graph: path (for messages and to find its external data) and the bytes
+    /// that were verified.
+    graphs: Vec<(Stage, PathBuf, std::sync::Arc<[u8]>)>,
     threads: usize,
     // Field order is drop order: the sessions before the pool whose mapping they read.
     slots: HashMap<Stage, Slot>,
@@ -207,16 +228,23 @@ impl Shared {
             .get(&stage)
             .ok_or_else(|| EngineError::Unsupported(format!("this model has no {stage} graph")))?;
         let r = slot.get_or_init(|| {
-            let path = self
+            let (path, bytes) = self
                 .graphs
                 .iter()
-                .find(|(s, _)| *s == stage)
-                .map(|(_, p)| p.clone())
-                .unwrap_or_default();
+                .find(|(s, _, _)| *s == stage)
+                .map(|(_, p, b)| (p.clone(), b.clone()))
+                .ok_or_else(|| format!("this model has no {stage} graph"))?;
             let t = std::time::Instant::now();
             let shares = matches!(stage, Stage::StepFirst | Stage::Step);
-            let s = OrtSession::load(&path, stage.name(), self.threads, &self.pool, shares)
-                .map_err(|e| e.to_string())?;
+            let s = OrtSession::load(
+                &path,
+                &bytes,
+                stage.name(),
+                self.threads,
+                &self.pool,
+                shares,
+            )
+            .map_err(|e| e.to_string())?;
             self.created
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -249,7 +277,7 @@ impl Engine for OrtCpuEngine {
             .shared
             .graphs
             .iter()
-            .map(|(s, _)| *s)
+            .map(|(s, _, _)| *s)
             .filter(|s| *s != Stage::StepFirst || !self.takes_empty_past())
             .collect();
         for s in stages {
@@ -512,9 +540,9 @@ impl WeightPool {
     fn for_graph(
         &mut self,
         graph: &Path,
+        bytes: &[u8],
     ) -> Result<Vec<(String, std::sync::Arc<ort::value::DynValue>)>> {
-        let bytes = std::fs::read(graph).map_err(crate::error::io_err(graph))?;
-        let model = crate::onnx::decode_model(&bytes).map_err(|e| EngineError::Manifest {
+        let model = crate::onnx::decode_model(bytes).map_err(|e| EngineError::Manifest {
             path: graph.to_path_buf(),
             why: format!("not an ONNX model: {e}"),
         })?;
@@ -687,6 +715,7 @@ impl OrtSession {
     /// parallel with them.
     pub fn load(
         graph: &Path,
+        bytes: &[u8],
         label: &str,
         threads: usize,
         pool: &std::sync::Mutex<WeightPool>,
@@ -701,7 +730,7 @@ impl OrtSession {
             } else {
                 ort::session::builder::PrepackedWeights::new()
             };
-            (p.for_graph(graph)?, c)
+            (p.for_graph(graph, bytes)?, c)
         };
         let mut b = ort::session::Session::builder(env).map_err(ort_err(ctx.clone()))?;
         // Weights come from the shared pool; their pre-packed forms go into the pool's shared
@@ -725,7 +754,17 @@ impl OrtSession {
         b = b
             .with_config_entry("session.intra_op.allow_spinning", "0")
             .map_err(|e| ort_err(ctx.clone())(e.into()))?;
-        let session = b.commit_from_file(graph).map_err(ort_err(ctx))?;
+        // From the verified bytes: every external initializer is given above, so ONNX Runtime
+        // reads no weight itself; it only checks that the external data paths resolve, from
+        // the model directory.
+        let dir = graph.parent().unwrap_or(Path::new("."));
+        b = b
+            .with_config_entry(
+                "session.model_external_initializers_file_folder_path",
+                dir.to_string_lossy(),
+            )
+            .map_err(|e| ort_err(ctx.clone())(e.into()))?;
+        let session = b.commit_from_memory(bytes).map_err(ort_err(ctx))?;
         pool.lock()
             .unwrap_or_else(|e| e.into_inner())
             .release_pages();

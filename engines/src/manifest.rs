@@ -220,6 +220,7 @@ impl Manifest {
         };
         let mut fresh = vec![];
         let mut hashed = 0u64;
+        let mut graphs = vec![];
         for f in &self.files {
             let now = crate::stamp::FileStamp::of(dir, &f.file, &f.sha256);
             if now.is_some() && stamps.iter().any(|s| Some(s) == now.as_ref()) {
@@ -260,6 +261,7 @@ impl Manifest {
                 });
             }
             crate::check::check_graph_file(g, &p, &bytes, self)?;
+            graphs.push((g.stage, std::sync::Arc::from(bytes)));
         }
         if hashed > 0 {
             crate::stamp::save(dir, self, &fresh);
@@ -267,6 +269,7 @@ impl Manifest {
         Ok(Verified {
             hashed_bytes: hashed,
             ms: t.elapsed().as_secs_f64() * 1e3,
+            graphs,
         })
     }
 }
@@ -282,11 +285,14 @@ pub enum Integrity {
 }
 
 /// What a verification did.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Verified {
     /// Bytes hashed (0 when every stamp matched).
     pub hashed_bytes: u64,
     pub ms: f64,
+    /// Every graph file's bytes as hashed and checked: sessions are created from these, not
+    /// from a second read of the file.
+    pub graphs: Vec<(Stage, std::sync::Arc<[u8]>)>,
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {

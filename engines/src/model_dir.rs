@@ -43,7 +43,7 @@ impl ModelDir {
             )));
         }
         let verified = manifest.verify_files(dir, integrity)?;
-        let engine = backend.load(dir, &manifest, &opts)?;
+        let engine = backend.load(dir, &manifest, &opts, &verified.graphs)?;
         Ok(ModelDir {
             dir: dir.to_path_buf(),
             manifest,

@@ -195,3 +195,34 @@ fn manifest_mutations_are_refused_or_harmless_and_never_panic() {
     // The untouched manifest still opens: the mutations did not damage the copy.
     Pipeline::open(&dir, BackendOptions::default()).unwrap();
 }
+
+/// Sessions are created from the graph bytes that were verified when the directory was opened:
+/// a graph file replaced afterwards is never read.
+#[test]
+fn sessions_use_the_verified_graph_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    copy_dir(&star_tests::demo_model(), &dir);
+    let mut p = Pipeline::open(&dir, BackendOptions::default()).unwrap();
+    for g in ["step.onnx", "text_encoder.onnx", "decoder.onnx", "vq.onnx"] {
+        std::fs::write(dir.join(g), b"not a graph any more").unwrap();
+    }
+    let d = p.md.manifest.sampling_defaults.clone();
+    let gp = GenParams {
+        cfg: d.cfg,
+        top_k: d.top_k,
+        top_p: d.top_p,
+        seed: 3,
+        stable_sampling: true,
+        recompute_past: false,
+    };
+    let g = p
+        .generate(
+            &["a red circle on a blue background".into()],
+            "",
+            &gp,
+            &mut NoHooks,
+        )
+        .expect("generation from the verified graphs");
+    assert_eq!(g.image.shape, vec![1, 3, 64, 64]);
+}
