@@ -171,10 +171,15 @@ struct Progress {
     quiet: bool,
 }
 impl Hooks for Progress {
-    fn scale_done(&mut self, si: usize, pn: usize, ms: f64) {
+    fn scale_done(&mut self, si: usize, pn: usize, ms: f64, wait: f64) {
         if !self.quiet {
+            let wait = if wait >= 1.0 {
+                format!("  (of which {wait:.0} ms waiting for sessions)")
+            } else {
+                String::new()
+            };
             eprintln!(
-                "scale {si:>2}  {pn:>2}x{pn:<2} {:>5} tokens  {ms:>8.1} ms",
+                "scale {si:>2}  {pn:>2}x{pn:<2} {:>5} tokens  {ms:>8.1} ms{wait}",
                 pn * pn
             );
         }

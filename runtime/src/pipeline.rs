@@ -61,7 +61,9 @@ pub trait Hooks {
     fn substitute(&mut self, _name: &str) -> Option<Tensor> {
         None
     }
-    fn scale_done(&mut self, _si: usize, _pn: usize, _ms: f64) {}
+    /// A scale finished: its wall time, and how much of it went to creating sessions or
+    /// waiting for the background thread that creates them.
+    fn scale_done(&mut self, _si: usize, _pn: usize, _ms: f64, _session_wait_ms: f64) {}
 }
 
 /// An output the graph declares (ModelDir checked it is there); an error, not a panic, if not.
@@ -372,6 +374,7 @@ impl Pipeline {
         let mut past_inputs: Vec<Tensor> = vec![];
         for si in 0..sn {
             let t_scale = Instant::now();
+            let wait0 = self.timings.get("session_wait");
             let pn = sch.patch_nums[si];
             let n = pn * pn;
             let label = Stage::Step.label(Some(si));
@@ -455,7 +458,8 @@ impl Pipeline {
                 }
                 x = Some(take(&mut vo, io::X)?);
             }
-            hooks.scale_done(si, pn, t_scale.elapsed().as_secs_f64() * 1e3);
+            let waited = self.timings.get("session_wait") - wait0;
+            hooks.scale_done(si, pn, t_scale.elapsed().as_secs_f64() * 1e3, waited);
         }
         let mut dec = self.run(
             &Stage::Decoder.label(None),
