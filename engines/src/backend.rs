@@ -64,6 +64,13 @@ impl<'a> From<&'a Tensor> for Arg<'a> {
     }
 }
 
+/// Where a step's `kv_new` goes in the KV cache: `tokens` tokens from token `begin`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvWrite {
+    pub begin: usize,
+    pub tokens: usize,
+}
+
 /// The executing half of a backend for one model directory: it owns the sessions, the weights
 /// and the KV cache on its device. The pipeline refers to the cache by position only (`KvPast`,
 /// `kv_at`); tensors cross to the host only where the pipeline needs them (logits, the image).
@@ -73,13 +80,14 @@ pub trait Engine {
     /// Start creating the sessions of later stages in the background, so that a one-shot run
     /// does not create them one after another on its critical path. Idempotent.
     fn prefetch(&mut self);
-    /// Run one stage. With `kv_at = Some(begin)` the stage's `kv_new` output is written into the
+    /// Run one stage. With `kv_at = Some(w)` the stage's `kv_new` output (`w.tokens` tokens) is
+    /// written into the engine's KV cache at token `w.begin` and not returned. The
     /// engine's KV cache at token `begin` and not returned.
     fn run(
         &mut self,
         stage: Stage,
         inputs: &[(&str, Arg<'_>)],
-        kv_at: Option<usize>,
+        kv_at: Option<KvWrite>,
     ) -> Result<HashMap<String, Tensor>>;
     /// (Re)allocate the KV cache for one generation: (capacity, depth, 2, rows, heads, head_dim).
     fn kv_alloc(&mut self, shape: [usize; 6]) -> Result<()>;
@@ -315,7 +323,7 @@ impl Engine for OrtCpuEngine {
         &mut self,
         stage: Stage,
         inputs: &[(&str, Arg<'_>)],
-        kv_at: Option<usize>,
+        kv_at: Option<KvWrite>,
     ) -> Result<HashMap<String, Tensor>> {
         let kv = self.kv.as_ref();
         let mut host: Vec<(&str, Input<'_>)> = Vec::with_capacity(inputs.len());
@@ -339,7 +347,7 @@ impl Engine for OrtCpuEngine {
             .unwrap_or_else(|e| e.into_inner())
             .run(&host)?;
         drop(host);
-        if let Some(begin) = kv_at {
+        if let Some(KvWrite { begin, tokens }) = kv_at {
             let t = out
                 .remove(crate::stage::io::KV_NEW)
                 .ok_or_else(|| EngineError::BadInput {
@@ -356,12 +364,12 @@ impl Engine for OrtCpuEngine {
                 input: crate::stage::io::KV_NEW.into(),
                 why: "(output) is not float32".into(),
             })?;
-            if t.shape.len() != 6 || t.shape[1..] != c.shape[1..] {
+            if t.shape.len() != 6 || t.shape[0] != tokens || t.shape[1..] != c.shape[1..] {
                 return Err(EngineError::BadInput {
                     stage: stage.name().into(),
                     input: crate::stage::io::KV_NEW.into(),
                     why: format!(
-                        "(output) has shape {:?}, the cache takes (n, {:?})",
+                        "(output) has shape {:?}, the scale writes ({tokens}, {:?})",
                         t.shape,
                         &c.shape[1..]
                     ),

@@ -115,7 +115,8 @@ impl ModelDir {
         self.run_kv(stage, scale, inputs, None)
     }
 
-    /// Run a stage; with `kv_at = Some(begin)` its `kv_new` goes into the KV cache at `begin`.
+    /// Run a stage; with `kv_at = Some(begin)` its `kv_new` goes into the KV cache at `begin`
+    /// (as many tokens as the scale's profile says).
     pub fn run_kv(
         &mut self,
         stage: Stage,
@@ -165,6 +166,26 @@ impl ModelDir {
             })
             .collect();
         check_inputs(g, ins, &shapes)?;
+        let kv_at = match kv_at {
+            None => None,
+            Some(begin) => {
+                let tokens = outs
+                    .iter()
+                    .find(|o| o.name == io::KV_NEW)
+                    .and_then(|o| match o.shape.first() {
+                        Some(crate::onnx::Dim::Fixed(n)) => usize::try_from(*n).ok(),
+                        _ => None,
+                    })
+                    .ok_or_else(|| {
+                        bad(
+                            g,
+                            io::KV_NEW,
+                            "(output) has no token count in this scale's profile".into(),
+                        )
+                    })?;
+                Some(crate::backend::KvWrite { begin, tokens })
+            }
+        };
         let out = self.engine.run(stage, inputs, kv_at)?;
         conform(g, ins, outs, &shapes, &out, kv_at.is_some())?;
         Ok(out)
