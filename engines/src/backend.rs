@@ -81,8 +81,7 @@ pub trait Engine {
     /// does not create them one after another on its critical path. Idempotent.
     fn prefetch(&mut self);
     /// Run one stage. With `kv_at = Some(w)` the stage's `kv_new` output (`w.tokens` tokens) is
-    /// written into the engine's KV cache at token `w.begin` and not returned. The
-    /// engine's KV cache at token `begin` and not returned.
+    /// written into the engine's KV cache at token `w.begin` and not returned.
     fn run(
         &mut self,
         stage: Stage,

@@ -1,8 +1,8 @@
 //! Replaying golden generation records through the one scale loop (`Pipeline::generate`): the
 //! recorded token choices and reveal masks are taken instead of sampling, and every recorded
 //! tensor is compared on the way. `star-run replay` runs it end to end; `star-export validate`
-//! runs the same loop with stage isolation (each stage fed the recorded text features and
-//! next-scale inputs), so there is one place that assembles stage inputs.
+//! runs the same loop with stage isolation (the transformer fed the recorded text features), so
+//! there is one place that assembles stage inputs.
 
 use crate::pipeline::{GenParams, Hooks, Pipeline, Result, RunError};
 use star_engines::golden::{compare, tolerance, Record, Report};
@@ -86,7 +86,8 @@ pub fn record_prompts(rec: &Record) -> Vec<String> {
 }
 
 /// Run one generation record through the scale loop with its recorded choices; `isolate`
-/// substitutes the recorded text features and next-scale inputs (stage isolation).
+/// substitutes the recorded text features (stage isolation). Later scales take our own
+/// next-scale tokens, embedded by the vq graph; the record's `next_in` is still compared.
 pub fn replay_record(p: &mut Pipeline, rec: &Record, isolate: bool) -> Result<Report> {
     let call = rec.info()["call"].clone();
     let prompts = record_prompts(rec);
