@@ -165,7 +165,7 @@ impl ModelDir {
                 (*n, s)
             })
             .collect();
-        check_inputs(g, ins, &shapes)?;
+        let bound = check_inputs(g, ins, &shapes)?;
         let kv_at = match kv_at {
             None => None,
             Some(begin) => {
@@ -187,7 +187,7 @@ impl ModelDir {
             }
         };
         let out = self.engine.run(stage, inputs, kv_at)?;
-        conform(g, ins, outs, &shapes, &out, kv_at.is_some())?;
+        conform(g, outs, &bound, &out, kv_at.is_some())?;
         Ok(out)
     }
 }
@@ -270,14 +270,12 @@ fn check_inputs<'a>(
 /// declaration is an error here instead of an out-of-bounds panic later.
 fn conform(
     g: &GraphEntry,
-    ins: &[IoSpec],
     outs: &[IoSpec],
-    shapes: &[(&str, Vec<usize>)],
+    bound: &HashMap<&str, usize>,
     out: &HashMap<String, Tensor>,
     kv_written: bool,
 ) -> Result<()> {
     use crate::onnx::Dim;
-    let bound = check_inputs(g, ins, shapes)?;
     for spec in outs {
         if kv_written && spec.name == io::KV_NEW {
             continue;

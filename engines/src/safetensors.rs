@@ -196,6 +196,11 @@ impl SafeTensors {
         })
     }
 
+    /// Byte offset of an entry's data in the file.
+    pub fn file_offset(&self, e: &Entry) -> usize {
+        self.data_offset + e.start
+    }
+
     pub fn bytes(&self, e: &Entry) -> &[u8] {
         &self.mmap[self.data_offset + e.start..self.data_offset + e.end]
     }

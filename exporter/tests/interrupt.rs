@@ -66,18 +66,15 @@ fn temp_dirs(parent: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} failed");
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill(2) on our own child's pid.
+    let r = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(r, 0, "kill({sig}) failed");
 }
 
 #[test]
 fn sigint_and_sigterm_leave_nothing_behind() {
-    for sig in ["-INT", "-TERM"] {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
         let t = tempfile::tempdir().unwrap();
         let out = t.path().join("model");
         let (mut child, mut err) = start_slow_export(&out);
@@ -109,7 +106,7 @@ fn the_next_export_removes_what_a_sigkill_left() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("model");
     let (mut child, _err) = start_slow_export(&out);
-    signal(&child, "-KILL");
+    signal(&child, libc::SIGKILL);
     child.wait().unwrap();
     let left = temp_dirs(t.path());
     assert_eq!(
@@ -120,7 +117,7 @@ fn the_next_export_removes_what_a_sigkill_left() {
     // Another export's remains (a different --out) are named, not removed.
     let other = t.path().join("other");
     let (mut child2, _err2) = start_slow_export(&other);
-    signal(&child2, "-KILL");
+    signal(&child2, libc::SIGKILL);
     child2.wait().unwrap();
     assert_eq!(temp_dirs(t.path()).len(), 2);
 

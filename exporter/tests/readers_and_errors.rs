@@ -475,58 +475,34 @@ fn argument_errors_are_one_line_before_any_work() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("out");
     let o = out.to_str().unwrap();
-    for (args, needle) in [
+    let export = |extra: &[&'static str]| -> Vec<String> {
+        [
+            "export",
+            "--transformer",
+            "x",
+            "--vae",
+            "y",
+            "--text-encoder",
+            "z",
+            "--out",
+            o,
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (export(&["--default-cfg", "-1"]), "negative"),
+        (export(&["--default-cfg", "NaN"]), "not finite"),
+        (export(&["--default-top-p", "2"]), "[0, 1]"),
         (
-            vec![
-                "export",
-                "--transformer",
-                "x",
-                "--vae",
-                "y",
-                "--text-encoder",
-                "z",
-                "--out",
-                o,
-                "--default-cfg",
-                "-1",
-            ],
-            "negative",
+            vec!["export".into(), "--no-such-flag".into()],
+            "--no-such-flag",
         ),
-        (
-            vec![
-                "export",
-                "--transformer",
-                "x",
-                "--vae",
-                "y",
-                "--text-encoder",
-                "z",
-                "--out",
-                o,
-                "--default-cfg",
-                "NaN",
-            ],
-            "not finite",
-        ),
-        (
-            vec![
-                "export",
-                "--transformer",
-                "x",
-                "--vae",
-                "y",
-                "--text-encoder",
-                "z",
-                "--out",
-                o,
-                "--default-top-p",
-                "2",
-            ],
-            "[0, 1]",
-        ),
-        (vec!["export", "--no-such-flag"], "--no-such-flag"),
-        (vec!["validate"], "--model"),
-    ] {
+        (vec!["validate".into()], "--model"),
+    ];
+    for (args, needle) in cases {
         let r = Command::new(env!("CARGO_BIN_EXE_star-export"))
             .args(&args)
             .output()

@@ -156,14 +156,13 @@ fn open(m: &ModelArgs) -> anyhow::Result<(Pipeline, PathBuf)> {
 }
 
 fn params(p: &Pipeline, s: &SamplingArgs) -> GenParams {
-    let d = &p.md.manifest.sampling_defaults;
+    let d = GenParams::defaults(p, s.seed);
     GenParams {
         cfg: s.cfg.unwrap_or(d.cfg),
         top_k: s.top_k.unwrap_or(d.top_k),
         top_p: s.top_p.unwrap_or(d.top_p),
-        seed: s.seed,
         stable_sampling: !s.no_stable_sampling,
-        recompute_past: false,
+        ..d
     }
 }
 

@@ -40,6 +40,21 @@ pub struct GenParams {
     pub recompute_past: bool,
 }
 
+impl GenParams {
+    /// The model's sampling defaults (manifest), stable sampling on, the KV cache used.
+    pub fn defaults(p: &Pipeline, seed: u64) -> GenParams {
+        let d = &p.md.manifest.sampling_defaults;
+        GenParams {
+            cfg: d.cfg,
+            top_k: d.top_k,
+            top_p: d.top_p,
+            seed,
+            stable_sampling: true,
+            recompute_past: false,
+        }
+    }
+}
+
 /// Replay and observation points. Defaults: sample freely, observe nothing.
 pub trait Hooks {
     /// Whether `observe` wants tensors at all (building them costs copies on the hot path).
@@ -225,28 +240,20 @@ impl Pipeline {
         text_bias: &Tensor,
     ) -> Result<HashMap<String, Tensor>> {
         let begin = self.md.manifest.schedule.begin_end[si].0;
-        let t = [
+        let text = [
             (io::TEXT_KV, Arg::from(text_kv)),
             (io::TEXT_BIAS, Arg::from(text_bias)),
         ];
-        if si == 0 && !self.md.takes_empty_past() {
-            let [a, b] = t;
-            return self.run(
-                label,
-                Stage::StepFirst,
-                Some(si),
-                &[(io::X, x.into()), a, b],
-                Some(begin),
-            );
-        }
-        let [a, b] = t;
-        self.run(
-            label,
-            Stage::Step,
-            Some(si),
-            &[(io::X, x.into()), (io::PAST, Arg::KvPast(begin)), a, b],
-            Some(begin),
-        )
+        let (stage, past) = if si == 0 && !self.md.takes_empty_past() {
+            (Stage::StepFirst, None)
+        } else {
+            (Stage::Step, Some((io::PAST, Arg::KvPast(begin))))
+        };
+        let inputs: Vec<(&str, Arg<'_>)> = std::iter::once((io::X, x.into()))
+            .chain(past)
+            .chain(text)
+            .collect();
+        self.run(label, stage, Some(si), &inputs, Some(begin))
     }
 
     fn timed<T>(&mut self, label: &str, f: impl FnOnce() -> T) -> T {

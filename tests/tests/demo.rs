@@ -104,15 +104,7 @@ fn judge(rgb: &[u8], w: usize, h: usize) -> (Option<&'static str>, &'static str)
 }
 
 fn params(p: &Pipeline, seed: u64) -> GenParams {
-    let d = &p.md.manifest.sampling_defaults;
-    GenParams {
-        cfg: d.cfg,
-        top_k: d.top_k,
-        top_p: d.top_p,
-        seed,
-        stable_sampling: true,
-        recompute_past: false,
-    }
+    GenParams::defaults(p, seed)
 }
 
 #[test]

@@ -225,12 +225,17 @@ fn sessions_share_one_copy_of_the_weights() {
 
 /// Overwrite the first element of an f32 tensor of a .safetensors file in place.
 fn poison_first_f32(file: &std::path::Path, name: &str, value: f32) {
+    let at = {
+        let st = star_engines::safetensors::SafeTensors::open(file).unwrap();
+        let e = &st.entries[name];
+        assert_eq!(
+            e.dtype,
+            star_engines::safetensors::DType::F32,
+            "{name} is not F32"
+        );
+        st.file_offset(e)
+    };
     let mut b = std::fs::read(file).unwrap();
-    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
-    let e = &header[name];
-    assert_eq!(e["dtype"], "F32", "{name} is not F32");
-    let at = 8 + n + e["data_offsets"][0].as_u64().unwrap() as usize;
     b[at..at + 4].copy_from_slice(&value.to_le_bytes());
     std::fs::write(file, b).unwrap();
 }

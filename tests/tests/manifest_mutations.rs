@@ -144,15 +144,7 @@ fn manifest_mutations_are_refused_or_harmless_and_never_panic() {
         let r = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
             let mut p =
                 Pipeline::open(&dir, BackendOptions::default()).map_err(|e| e.to_string())?;
-            let d = p.md.manifest.sampling_defaults.clone();
-            let gp = GenParams {
-                cfg: d.cfg,
-                top_k: d.top_k,
-                top_p: d.top_p,
-                seed: 1,
-                stable_sampling: true,
-                recompute_past: false,
-            };
+            let gp = GenParams::defaults(&p, 1);
             let g = p
                 .generate(
                     &["a red circle on a blue background".into()],
@@ -207,15 +199,7 @@ fn sessions_use_the_verified_graph_bytes() {
     for g in ["step.onnx", "text_encoder.onnx", "decoder.onnx", "vq.onnx"] {
         std::fs::write(dir.join(g), b"not a graph any more").unwrap();
     }
-    let d = p.md.manifest.sampling_defaults.clone();
-    let gp = GenParams {
-        cfg: d.cfg,
-        top_k: d.top_k,
-        top_p: d.top_p,
-        seed: 3,
-        stable_sampling: true,
-        recompute_past: false,
-    };
+    let gp = GenParams::defaults(&p, 3);
     let g = p
         .generate(
             &["a red circle on a blue background".into()],

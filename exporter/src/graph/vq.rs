@@ -16,10 +16,6 @@ fn fx(v: usize) -> Dim {
     Dim::Fixed(v as i64)
 }
 
-fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    crate::graph::transpose2(m, rows, cols)
-}
-
 /// Per-scale resampling matrices stacked side by side, (out, Σ inp), with each block's column
 /// offset; and the transposed stack (Σ inp, out). Block k is `mats[k]` (out x inp_k).
 fn stack_cols(mats: &[(Vec<f32>, usize)], out: usize) -> (Vec<f32>, Vec<f32>, Vec<i64>, usize) {
@@ -35,11 +31,35 @@ fn stack_cols(mats: &[(Vec<f32>, usize)], out: usize) -> (Vec<f32>, Vec<f32>, Ve
                 m[o * total + off + i] = blk[o * inp + i];
             }
         }
-        let t = transposed(blk, out, *inp);
+        let t = crate::graph::transpose2(blk, out, *inp);
         mt[off * out..(off + inp) * out].copy_from_slice(&t);
         off += inp;
     }
     (m, mt, offs, total)
+}
+
+/// A x Aᵀ per channel with the scale's block A of per-scale matrices: each block is P x k_s
+/// (`len` = k_s at run time); A is the block itself, or its transpose with `transpose`.
+#[allow(clippy::too_many_arguments)]
+fn sandwich(
+    g: &mut G,
+    x: &str,
+    blocks: &[(Vec<f32>, usize)],
+    p: usize,
+    scale: &str,
+    len: &str,
+    transpose: bool,
+) -> String {
+    let (m, mt, offs, total) = stack_cols(blocks, p);
+    let m = g.c_f32(&m, &[p as i64, total as i64]);
+    let mt = g.c_f32(&mt, &[total as i64, p as i64]);
+    let off = g.lookup(&offs, scale);
+    let end = g.add(&off, len);
+    let b = g.slice_dyn(&m, 1, &off, &end);
+    let bt = g.slice_dyn(&mt, 0, &off, &end);
+    let (a, at) = if transpose { (bt, b) } else { (b, bt) };
+    let y = g.matmul(&a, x);
+    g.matmul(&y, &at)
 }
 
 fn identity(n: usize) -> Vec<f32> {
@@ -85,15 +105,7 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
             }
         })
         .collect();
-    let (m, mt, offs, total) = stack_cols(&ups, p);
-    let m = g.c_f32(&m, &[p as i64, total as i64]);
-    let mt = g.c_f32(&mt, &[total as i64, p as i64]);
-    let off = g.lookup(&offs, &scale);
-    let end = g.add(&off, &pn);
-    let mk = g.slice_dyn(&m, 1, &off, &end);
-    let mkt = g.slice_dyn(&mt, 0, &off, &end);
-    let h = g.matmul(&mk, &h);
-    let h = g.matmul(&h, &mkt);
+    let h = sandwich(g, &h, &ups, p, &scale, &pn, false);
 
     // Every phi as one conv (K*Cvae outputs), then the scale's block.
     let key = "vq/quantize.quant_resi.qresi_ls.stacked";
@@ -147,26 +159,18 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
         .map(|si| {
             if si + 1 < sn {
                 let q = sch.patch_nums[si + 1];
-                (transposed(&area_matrix(p, q), q, p), q)
+                (crate::graph::transpose2(&area_matrix(p, q), q, p), q)
             } else {
                 (identity(p), p)
             }
         })
         .collect();
-    // stack_cols works on (out=P) x inp blocks: the transposed area matrices (P x next).
-    let (dt, d, offs, total) = stack_cols(&downs, p);
-    let dt = g.c_f32(&dt, &[p as i64, total as i64]);
-    let d = g.c_f32(&d, &[total as i64, p as i64]);
     let nexts: Vec<i64> = (0..sn)
         .map(|si| sch.patch_nums.get(si + 1).copied().unwrap_or(p) as i64)
         .collect();
     let pn2 = g.lookup(&nexts, &scale);
-    let off = g.lookup(&offs, &scale);
-    let end = g.add(&off, &pn2);
-    let dk = g.slice_dyn(&d, 0, &off, &end);
-    let dkt = g.slice_dyn(&dt, 1, &off, &end);
-    let y = g.matmul(&dk, &f);
-    let y = g.matmul(&y, &dkt);
+    // The blocks are the transposed area matrices (P x next): A = blockᵀ.
+    let y = sandwich(g, &f, &downs, p, &scale, &pn2, true);
     let n2 = g.mul(&pn2, &pn2);
     let y = g.reshape_dyn(&y, &[&head, &n2]);
     let y = g.transpose(&y, &[0, 2, 1]);
