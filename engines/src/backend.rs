@@ -164,7 +164,7 @@ impl Backend for OrtCpu {
         "ort-cpu"
     }
     fn precisions(&self) -> &'static [&'static str] {
-        &["fp32"]
+        &["fp32", "fp16", "int8"]
     }
     fn load(
         &self,
@@ -598,6 +598,10 @@ impl WeightPool {
                     crate::onnx::dtype::FLOAT16 => (
                         ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
                         2,
+                    ),
+                    crate::onnx::dtype::INT8 => (
+                        ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+                        1,
                     ),
                     other => return Err(bad(&format!("unsupported external data type {other}"))),
                 };

@@ -640,6 +640,46 @@ fn check_manifest_why(m: &Manifest) -> std::result::Result<(), String> {
             return Err(format!("graphs: no graph for stage '{st}'"));
         };
         match_graph(g, c, s)?;
+        let want = st.graph_precision(&m.precision);
+        if g.precision != want {
+            return Err(format!(
+                "graphs: {} is '{}', but a {} model's {st} graph is '{want}'",
+                g.file, g.precision, m.precision
+            ));
+        }
+        if let Some(p) = g
+            .probes
+            .iter()
+            .find(|p| !p.name.starts_with(crate::stage::io::PROBE_PREFIX) || p.dtype != "float32")
+        {
+            return Err(format!(
+                "graphs: {} lists probe {} ({}), not a float32 '{}' calibration output",
+                g.file,
+                p.name,
+                p.dtype,
+                crate::stage::io::PROBE_PREFIX
+            ));
+        }
+    }
+    match (&m.calibration, m.precision.as_str()) {
+        (None, "int8") => {
+            return Err("precision 'int8' without a calibration record: re-export the model".into())
+        }
+        (Some(_), p) if p != "int8" => {
+            return Err(format!(
+                "a calibration record in a '{p}' model: only int8 models have one"
+            ))
+        }
+        (Some(cal), _) => {
+            for f in [&cal.table_file, &cal.trt_cache_file] {
+                if !m.files.iter().any(|e| &e.file == f) {
+                    return Err(format!(
+                        "calibration names {f}, which files does not list (its size and hash)"
+                    ));
+                }
+            }
+        }
+        _ => {}
     }
     let hash = model_hash(m);
     if hash != m.model_hash {
@@ -678,7 +718,7 @@ fn dims_of(inits: &[(String, Vec<i64>)], name: &str) -> Option<Vec<i64>> {
     inits.iter().find_map(|(n, d)| {
         if n == name {
             Some(d.clone())
-        } else if n.strip_suffix("^T") == Some(name) {
+        } else if n.split_once("^T").map(|(base, _)| base) == Some(name) {
             Some(d.iter().rev().copied().collect())
         } else {
             None
@@ -872,9 +912,10 @@ pub fn check_graph_file(g: &GraphEntry, path: &Path, bytes: &[u8], m: &Manifest)
             .collect()
     };
     // Initializers may also be listed as graph inputs by other tools; ours never are.
+    let outputs: Vec<IoSpec> = g.outputs.iter().chain(&g.probes).cloned().collect();
     for (kind, got, want) in [
         ("inputs", declared(&graph.input), &g.inputs),
-        ("outputs", declared(&graph.output), &g.outputs),
+        ("outputs", declared(&graph.output), &outputs),
     ] {
         if &got != want {
             let show_all = |v: &[IoSpec]| {

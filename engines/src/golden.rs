@@ -11,12 +11,22 @@ use crate::tensor::Tensor;
 use std::path::{Path, PathBuf};
 
 pub const FP32_TOL: f64 = 1e-4;
+/// FP16 (unit roundoff 4.9e-4) matrix products with FP32 everywhere between them: worst
+/// measured 7.2e-4 over both fixture models (K of the last block, logits); 2e-3 leaves room for
+/// other accumulation orders (GPU kernels) without hiding an FP16 overflow or a lost cast, which
+/// show as errors of order 1.
+pub const FP16_TOL: f64 = 2e-3;
+/// INT8 Q/DQ linears (127 levels per activation tensor and weight channel): worst measured
+/// 6.8e-2 (entropy), 6.2e-2 (percentile), 8.8e-2 (max) on the fixture models' guided logits.
+/// A missing or wrong scale shows as errors of order 1.
+pub const INT8_TOL: f64 = 1e-1;
 
-/// The tolerance (max relative error, infinity norm) of stage outputs at a graph precision. Only
-/// precisions this build exports have one; FP16 and INT8 get theirs, measured, when they land.
+/// The tolerance (max relative error, infinity norm) of stage outputs at a graph precision.
 pub fn tolerance(precision: &str) -> Option<f64> {
     match precision {
         "fp32" => Some(FP32_TOL),
+        "fp16" => Some(FP16_TOL),
+        "int8" => Some(INT8_TOL),
         _ => None,
     }
 }
@@ -205,11 +215,58 @@ pub fn compare(stage: &str, tensor: &str, ours: &Tensor, golden: &Tensor, tol: f
     } else {
         f64::INFINITY
     };
-    c.pass = nonfinite_mismatch == 0 && c.max_rel <= tol;
+    // Below FP32 the filter's cut may move where kept logits sit within rounding of the cut:
+    // such flips are allowed when they are only at the boundary (see `boundary_flips_only`).
+    let flips_ok = nonfinite_mismatch > 0
+        && tol > FP32_TOL
+        && boundary_flips_only(
+            &a,
+            &b,
+            golden.shape.last().copied().unwrap_or(1),
+            tol * scale,
+        );
+    c.pass = (nonfinite_mismatch == 0 || flips_ok) && c.max_rel <= tol;
     if nonfinite_mismatch > 0 {
-        c.note = format!("{nonfinite_mismatch} non-finite entries differ");
+        c.note = if flips_ok {
+            format!("{nonfinite_mismatch} entries cut at the filter boundary on one side only")
+        } else {
+            format!("{nonfinite_mismatch} non-finite entries differ")
+        };
     }
     c
+}
+
+/// Rows (the last axis) of two filtered logit tensors differ only at the filter boundary: the
+/// k entries one side keeps and the other cuts (-inf) are, on the side that keeps them, no
+/// larger than its k-th smallest kept value plus `slack` (the precision's tolerance in
+/// absolute terms: values that close may swap order). The filters keep a top-m prefix of each
+/// row, so lower precision may move the cut by a few entries, and nothing else.
+fn boundary_flips_only(ours: &[f64], gold: &[f64], row: usize, slack: f64) -> bool {
+    if row == 0 || ours.len() != gold.len() {
+        return false;
+    }
+    ours.chunks(row).zip(gold.chunks(row)).all(|(o, g)| {
+        let side_ok = |keeps: &[f64], cuts: &[f64]| {
+            let flipped: Vec<f64> = keeps
+                .iter()
+                .zip(cuts)
+                .filter(|(k, c)| k.is_finite() && *c == &f64::NEG_INFINITY)
+                .map(|(k, _)| *k)
+                .collect();
+            if flipped.is_empty() {
+                return true;
+            }
+            let mut kept: Vec<f64> = keeps.iter().copied().filter(|v| v.is_finite()).collect();
+            kept.sort_by(|a, b| a.total_cmp(b));
+            let bound = kept[flipped.len() - 1] + slack;
+            flipped.iter().all(|v| *v <= bound)
+        };
+        // Any other non-finite difference (NaN, +inf) is never a boundary flip.
+        let clean = o.iter().zip(g).all(|(x, y)| {
+            (x.is_finite() || *x == f64::NEG_INFINITY) && (y.is_finite() || *y == f64::NEG_INFINITY)
+        });
+        clean && side_ok(o, g) && side_ok(g, o)
+    })
 }
 
 #[derive(Default)]
@@ -261,5 +318,33 @@ impl Report {
             worst
         ));
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NI: f32 = f32::NEG_INFINITY;
+
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::f32(vec![v.len() / 4, 4], v.to_vec())
+    }
+
+    #[test]
+    fn filter_boundary_flips_pass_below_fp32_only() {
+        // Row 0: ours keeps one more entry (its smallest kept); row 1 identical.
+        let gold = t(&[3.0, 2.0, NI, NI, 1.0, NI, 5.0, NI]);
+        let ours = t(&[3.0, 2.0, 1.9, NI, 1.0, NI, 5.0, NI]);
+        let c = compare("s", "x", &ours, &gold, 2e-3);
+        assert!(c.pass, "{}", c.note);
+        assert!(c.note.contains("boundary"));
+        assert!(!compare("s", "x", &ours, &gold, FP32_TOL).pass);
+        // Cutting a large logit is no boundary flip.
+        let bad = t(&[NI, 2.0, NI, NI, 1.0, NI, 5.0, NI]);
+        assert!(!compare("s", "x", &bad, &gold, 2e-3).pass);
+        // Nor is a NaN.
+        let nan = t(&[3.0, 2.0, f32::NAN, NI, 1.0, NI, 5.0, NI]);
+        assert!(!compare("s", "x", &nan, &gold, 2e-3).pass);
     }
 }

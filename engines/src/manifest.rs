@@ -10,7 +10,8 @@ use std::io::Read;
 use std::path::Path;
 
 /// v2: one graph per stage kind with per-scale shape profiles; KV cache token-major.
-pub const SCHEMA_VERSION: u32 = 2;
+/// v3: a precision per graph; the INT8 calibration record.
+pub const SCHEMA_VERSION: u32 = 3;
 pub const MANIFEST_FILE: &str = "manifest.json";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -101,6 +102,8 @@ pub struct GraphEntry {
     pub stage: Stage,
     pub file: String,
     pub sha256: String,
+    /// fp32, fp16 or int8: what the graph computes in (`Stage::graph_precision`).
+    pub precision: String,
     /// Declared I/O: dynamic dims by name (B, B2, N batch rows; tokens, past, next_tokens).
     pub inputs: Vec<IoSpec>,
     pub outputs: Vec<IoSpec>,
@@ -108,6 +111,10 @@ pub struct GraphEntry {
     pub scales: Vec<usize>,
     /// One shape profile per served scale, in the order of `scales`.
     pub profiles: Vec<Profile>,
+    /// Calibration probes (`io::PROBE_PREFIX`): extra outputs of star-export's temporary
+    /// calibration graphs only; empty (and absent from the file) in every model directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<IoSpec>,
 }
 
 impl GraphEntry {
@@ -147,6 +154,28 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     /// sha256 over the weights file hash and every graph hash: names the model in PNG metadata.
     pub model_hash: String,
+    /// INT8 only: how the activation ranges were chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
+}
+
+/// The INT8 calibration of a model directory. The table files are also in `files` (sizes and
+/// hashes checked like every other file); `table_sha256` is the table's own content hash
+/// (`CalibrationTable::hash`), the identity an engine built from it records.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// entropy, percentile(99.99) or max.
+    pub method: String,
+    /// Generations the statistics were gathered over.
+    pub samples: usize,
+    pub seed: u64,
+    /// sha256 of the prompts file.
+    pub prompts_sha256: String,
+    /// The table as JSON (tensor name -> amax) and as TensorRT's calibration-cache text.
+    pub table_file: String,
+    pub trt_cache_file: String,
+    pub table_sha256: String,
 }
 
 impl Manifest {

@@ -60,6 +60,17 @@ impl Stage {
     }
 
     /// Whether the stage runs once per scale (its timings are kept per scale).
+    /// The precision this stage's graph is built at in a model directory of precision `dir`:
+    /// the scale stages (step_first, step, sampler), where the time goes, carry it; the text
+    /// encoder and text K/V (once per prompt), the VQ transitions and the decoder stay FP32.
+    pub fn graph_precision(self, dir: &str) -> &'static str {
+        match (self, dir) {
+            (Stage::StepFirst | Stage::Step | Stage::Sampler, "fp16") => "fp16",
+            (Stage::StepFirst | Stage::Step | Stage::Sampler, "int8") => "int8",
+            _ => "fp32",
+        }
+    }
+
     pub fn per_scale(self) -> bool {
         matches!(
             self,
@@ -108,6 +119,10 @@ pub mod io {
     pub const F_HAT_OUT: &str = "f_hat_out";
     pub const IMAGE_RAW: &str = "image_raw";
     pub const IMAGE: &str = "image";
+    /// Prefix of the calibration probes: extra FP32 outputs, one per quantizable linear layer's
+    /// input, that only the FP32 graphs star-export builds for INT8 calibration declare (listed
+    /// as `probes` in their manifest entry; never in a model directory it writes).
+    pub const PROBE_PREFIX: &str = "calib:";
 }
 
 #[cfg(test)]

@@ -41,8 +41,10 @@ pub enum ExportError {
     Resolution(usize),
     #[error("bad schedule: {0}")]
     Schedule(String),
-    #[error("precision '{0}' is not supported by this exporter yet (supported: fp32)")]
+    #[error("precision '{0}' is not one of fp32, fp16, int8")]
     Precision(String),
+    #[error("calibration: {0}")]
+    Calibration(String),
     #[error("output {path}: {why}")]
     Output { path: PathBuf, why: String },
     #[error(transparent)]

@@ -5,7 +5,7 @@
 use crate::checkpoint::{Checkpoint, Weights};
 use crate::config::{self, Shapes};
 use crate::error::{io_err, ExportError, Result};
-use crate::graph::builder::{write_model, Precision, WeightStore, G};
+use crate::graph::builder::{write_model, Amax, Precision, WeightStore, G};
 use crate::graph::{text, transformer, vq, Src};
 use crate::schedule;
 use star_engines::manifest::{
@@ -39,6 +39,8 @@ pub struct ExportArgs {
     pub quiet: bool,
     /// Export checkpoints holding NaN/Inf weights instead of refusing them.
     pub allow_nonfinite: bool,
+    /// INT8: how to calibrate the activation ranges (required for int8, refused otherwise).
+    pub calibration: Option<crate::calibrate::CalibrationArgs>,
 }
 
 /// The three checkpoints opened and checked against each other.
@@ -293,10 +295,30 @@ fn prepare_out(out: &Path, quiet: bool) -> Result<PathBuf> {
 
 pub fn export(a: &ExportArgs) -> Result<Manifest> {
     let precision = Precision::parse(&a.precision)?;
+    // Everything about the calibration request is checked before any work.
+    let prompts = match (precision, &a.calibration) {
+        (Precision::Int8, Some(c)) => Some(crate::calibrate::read_prompts(c)?),
+        (Precision::Int8, None) => {
+            return Err(ExportError::Calibration(
+                "--precision int8 needs --calibration PROMPTS.txt (one prompt per line; calibration/prompts/ has two sets)".into(),
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(ExportError::Calibration(format!(
+                "--calibration applies to --precision int8, not {}",
+                precision.name()
+            )))
+        }
+        (_, None) => None,
+    };
     let started = Instant::now();
     let src = open_sources(a)?;
     let tmp = prepare_out(&a.out, a.quiet)?;
-    let result = write_all(a, &src, precision, &tmp, started).and_then(|m| {
+    let result = match (&a.calibration, prompts) {
+        (Some(c), Some(prompts)) => calibrated(a, &src, c, &prompts, &tmp, started),
+        _ => write_all(a, &src, &Build::plain(precision), &tmp, started),
+    };
+    let result = result.and_then(|m| {
         let op = tmp.join(OWNER_FILE);
         std::fs::remove_file(&op).map_err(io_err(&op))?;
         if a.out.exists() {
@@ -334,13 +356,69 @@ fn stage_delay() {
     }
 }
 
+/// How the graphs of one directory are built.
+pub(crate) struct Build<'t> {
+    pub precision: Precision,
+    /// FP32 calibration graphs: block linear inputs as extra outputs.
+    pub probing: bool,
+    /// INT8: the calibration table.
+    pub amax: Option<&'t Amax>,
+}
+
+impl Build<'_> {
+    fn plain(precision: Precision) -> Build<'static> {
+        Build {
+            precision,
+            probing: false,
+            amax: None,
+        }
+    }
+}
+
+/// INT8: export FP32 calibration graphs into a scratch directory inside the export's temporary
+/// directory, generate over the prompts with them, choose the ranges, then write the INT8
+/// graphs with them, and the table beside them.
+fn calibrated(
+    a: &ExportArgs,
+    src: &Sources,
+    c: &crate::calibrate::CalibrationArgs,
+    prompts: &crate::calibrate::Prompts,
+    tmp: &Path,
+    started: Instant,
+) -> Result<Manifest> {
+    let scratch = tmp.join(".calibration-fp32");
+    std::fs::create_dir(&scratch).map_err(io_err(&scratch))?;
+    let probe = Build {
+        precision: Precision::Fp32,
+        probing: true,
+        amax: None,
+    };
+    if !a.quiet {
+        eprintln!("calibration: FP32 graphs with probes");
+    }
+    write_all(a, src, &probe, &scratch, started)?;
+    let table = crate::calibrate::calibrate(&scratch, c, prompts, a.quiet, started)?;
+    std::fs::remove_dir_all(&scratch).map_err(io_err(&scratch))?;
+    if !a.quiet {
+        eprintln!("INT8 graphs");
+    }
+    let build = Build {
+        precision: Precision::Int8,
+        probing: false,
+        amax: Some(&table.amax),
+    };
+    write_all(a, src, &build, tmp, started)
+        .and_then(|m| crate::calibrate::record(m, tmp, &table, c, prompts))
+}
+
 fn write_all(
     a: &ExportArgs,
     src: &Sources,
-    precision: Precision,
+    build: &Build<'_>,
     dir: &Path,
     started: Instant,
 ) -> Result<Manifest> {
+    let precision = build.precision;
     let cfg = &src.config;
     let sch = &src.schedule;
     let star = Src {
@@ -361,7 +439,10 @@ fn write_all(
     let total = plan.len();
     for (i, stage) in plan.into_iter().enumerate() {
         let name = stage.name();
-        let mut g = G::new(name, precision, &mut store);
+        let graph_precision = Precision::parse(stage.graph_precision(precision.name()))?;
+        let mut g = G::new(name, graph_precision, &mut store);
+        g.probing = build.probing;
+        g.amax = build.amax;
         match stage {
             Stage::TextEncoder => text::text_encoder(&mut g, &clip, &cfg.text)?,
             Stage::TextKv => transformer::text_kv(&mut g, &star, cfg, sch)?,
@@ -371,6 +452,7 @@ fn write_all(
             Stage::Vq => vq::vq_step(&mut g, &vqs, &star, cfg, sch)?,
             Stage::Decoder => vq::decoder(&mut g, &vqs, cfg, sch)?,
         }
+        let probes = std::mem::take(&mut g.probe_specs);
         let (model, inputs, outputs) = g.finish(&format!("STAR stage {name}"));
         let file = stage.file();
         let path = dir.join(&file);
@@ -381,10 +463,12 @@ fn write_all(
             stage,
             file,
             sha256: sha256_bytes(&bytes),
+            precision: graph_precision.name().into(),
             inputs,
             outputs,
             scales,
             profiles,
+            probes,
         });
         if !a.quiet {
             eprintln!(
@@ -430,6 +514,7 @@ fn write_all(
         graphs,
         files,
         model_hash: String::new(),
+        calibration: None,
     };
     manifest.model_hash = star_engines::check::model_hash(&manifest);
     if manifest.sampling_defaults.top_k > cfg.vocab {
@@ -438,10 +523,18 @@ fn write_all(
             manifest.sampling_defaults.top_k, cfg.vocab
         )));
     }
-    // Never write a directory star-run would refuse.
-    star_engines::check::check_manifest(&manifest, dir)?;
-    let mp = dir.join(star_engines::manifest::MANIFEST_FILE);
-    let text = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
-    std::fs::write(&mp, text).map_err(io_err(&mp))?;
+    if precision == Precision::Int8 {
+        // Completed (files, calibration record, hash) and written by calibrate::record.
+        return Ok(manifest);
+    }
+    write_manifest(&manifest, dir)?;
     Ok(manifest)
+}
+
+/// Check (never write a directory star-run would refuse), then write manifest.json.
+pub(crate) fn write_manifest(m: &Manifest, dir: &Path) -> Result<()> {
+    star_engines::check::check_manifest(m, dir)?;
+    let mp = dir.join(star_engines::manifest::MANIFEST_FILE);
+    let text = serde_json::to_string_pretty(m).expect("manifest serialises");
+    std::fs::write(&mp, text).map_err(io_err(&mp))
 }

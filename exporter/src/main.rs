@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 /// star-export: turn STAR PyTorch checkpoints into ONNX model directories for star-run.
 ///
-/// A model directory holds one ONNX graph per stage (text encoder, text K/V, one step per scale,
-/// stable-sampler steps, VQ transitions, decoder), one shared weights file, the tokenizer files and
-/// manifest.json. Exit codes: 0 ok, 1 validation failed, 2 bad input.
+/// A model directory holds one ONNX graph per stage kind (text encoder, text K/V, step for every
+/// scale, stable sampler, VQ transitions, decoder), one shared weights file, the tokenizer files
+/// and manifest.json (and, at int8, the calibration table). Exit codes: 0 ok, 1 validation failed, 2 bad input.
 #[derive(Parser)]
 #[command(
     name = "star-export",
@@ -20,6 +20,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Export checkpoints to a model directory (written atomically: nothing appears at --out on failure).
@@ -46,9 +48,29 @@ enum Cmd {
         /// Output model directory (must not exist, or be empty).
         #[arg(long)]
         out: PathBuf,
-        /// Graph precision (fp32; fp16/int8 are not implemented yet).
-        #[arg(long, default_value = "fp32")]
+        /// Graph precision of the scale stages (step, step_first, sampler): fp32, fp16 or int8.
+        /// fp16: FP16 weights and matrix products, norms/softmax/RoPE/head in FP32. int8: Q/DQ on
+        /// the blocks' linear layers, calibrated with --calibration. The text encoder, VQ and
+        /// decoder stay FP32. On ort-cpu, fp16 is an accuracy check, not a speed path (ONNX
+        /// Runtime's CPU provider computes most FP16 nodes through casts to FP32); int8 is the
+        /// CPU speed path.
+        #[arg(long, default_value = "fp32", value_parser = ["fp32", "fp16", "int8"])]
         precision: String,
+        /// int8: calibration prompts, one per line (# comments); calibration/prompts/ has a
+        /// shapes set for the demo and a general set.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// int8: how each activation range is chosen: percentile (99.99 % of |x| below it; the
+        /// most accurate on the demo, benches/RESULTS.md), percentile=P, entropy (TensorRT's KL
+        /// divergence) or max.
+        #[arg(long, default_value = "percentile", value_parser = star_export::calibrate::parse_method)]
+        calibration_method: star_calibration::Method,
+        /// int8: generations to calibrate over (prompts in order, cycling) [default: one per prompt].
+        #[arg(long)]
+        calibration_samples: Option<usize>,
+        /// int8: calibration generation i uses seed SEED + i.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// Guidance scale stored as this model's default, a finite number >= 0 [default: 4.0].
         #[arg(long, value_parser = star_runtime::args::cfg)]
         default_cfg: Option<f64>,
@@ -120,7 +142,17 @@ fn run(cli: Cli) -> star_export::Result<ExitCode> {
             default_top_p,
             quiet,
             allow_nonfinite,
+            calibration,
+            calibration_method,
+            calibration_samples,
+            seed,
         } => {
+            let calibration = calibration.map(|prompts| star_export::calibrate::CalibrationArgs {
+                prompts,
+                method: calibration_method,
+                samples: calibration_samples,
+                seed,
+            });
             let a = ExportArgs {
                 transformer,
                 vae,
@@ -135,6 +167,7 @@ fn run(cli: Cli) -> star_export::Result<ExitCode> {
                 top_p: default_top_p,
                 quiet,
                 allow_nonfinite,
+                calibration,
             };
             let t = std::time::Instant::now();
             let m = export(&a)?;

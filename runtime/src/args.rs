@@ -143,6 +143,27 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// A prompts file: UTF-8, one prompt per line; blank lines and lines starting with `#` are
+/// skipped. Returns the prompts and the file's bytes (for hashing).
+pub fn read_prompts_file(path: &Path) -> Result<(Vec<String>, Vec<u8>), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| format!("{}: not UTF-8 text ({e})", path.display()))?;
+    let list: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    if list.is_empty() {
+        return Err(format!(
+            "{}: no prompts (one per line; # starts a comment)",
+            path.display()
+        ));
+    }
+    Ok((list, bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

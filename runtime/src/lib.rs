@@ -2,6 +2,7 @@
 
 pub mod args;
 pub mod bench;
+pub mod compare;
 pub mod image;
 pub mod pipeline;
 pub mod replay;

@@ -62,6 +62,12 @@ pub trait Hooks {
         false
     }
     fn observe(&mut self, _name: &str, _t: &Tensor) {}
+    /// Whether `probe` wants the calibration probes of graphs that have them.
+    fn probing(&self) -> bool {
+        false
+    }
+    /// A calibration probe output (`io::PROBE_PREFIX` + tensor name) of the last stage run.
+    fn probe(&mut self, _name: &str, _t: &Tensor) {}
     /// Tokens of a plain scale instead of sampling (B, n).
     fn plain_tokens(&mut self, _si: usize) -> Option<Vec<i64>> {
         None
@@ -109,6 +115,24 @@ pub fn kv_block(kv: &Tensor, i: usize, j: usize) -> Tensor {
         }
     }
     Tensor::f32(vec![rows, h, n, hd], out)
+}
+
+fn observe_mask(hooks: &mut dyn Hooks, si: usize, s: usize, b: usize, n: usize, mask: &[f32]) {
+    hooks.observe(
+        &format!("s{si:02}.u{s:02}.mask_after"),
+        &Tensor::f32(vec![b, n], mask.to_vec()),
+    );
+}
+
+/// Hand a stage's calibration probes (FP32 calibration graphs only) to the hooks.
+fn forward_probes(out: &HashMap<String, Tensor>, hooks: &mut dyn Hooks) {
+    if hooks.probing() {
+        for (name, t) in out {
+            if name.starts_with(io::PROBE_PREFIX) {
+                hooks.probe(name, t);
+            }
+        }
+    }
 }
 
 pub struct NoHooks;
@@ -392,6 +416,7 @@ impl Pipeline {
                 RunError::Invalid(format!("scale {si}: no input from scale {}", si.max(1) - 1))
             })?;
             let mut out = self.step(&label, si, &xs, &text_kv, &text_bias)?;
+            forward_probes(&out, hooks);
             if p.recompute_past {
                 past_inputs.push(xs);
             }
@@ -430,6 +455,14 @@ impl Pipeline {
                 let (drawn, _) = self.timed("sampling", || {
                     Self::filter_and_draw(&mut g, b, n, v, p, si, 0)
                 });
+                if hooks.observing() {
+                    // What this model draws here with the run's uniforms, before any
+                    // substitution: `compare` counts agreement on it.
+                    hooks.observe(
+                        &format!("s{si:02}.drawn"),
+                        &Tensor::i64(vec![b, n], drawn.clone()),
+                    );
+                }
                 if hooks.observing() {
                     hooks.observe(
                         &format!("s{si:02}.logits_filtered"),
@@ -550,6 +583,7 @@ impl Pipeline {
                     ],
                     None,
                 )?;
+                forward_probes(&so, hooks);
                 let sl = take(&mut so, io::LOGITS)?;
                 if hooks.observing() {
                     hooks.observe(&format!("s{si:02}.u{s:02}.sampler_logits"), &sl);
@@ -604,6 +638,12 @@ impl Pipeline {
                 }
                 (drawn, conf)
             });
+            if hooks.observing() {
+                hooks.observe(
+                    &format!("s{si:02}.u{s:02}.drawn"),
+                    &Tensor::i64(vec![b, n], drawn.clone()),
+                );
+            }
             if let Some((mask_after, final_ids)) = hooks.substep(si, s) {
                 for i in 0..b * n {
                     if mask_after[i] > 0.5 && mask[i] < 0.5 {
@@ -611,6 +651,9 @@ impl Pipeline {
                     }
                 }
                 mask = mask_after;
+                if hooks.observing() {
+                    observe_mask(hooks, si, s, b, n, &mask);
+                }
                 continue;
             }
             for bi in 0..b {
@@ -642,6 +685,9 @@ impl Pipeline {
                     }
                 }
                 mask[row].copy_from_slice(&m);
+            }
+            if hooks.observing() {
+                observe_mask(hooks, si, s, b, n, &mask);
             }
         }
         Ok(tokens)

@@ -103,7 +103,7 @@ fn partial_model_directory() {
 fn manifest_schema_mismatch() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
-    edit_manifest(&m, "\"schema_version\": 2", "\"schema_version\": 99");
+    edit_manifest(&m, "\"schema_version\": 3", "\"schema_version\": 99");
     expect_error(&m, &[], &[], "schema version 99");
 }
 
@@ -113,12 +113,26 @@ fn manifest_schema_mismatch() {
 fn schema_v1_directory_is_refused_with_a_re_export_hint() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
-    edit_manifest(&m, "\"schema_version\": 2", "\"schema_version\": 1");
+    edit_manifest(&m, "\"schema_version\": 3", "\"schema_version\": 1");
     expect_error(
         &m,
         &[],
         &[],
-        "schema version 1, this build reads version 2; re-export the model",
+        "schema version 1, this build reads version 3; re-export the model",
+    );
+}
+
+/// Schema v2 (before per-graph precisions) likewise.
+#[test]
+fn schema_v2_directory_is_refused_with_a_re_export_hint() {
+    let t = tempfile::tempdir().unwrap();
+    let m = copy_demo(t.path());
+    edit_manifest(&m, "\"schema_version\": 3", "\"schema_version\": 2");
+    expect_error(
+        &m,
+        &[],
+        &[],
+        "schema version 2, this build reads version 3; re-export the model",
     );
 }
 
@@ -134,12 +148,23 @@ fn weights_hash_mismatch() {
     expect_error(&m, &[], &[], "does not match the manifest");
 }
 
+/// A manifest whose precision disagrees with its graphs' is refused, never run as if it
+/// were right.
 #[test]
-fn unsupported_precision_is_refused_not_converted() {
+fn precision_disagreeing_with_the_graphs_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
     edit_manifest(&m, "\"precision\": \"fp32\"", "\"precision\": \"fp16\"");
-    expect_error(&m, &[], &[], "precision 'fp16'");
+    expect_error(
+        &m,
+        &[],
+        &[],
+        "is 'fp32', but a fp16 model's step_first graph is 'fp16'",
+    );
+    let t = tempfile::tempdir().unwrap();
+    let m = copy_demo(t.path());
+    edit_manifest(&m, "\"precision\": \"fp32\"", "\"precision\": \"bf16\"");
+    expect_error(&m, &[], &[], "precision 'bf16' is not one of");
 }
 
 #[test]

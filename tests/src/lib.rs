@@ -27,7 +27,20 @@ pub fn export_fixture(
     export_fixture_at(variant, resolution, "fp32", out)
 }
 
-/// Export one fixture variant into `out` at a graph precision.
+/// The tests' INT8 calibration: four generations of the general prompt set. Fewer leave ranges
+/// seen on too few prompts (two gave 0.107 at tiny-1024s scale 0, over the INT8 tolerance; four
+/// give 0.070); the accuracy numbers in benches/RESULTS.md use full sets.
+pub fn calibration(prompts: &Path) -> star_export::calibrate::CalibrationArgs {
+    star_export::calibrate::CalibrationArgs {
+        prompts: prompts.to_path_buf(),
+        method: star_calibration::Method::Percentile(star_export::calibrate::DEFAULT_PERCENTILE),
+        samples: Some(4),
+        seed: 0,
+    }
+}
+
+/// Export one fixture variant into `out` at a graph precision (INT8 calibrated on the general
+/// prompt set).
 pub fn export_fixture_at(
     variant: &str,
     resolution: usize,
@@ -49,6 +62,8 @@ pub fn export_fixture_at(
         top_p: None,
         quiet: true,
         allow_nonfinite: false,
+        calibration: (precision == "int8")
+            .then(|| calibration(&root().join("calibration/prompts/general.txt"))),
     };
     star_export::export::export(&a).expect("export")
 }

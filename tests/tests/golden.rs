@@ -8,7 +8,11 @@ use star_tests::*;
 /// Every (backend, precision) this build runs: each golden check below runs once per row, at the
 /// precision's tolerance (`star_engines::golden::tolerance`). A new backend or precision adds a
 /// row here and re-runs every check.
-const RUNS: &[(&str, &str)] = &[("ort-cpu", "fp32")];
+const RUNS: &[(&str, &str)] = &[
+    ("ort-cpu", "fp32"),
+    ("ort-cpu", "fp16"),
+    ("ort-cpu", "int8"),
+];
 
 fn full_cycle(variant: &str, resolution: usize) {
     for (backend, precision) in RUNS {
@@ -100,6 +104,8 @@ const TENSORRT_PARSER_OPS: &[&str] = &[
     "MatMul",
     "Max",
     "Mul",
+    "QuantizeLinear",
+    "DequantizeLinear",
     "ReduceL2",
     "ReduceMean",
     "Reshape",
@@ -119,10 +125,21 @@ const TENSORRT_PARSER_OPS: &[&str] = &[
 
 #[test]
 fn graphs_use_only_tensorrt_parser_operators_at_opset_17() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("model");
-    let m = export_fixture("tiny-1024s", 1024, &out);
     let mut seen = std::collections::BTreeSet::new();
+    for (_, precision) in RUNS {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("model");
+        let m = export_fixture_at("tiny-1024s", 1024, precision, &out);
+        ops_of(&m, &out, &mut seen);
+    }
+    println!("operators used: {seen:?}");
+}
+
+fn ops_of(
+    m: &star_engines::manifest::Manifest,
+    out: &std::path::Path,
+    seen: &mut std::collections::BTreeSet<String>,
+) {
     for g in &m.graphs {
         let bytes = std::fs::read(out.join(&g.file)).unwrap();
         let model = star_engines::onnx::decode_model(&bytes).unwrap();
@@ -144,7 +161,152 @@ fn graphs_use_only_tensorrt_parser_operators_at_opset_17() {
             }
         }
     }
-    println!("operators used: {seen:?}");
+}
+
+fn initializers(
+    out: &std::path::Path,
+    file: &str,
+) -> (
+    star_engines::onnx::GraphProto,
+    std::collections::HashMap<String, star_engines::onnx::TensorProto>,
+) {
+    let model = star_engines::onnx::decode_model(&std::fs::read(out.join(file)).unwrap()).unwrap();
+    let g = model.graph.unwrap();
+    let inits = g
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.clone()))
+        .collect();
+    (g, inits)
+}
+
+/// The INT8 graphs are what TensorRT's strongly typed networks take: every QuantizeLinear and
+/// DequantizeLinear has an explicit int8 zero-point of 0; weights are per output channel
+/// (axis 1, one scale per column), activations per tensor with a scale from the calibration
+/// table; every block linear is quantized and the logits head is not.
+#[test]
+fn int8_graphs_are_symmetric_qdq_with_zero_point_0() {
+    use star_engines::onnx::dtype;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let m = export_fixture_at("tiny-256", 256, "int8", &out);
+    let cal = m.calibration.as_ref().expect("a calibration record");
+    let table = star_calibration::CalibrationTable::from_json(
+        &std::fs::read_to_string(out.join(&cal.table_file)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(table.hash(), cal.table_sha256);
+    let cache = std::fs::read_to_string(out.join(&cal.trt_cache_file)).unwrap();
+    assert!(cache.starts_with("TRT-"));
+    assert_eq!(cache.lines().count(), table.amax.len() + 1);
+    // depth x (qkv, proj, cross q, cross proj, fc1, fc2)
+    assert_eq!(table.amax.len(), 6 * m.config.depth);
+    for stage in ["step.onnx", "step_first.onnx"] {
+        let (g, inits) = initializers(&out, stage);
+        let (mut q, mut dq_w) = (0, 0);
+        for n in &g.node {
+            if n.op_type != "QuantizeLinear" && n.op_type != "DequantizeLinear" {
+                continue;
+            }
+            let zp = &inits[&n.input[2]];
+            assert_eq!(zp.data_type, dtype::INT8, "{stage}: {}", n.name);
+            assert!(
+                zp.raw_data.iter().all(|&b| b == 0),
+                "{stage}: non-zero zero-point"
+            );
+            let x = &inits.get(&n.input[0]);
+            if n.op_type == "QuantizeLinear" {
+                q += 1;
+                // Per-tensor activation scale: a scalar equal to table amax / 127.
+                let sc = &inits[&n.input[1]];
+                assert!(sc.dims.is_empty());
+                let v = f32::from_le_bytes(sc.raw_data[..4].try_into().unwrap());
+                let amax = table.amax[&n.input[0]];
+                assert!(
+                    (v - amax / 127.0).abs() <= 1e-6 * v.abs().max(1e-12),
+                    "{}",
+                    n.input[0]
+                );
+            } else if let Some(w) = x {
+                dq_w += 1;
+                assert_eq!(w.data_type, dtype::INT8);
+                let axis = n.attribute.iter().find(|a| a.name == "axis").map(|a| a.i);
+                assert_eq!(axis, Some(1), "per output channel");
+                assert_eq!(inits[&n.input[1]].dims, vec![w.dims[1]]);
+            }
+        }
+        assert_eq!(q, 6 * m.config.depth, "{stage}: quantized activations");
+        assert_eq!(dq_w, 6 * m.config.depth, "{stage}: quantized weights");
+        assert!(
+            inits.contains_key("star/head_logits.weight^T"),
+            "{stage}: the head stays FP32"
+        );
+    }
+}
+
+/// FP16 graphs: every block and plain projection multiplies FP16 weights; the logits head,
+/// norms and softmax stay FP32 (no FP16 LayerNormalization or Softmax input).
+#[test]
+fn fp16_graphs_keep_norms_softmax_and_head_in_fp32() {
+    use star_engines::onnx::dtype;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let m = export_fixture_at("tiny-1024s", 1024, "fp16", &out);
+    for g in m.graphs.iter().filter(|g| g.precision == "fp16") {
+        let (graph, inits) = initializers(&out, &g.file);
+        let mut f16 = std::collections::HashSet::new();
+        for (name, t) in &inits {
+            if t.data_type == dtype::FLOAT16 {
+                f16.insert(name.clone());
+            }
+        }
+        for n in &graph.node {
+            if n.op_type == "Cast" {
+                let to = n.attribute.iter().find(|a| a.name == "to").unwrap().i as i32;
+                if to == dtype::FLOAT16 {
+                    f16.insert(n.output[0].clone());
+                }
+            } else if (n.op_type == "MatMul" || n.op_type == "Add")
+                && n.input.iter().any(|i| f16.contains(i))
+            {
+                f16.insert(n.output[0].clone());
+            }
+        }
+        let mut fp16_matmuls = 0;
+        for n in &graph.node {
+            match n.op_type.as_str() {
+                "LayerNormalization" | "Softmax" | "ReduceL2" => {
+                    assert!(!f16.contains(&n.input[0]), "{}: {} in FP16", g.file, n.name)
+                }
+                "MatMul" => {
+                    let w = n.input.iter().find(|i| inits.contains_key(*i));
+                    match w {
+                        Some(w) if w.contains("head_logits") => {
+                            assert_eq!(inits[w].data_type, dtype::FLOAT, "{}: head", g.file)
+                        }
+                        Some(w) => {
+                            assert_eq!(inits[w].data_type, dtype::FLOAT16, "{}: {w}", g.file);
+                            fp16_matmuls += 1;
+                        }
+                        None => assert!(
+                            n.input.iter().all(|i| f16.contains(i)),
+                            "{}: attention product {} not in FP16",
+                            g.file,
+                            n.name
+                        ),
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Step graphs: 6 linears per block (self- and cross-attention, FFN); the sampler:
+        // 4 per refiner block plus its 3 input projections.
+        let want = match g.stage {
+            star_engines::Stage::Sampler => 4 * m.config.sampler_blocks + 3,
+            _ => 6 * m.config.depth,
+        };
+        assert_eq!(fp16_matmuls, want, "{}", g.file);
+    }
 }
 
 #[test]
@@ -273,10 +435,15 @@ fn validate_refuses_a_non_finite_recorded_input() {
 /// or one device upload per ORT session, hold every weight once.
 #[test]
 fn no_weight_is_referenced_by_more_than_two_graphs() {
-    for (variant, res) in [("tiny-256", 256), ("tiny-1024s", 1024)] {
+    for (variant, res, precision) in [
+        ("tiny-256", 256, "fp32"),
+        ("tiny-1024s", 1024, "fp32"),
+        ("tiny-1024s", 1024, "fp16"),
+        ("tiny-256", 256, "int8"),
+    ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("model");
-        let m = export_fixture(variant, res, &out);
+        let m = export_fixture_at(variant, res, precision, &out);
         let mut refs: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         let mut offsets: std::collections::BTreeMap<String, String> = Default::default();
         for g in &m.graphs {

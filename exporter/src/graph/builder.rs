@@ -12,24 +12,50 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
-/// Numeric policy of the graphs. Only FP32 is built today; FP16/INT8 plug in here so that every
-/// stage builder gets them through the same code path.
+/// Numeric policy of one graph (`Stage::graph_precision` of the directory's precision).
+/// FP16: matrix products in FP16 with FP16 weights, everything between them (norms, softmax,
+/// RoPE, the q/k normalisation, GELU, residuals, the logits head) in FP32 with explicit casts.
+/// INT8: the blocks' linear layers as Q/DQ pairs (per-channel symmetric weights, per-tensor
+/// symmetric activations from the calibration table, zero-point 0), the rest FP32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
     Fp32,
+    Fp16,
+    Int8,
 }
 
 impl Precision {
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "fp32" => Ok(Precision::Fp32),
+            "fp16" => Ok(Precision::Fp16),
+            "int8" => Ok(Precision::Int8),
             other => Err(ExportError::Precision(other.to_string())),
         }
     }
     pub fn name(self) -> &'static str {
-        "fp32"
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+        }
     }
 }
+
+/// What a linear layer may be lowered to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lin {
+    /// A transformer block's projection: FP16 in FP16 graphs, Q/DQ in INT8 graphs, probed for
+    /// calibration.
+    Block,
+    /// Any other projection: FP16 in FP16 graphs, FP32 otherwise.
+    Plain,
+    /// The logits heads: always FP32 (sampling reads them).
+    Head,
+}
+
+/// Activation ranges (tensor name -> amax) an INT8 graph quantizes its block inputs with.
+pub type Amax = std::collections::BTreeMap<String, f32>;
 
 pub struct WeightStore {
     pub file_name: String,
@@ -139,6 +165,11 @@ impl WeightStore {
 pub struct G<'s> {
     pub name: String,
     pub precision: Precision,
+    /// FP32 calibration graphs: every block linear's input is also an output (`io::PROBE_PREFIX`).
+    pub probing: bool,
+    /// INT8 graphs: the calibration table.
+    pub amax: Option<&'s Amax>,
+    pub probe_specs: Vec<IoSpec>,
     nodes: Vec<NodeProto>,
     inputs: Vec<ValueInfoProto>,
     outputs: Vec<ValueInfoProto>,
@@ -157,6 +188,9 @@ impl<'s> G<'s> {
         G {
             name: name.into(),
             precision,
+            probing: false,
+            amax: None,
+            probe_specs: vec![],
             nodes: vec![],
             inputs: vec![],
             outputs: vec![],
@@ -245,6 +279,25 @@ impl<'s> G<'s> {
         Ok(key.to_string())
     }
 
+    /// A shared weight of any dtype given as little-endian bytes.
+    pub fn weight_bytes(
+        &mut self,
+        key: &str,
+        dims: &[usize],
+        data_type: i32,
+        produce: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<String> {
+        if !self.store.contains(key) {
+            let buf = produce()?;
+            self.store.add_bytes(key, dims, data_type, buf)?;
+        }
+        if self.init_names.insert(key.to_string()) {
+            let p = self.store.proto(key);
+            self.inits.push(p);
+        }
+        Ok(key.to_string())
+    }
+
     /// A shared fp16 weight given as raw bits (an fp16 source kept as fp16, e.g. an embedding
     /// table read through Gather and then cast: exact, and half the bytes).
     pub fn weight_f16(
@@ -291,11 +344,72 @@ impl<'s> G<'s> {
         name
     }
 
+    pub fn c_i8(&mut self, data: &[i8], dims: &[i64]) -> String {
+        let name = self.fresh("const");
+        self.inits.push(TensorProto {
+            name: name.clone(),
+            dims: dims.to_vec(),
+            data_type: onnx::dtype::INT8,
+            raw_data: data.iter().map(|&v| v as u8).collect(),
+            ..Default::default()
+        });
+        name
+    }
+
     pub fn scalar(&mut self, v: f32) -> String {
         self.c_f32(&[v], &[])
     }
 
-    pub fn finish(self, doc: &str) -> (onnx::ModelProto, Vec<IoSpec>, Vec<IoSpec>) {
+    /// Give `x` a stable tensor name (an Identity): the names calibration tables and TensorRT
+    /// calibration caches refer to.
+    pub fn named(&mut self, x: &str, name: &str) -> String {
+        self.nodes.push(NodeProto {
+            input: vec![x.into()],
+            output: vec![name.into()],
+            op_type: "Identity".into(),
+            name: format!("name_{name}"),
+            ..Default::default()
+        });
+        name.to_string()
+    }
+
+    /// An extra FP32 output of a calibration graph: `x`, whatever its shape.
+    pub fn probe(&mut self, x: &str, name: &str) {
+        let out = format!("{}{name}", star_engines::stage::io::PROBE_PREFIX);
+        // Every linear input is (rows, tokens, width).
+        let dims: Vec<Dim> = (0..3).map(|i| Dim::Sym(format!("{out}_{i}"))).collect();
+        self.nodes.push(NodeProto {
+            input: vec![x.into()],
+            output: vec![out.clone()],
+            op_type: "Identity".into(),
+            name: format!("out_{out}"),
+            ..Default::default()
+        });
+        self.outputs
+            .push(ValueInfoProto::tensor(&out, onnx::dtype::FLOAT, &dims));
+        self.probe_specs.push(IoSpec {
+            name: out,
+            dtype: "float32".into(),
+            shape: dims,
+        });
+    }
+
+    /// A matrix product of two activations (attention): FP16 in FP16 graphs, FP32 otherwise
+    /// (INT8 leaves attention unquantized).
+    pub fn matmul_act(&mut self, a: &str, b: &str) -> String {
+        if self.precision != Precision::Fp16 {
+            return self.matmul(a, b);
+        }
+        let a16 = self.cast(a, onnx::dtype::FLOAT16);
+        let b16 = self.cast(b, onnx::dtype::FLOAT16);
+        let y = self.matmul(&a16, &b16);
+        self.cast(&y, onnx::dtype::FLOAT)
+    }
+
+    pub fn finish(mut self, doc: &str) -> (onnx::ModelProto, Vec<IoSpec>, Vec<IoSpec>) {
+        // The stage's contract outputs first, then the probes (as the manifest lists them).
+        let probe = star_engines::stage::io::PROBE_PREFIX;
+        self.outputs.sort_by_key(|o| o.name.starts_with(probe));
         let graph = GraphProto {
             node: self.nodes,
             name: self.name.clone(),

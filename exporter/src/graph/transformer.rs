@@ -4,7 +4,7 @@
 //! the stable-sampler step (every sampler scale, selected by its `scale` input). The KV cache is
 //! token-major: past (P, depth, 2, B2, H, hd) in, kv_new (n, depth, 2, B2, H, hd) out.
 
-use super::builder::G;
+use super::builder::{Lin, G};
 use super::Src;
 use crate::error::Result;
 use crate::schedule::rope_table;
@@ -106,7 +106,7 @@ fn self_attention(
     past: Option<(&str, &str)>,
 ) -> Result<(String, String, String)> {
     let (c, h, hd) = (cfg.width, cfg.heads, cfg.head_dim);
-    let qkv = a.linear(g, x, "mat_qkv", c, 3 * c, false)?;
+    let qkv = a.linear_as(g, x, "mat_qkv", c, 3 * c, false, Lin::Block)?;
     let bias_key = format!("{}^qkv_bias", a.key("q_bias"));
     let w = a.w.clone();
     w.check("q_bias", &[c])?;
@@ -133,11 +133,11 @@ fn self_attention(
         None => (k.clone(), v.clone()),
     };
     let kt = g.transpose(&k_all, &[0, 1, 3, 2]);
-    let att = g.matmul(&q, &kt);
+    let att = g.matmul_act(&q, &kt);
     let att = g.softmax(&att, -1);
-    let o = g.matmul(&att, &v_all);
+    let o = g.matmul_act(&att, &v_all);
     let o = heads_last(g, &o, c);
-    let o = a.linear(g, &o, "proj", c, c, true)?;
+    let o = a.linear_as(g, &o, "proj", c, c, true, Lin::Block)?;
     Ok((o, k, v))
 }
 
@@ -154,7 +154,7 @@ fn cross_attention(
     bias: &str,
 ) -> Result<String> {
     let (c, h, hd) = (cfg.width, cfg.heads, cfg.head_dim);
-    let q = a.linear(g, x_cond, "mat_q", c, c, false)?;
+    let q = a.linear_as(g, x_cond, "mat_q", c, c, false, Lin::Block)?;
     let qb = a.raw(g, "q_bias", &[c])?;
     let q = g.add(&q, &qb);
     let q = heads_first(g, &q, h, hd);
@@ -162,18 +162,19 @@ fn cross_attention(
     let s = head_scale(g, a, h)?;
     let q = g.mul(&q, &s);
     let kt = g.transpose(tk, &[0, 1, 3, 2]);
-    let att = g.matmul(&q, &kt);
+    let att = g.matmul_act(&q, &kt);
+    // The mask bias (-1e9) is added in FP32 in every precision: it would be -inf in FP16.
     let att = g.add(&att, bias);
     let att = g.softmax(&att, -1);
-    let o = g.matmul(&att, tv);
+    let o = g.matmul_act(&att, tv);
     let o = heads_last(g, &o, c);
-    a.linear(g, &o, "proj", c, c, true)
+    a.linear_as(g, &o, "proj", c, c, true, Lin::Block)
 }
 
 fn ffn(g: &mut G, f: &Src, c: usize, x: &str) -> Result<String> {
-    let hdn = f.linear(g, x, "fc1", c, 4 * c, true)?;
+    let hdn = f.linear_as(g, x, "fc1", c, 4 * c, true, Lin::Block)?;
     let hdn = g.gelu_tanh(&hdn);
-    f.linear(g, &hdn, "fc2", 4 * c, c, true)
+    f.linear_as(g, &hdn, "fc2", 4 * c, c, true, Lin::Block)
 }
 
 /// Text K/V for every block's cross-attention, from the conditional rows' hidden states; K is L2
@@ -325,7 +326,7 @@ fn blocks_and_heads(
         &[sym("B2"), tokens.clone(), fx(c)],
     );
     let xn = g.layer_norm_plain(&x, c, LN_EPS);
-    let logits = t.linear(g, &xn, "head_logits", c, v, true)?;
+    let logits = t.linear_as(g, &xn, "head_logits", c, v, true, Lin::Head)?;
     g.output(
         &logits,
         io::LOGITS,
@@ -421,7 +422,7 @@ pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Sched
         x = g.add(&x, &f);
     }
     let xn = g.layer_norm_plain(&x, c, LN_EPS);
-    let logits = t.linear(g, &xn, "head_logits2", c, v, true)?;
+    let logits = t.linear_as(g, &xn, "head_logits2", c, v, true, Lin::Head)?;
     let logits = g.slice(&logits, 1, 1, i64::MAX);
     g.output(
         &logits,
