@@ -13,6 +13,12 @@ pub enum Method {
     Entropy,
 }
 
+/// The symmetric INT8 scale of a range: amax / 127, with a floor so that a tensor that was zero
+/// throughout calibration still gets a positive scale (graphs and TensorRT caches alike).
+pub fn int8_scale(amax: f32) -> f32 {
+    amax.max(1e-8) / 127.0
+}
+
 impl Method {
     pub fn amax(self, s: &ActivationStats) -> f32 {
         match self {

@@ -851,6 +851,55 @@ fn check_graph_weights(
     Ok(())
 }
 
+/// The graph computes in the precision the manifest says: INT8 graphs quantize (Q/DQ over int8
+/// weights), FP16 graphs multiply FP16 weights and have no Q/DQ, FP32 graphs neither.
+fn check_graph_precision(
+    g: &GraphEntry,
+    model: &onnx::ModelProto,
+) -> std::result::Result<(), String> {
+    let Some(graph) = &model.graph else {
+        return Ok(());
+    };
+    let dtype: std::collections::HashMap<&str, i32> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t.data_type))
+        .collect();
+    let int8_dq = graph.node.iter().any(|n| {
+        n.op_type == "DequantizeLinear"
+            && n.input.first().and_then(|i| dtype.get(i.as_str())) == Some(&onnx::dtype::INT8)
+    });
+    let qdq = graph
+        .node
+        .iter()
+        .any(|n| n.op_type == "QuantizeLinear" || n.op_type == "DequantizeLinear");
+    let f16_matmul = graph.node.iter().any(|n| {
+        n.op_type == "MatMul"
+            && n.input
+                .iter()
+                .any(|i| dtype.get(i.as_str()) == Some(&onnx::dtype::FLOAT16))
+    });
+    let ok = match g.precision.as_str() {
+        "int8" => int8_dq && !f16_matmul,
+        "fp16" => f16_matmul && !qdq,
+        _ => !qdq && !f16_matmul,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "the manifest says {} is '{}', but the graph {}: the manifest disagrees with its graphs",
+            g.file,
+            g.precision,
+            match (int8_dq, f16_matmul) {
+                (true, _) => "quantizes int8 weights",
+                (false, true) => "multiplies float16 weights",
+                (false, false) => "multiplies float32 weights only",
+            }
+        ))
+    }
+}
+
 /// The I/O a graph file declares equals what the manifest says of it.
 pub fn check_graph_file(g: &GraphEntry, path: &Path, bytes: &[u8], m: &Manifest) -> Result<()> {
     let opset = m.opset;
@@ -868,6 +917,7 @@ pub fn check_graph_file(g: &GraphEntry, path: &Path, bytes: &[u8], m: &Manifest)
         }
     }
     check_graph_weights(g, &model, &m.config).map_err(&bad)?;
+    check_graph_precision(g, &model).map_err(&bad)?;
     let graph = model.graph.unwrap_or_default();
     // External data only from the files the manifest lists (and hashes).
     for t in graph.initializer.iter().filter(|t| t.data_location == 1) {

@@ -17,7 +17,8 @@ pub const FP32_TOL: f64 = 1e-4;
 /// show as errors of order 1.
 pub const FP16_TOL: f64 = 2e-3;
 /// INT8 Q/DQ linears (127 levels per activation tensor and weight channel): worst measured
-/// 6.8e-2 (entropy), 6.2e-2 (percentile), 8.8e-2 (max) on the fixture models' guided logits.
+/// (validate / replay, 8 calibration generations) 6.8e-2 / 7.7e-2 (entropy), 6.2e-2
+/// (percentile), 8.8e-2 / 8.2e-2 (max), on the fixture models' guided logits.
 /// A missing or wrong scale shows as errors of order 1.
 pub const INT8_TOL: f64 = 1e-1;
 

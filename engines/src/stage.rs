@@ -59,7 +59,6 @@ impl Stage {
         format!("{}.onnx", self.name())
     }
 
-    /// Whether the stage runs once per scale (its timings are kept per scale).
     /// The precision this stage's graph is built at in a model directory of precision `dir`:
     /// the scale stages (step_first, step, sampler), where the time goes, carry it; the text
     /// encoder and text K/V (once per prompt), the VQ transitions and the decoder stay FP32.
@@ -71,6 +70,7 @@ impl Stage {
         }
     }
 
+    /// Whether the stage runs once per scale (its timings are kept per scale).
     pub fn per_scale(self) -> bool {
         matches!(
             self,

@@ -116,7 +116,7 @@ pub fn calibrate(
     };
     for i in 0..n {
         let prompt = &prompts.list[i % prompts.list.len()];
-        let params = GenParams::defaults(&p, c.seed + i as u64);
+        let params = GenParams::defaults(&p, c.seed.wrapping_add(i as u64));
         p.generate(std::slice::from_ref(prompt), "", &params, &mut hooks)
             .map_err(run_err)?;
         if let Some(e) = hooks.err.take() {
@@ -155,9 +155,12 @@ fn run_err(e: star_runtime::pipeline::RunError) -> ExportError {
 }
 
 /// TensorRT's calibration-cache text: a header naming the calibrator, then one
-/// `tensor: hex` line per tensor, hex being the IEEE-754 bits of the scale amax/127. The
-/// header's version is TensorRT 10.0.0's (100000); TensorRT skips a cache whose header names
-/// another version, so users of other versions rewrite that number.
+/// `tensor: hex` line per tensor, hex being the IEEE-754 bits of the scale (amax/127, floored as
+/// in the graphs). For implicit-quantization tools run on the FP32 graphs (whose tensors carry
+/// these names); TensorRT ignores a cache for a network with explicit Q/DQ, such as our INT8
+/// graphs. The header's version is TensorRT 10.0.0's (100000); TensorRT skips a cache whose
+/// header names another version, so users of other versions rewrite that number. TensorRT has no
+/// percentile calibrator: percentile tables carry the entropy header, the closest in kind.
 pub fn trt_cache(t: &CalibrationTable) -> String {
     let algo = match t.method {
         Method::Max => "MinMaxCalibration",
@@ -165,7 +168,10 @@ pub fn trt_cache(t: &CalibrationTable) -> String {
     };
     let mut s = format!("TRT-100000-{algo}\n");
     for (name, amax) in &t.amax {
-        s.push_str(&format!("{name}: {:x}\n", (amax / 127.0).to_bits()));
+        s.push_str(&format!(
+            "{name}: {:x}\n",
+            star_calibration::int8_scale(*amax).to_bits()
+        ));
     }
     s
 }

@@ -63,13 +63,13 @@ enum Cmd {
         /// int8: how each activation range is chosen: percentile (99.99 % of |x| below it; the
         /// most accurate on the demo, benches/RESULTS.md), percentile=P, entropy (TensorRT's KL
         /// divergence) or max.
-        #[arg(long, default_value = "percentile", value_parser = star_export::calibrate::parse_method)]
+        #[arg(long, default_value = "percentile", value_parser = star_export::calibrate::parse_method, requires = "calibration")]
         calibration_method: star_calibration::Method,
         /// int8: generations to calibrate over (prompts in order, cycling) [default: one per prompt].
-        #[arg(long)]
+        #[arg(long, requires = "calibration")]
         calibration_samples: Option<usize>,
         /// int8: calibration generation i uses seed SEED + i.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, requires = "calibration")]
         seed: u64,
         /// Guidance scale stored as this model's default, a finite number >= 0 [default: 4.0].
         #[arg(long, value_parser = star_runtime::args::cfg)]

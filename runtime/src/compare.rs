@@ -3,8 +3,9 @@
 //!
 //! Teacher-forced: the candidate is fed the reference's tokens and reveal masks at every scale
 //! and sub-step, so its differences do not compound; per scale (and sampler sub-step) the logit
-//! cosine and max abs error, and the fraction of positions where the candidate, with the same
-//! uniform, would have drawn the reference's token. Free-running: each model generates on its
+//! cosine and max abs error, and the fraction of chosen positions (every position of a plain
+//! scale; the positions a sampler sub-step reveals) where the candidate, with the same uniform,
+//! would have drawn the reference's token. Free-running: each model generates on its
 //! own and the images are compared (PSNR).
 
 use crate::pipeline::{GenParams, Hooks, NoHooks, Pipeline, Result, RunError};
@@ -18,6 +19,26 @@ pub const PSNR_IDENTICAL_DB: f64 = 100.0;
 #[derive(Default)]
 struct Record {
     t: HashMap<String, Tensor>,
+}
+
+/// Logit statistics use at most this many token positions per scale and sub-step (every k-th
+/// token of a larger scale): whole logit tensors of a run would not fit in memory (tiny-1024s
+/// holds ~10 GB of them, d30/1024 far more); token agreement counts every position.
+pub const LOGIT_POSITIONS: usize = 64;
+
+fn is_logits(name: &str) -> bool {
+    name.ends_with(".logits") || name.ends_with(".sampler_logits")
+}
+
+/// Logits (rows, tokens, V) reduced to at most LOGIT_POSITIONS tokens, the same in both runs.
+fn keep(name: &str, t: &Tensor) -> Tensor {
+    if !is_logits(name) || t.shape.len() != 3 || t.shape[1] <= LOGIT_POSITIONS {
+        return t.clone();
+    }
+    let n = t.shape[1];
+    let k = n.div_ceil(LOGIT_POSITIONS);
+    let idx: Vec<usize> = (0..n).step_by(k).collect();
+    t.select(1, &idx)
 }
 
 fn wanted(name: &str) -> bool {
@@ -34,7 +55,7 @@ impl Hooks for Record {
     }
     fn observe(&mut self, name: &str, t: &Tensor) {
         if wanted(name) {
-            self.t.insert(name.to_string(), t.clone());
+            self.t.insert(name.to_string(), keep(name, t));
         }
     }
 }
@@ -51,7 +72,7 @@ impl Hooks for Forced<'_> {
     }
     fn observe(&mut self, name: &str, t: &Tensor) {
         if wanted(name) {
-            self.got.insert(name.to_string(), t.clone());
+            self.got.insert(name.to_string(), keep(name, t));
         }
     }
     fn plain_tokens(&mut self, si: usize) -> Option<Vec<i64>> {
@@ -75,12 +96,15 @@ impl Hooks for Forced<'_> {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StepStats {
     pub key: String,
-    /// Cosine of the flattened logits (all rows), the minimum over the generations (None where
+    /// Cosine of the flattened logits (all rows, at most LOGIT_POSITIONS token positions), the
+    /// minimum over the generations (None where
     /// the step has no logits of its own: a stable scale's first sub-steps draw from the main
     /// head's).
     pub min_cosine: Option<f64>,
     pub max_abs_err: Option<f64>,
-    /// Positions drawn here (None where the step draws nothing: a stable scale's main head).
+    /// Positions whose token this step chooses (a sampler sub-step: the ones it reveals), and
+    /// how many of them the candidate draws the same; 0 where the step draws nothing (a stable
+    /// scale's main head).
     pub agree: u64,
     pub positions: u64,
 }
@@ -152,6 +176,33 @@ pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// For a sampler sub-step's draws ("s08.u02.drawn"): the positions that sub-step reveals in the
+/// reference (its mask after, minus the mask before): only those tokens are kept, so only they
+/// count. None for a plain scale, where every position is kept.
+fn chosen_positions(rec: &Record, drawn: &str, len: usize) -> Option<Vec<bool>> {
+    let (scale, rest) = drawn.split_once(".u")?;
+    let s: usize = rest.split('.').next()?.parse().ok()?;
+    let after = rec
+        .t
+        .get(&format!("{scale}.u{s:02}.mask_after"))?
+        .as_f32()?;
+    let before = match s {
+        0 => None,
+        _ => rec
+            .t
+            .get(&format!("{scale}.u{:02}.mask_after", s - 1))?
+            .as_f32(),
+    };
+    if after.len() != len {
+        return None;
+    }
+    Some(
+        (0..len)
+            .map(|i| after[i] > 0.5 && before.is_none_or(|b| b[i] < 0.5))
+            .collect(),
+    )
+}
+
 /// The step key of an observation: "s03.logits" -> "s03", "s08.u02.sampler_logits" -> "s08.u02".
 fn step_key(name: &str) -> &str {
     name.rsplit_once('.').map(|(k, _)| k).unwrap_or(name)
@@ -163,6 +214,7 @@ pub fn compare(
     cand: &mut Pipeline,
     prompts: &[String],
     seeds: &[u64],
+    keep_images: bool,
     mut progress: impl FnMut(usize, usize, &ImageResult),
 ) -> Result<CompareReport> {
     let (rm, cm) = (reference.md.manifest.clone(), cand.md.manifest.clone());
@@ -195,8 +247,19 @@ pub fn compare(
                 got: HashMap::new(),
             };
             cand.generate(one, "", &params, &mut forced)?;
+            // Teacher forcing took: the candidate's choices are the reference's, or the
+            // comparison means nothing.
             for (name, r) in &rec.t {
-                let logits = name.ends_with(".logits") || name.ends_with(".sampler_logits");
+                if (name.ends_with(".idx") || name.ends_with(".mask_after"))
+                    && forced.got.get(name) != Some(r)
+                {
+                    return Err(RunError::Invalid(format!(
+                        "teacher forcing failed: the candidate's {name} is not the reference's"
+                    )));
+                }
+            }
+            for (name, r) in &rec.t {
+                let logits = is_logits(name);
                 let drawn = name.ends_with(".drawn");
                 if !(logits || drawn) {
                     continue;
@@ -227,8 +290,13 @@ pub fn compare(
                         r.as_i64().unwrap_or_default(),
                         c.as_i64().unwrap_or_default(),
                     );
-                    st.agree += a.iter().zip(b).filter(|(x, y)| x == y).count() as u64;
-                    st.positions += a.len() as u64;
+                    let chosen = chosen_positions(&rec, name, a.len());
+                    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                        if chosen.as_ref().is_none_or(|c| c[i]) {
+                            st.agree += (x == y) as u64;
+                            st.positions += 1;
+                        }
+                    }
                 }
             }
             let c_img = cand.generate(one, "", &params, &mut NoHooks)?.image;
@@ -244,7 +312,9 @@ pub fn compare(
             };
             progress(images.len() + 1, total, &res);
             images.push(res);
-            pairs.push((r, c));
+            if keep_images {
+                pairs.push((r, c));
+            }
         }
     }
     let steps: Vec<StepStats> = steps.into_values().collect();

@@ -289,13 +289,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let mut r = Pipeline::open(&reference, opts.clone())?;
             let mut c = Pipeline::open(&candidate, opts)?;
-            let rep =
-                star_runtime::compare::compare(&mut r, &mut c, &prompts, &seeds, |i, n, im| {
+            let rep = star_runtime::compare::compare(
+                &mut r,
+                &mut c,
+                &prompts,
+                &seeds,
+                grid.is_some(),
+                |i, n, im| {
                     eprintln!(
                         "[{i:>3}/{n}] seed {:<4} PSNR {:>6.2} dB  {}",
                         im.seed, im.psnr_db, im.prompt
                     )
-                })?;
+                },
+            )?;
             print!("{}", rep.table());
             if let Some(j) = json {
                 star_runtime::image::write_atomic(

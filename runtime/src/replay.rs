@@ -14,8 +14,11 @@ struct RecordHooks<'a> {
     rep: Report,
     err: Option<String>,
     isolate: bool,
-    /// The tolerance of the model's precision.
+    /// The tolerance of the model's precision (everything downstream of the transformer carries
+    /// its error).
     tol: f64,
+    /// The text encoder's own (it runs first, on the record's ids: FP32 in every directory).
+    tol_text: f64,
 }
 
 impl Hooks for RecordHooks<'_> {
@@ -28,7 +31,14 @@ impl Hooks for RecordHooks<'_> {
         }
         let stage = name.split('.').next().unwrap_or(name).to_string();
         match (self.rec.align(name, t), self.rec.get(name)) {
-            (Ok(ours), Ok(gold)) => self.rep.push(compare(&stage, name, &ours, &gold, self.tol)),
+            (Ok(ours), Ok(gold)) => {
+                let tol = if name.starts_with("text.") {
+                    self.tol_text
+                } else {
+                    self.tol
+                };
+                self.rep.push(compare(&stage, name, &ours, &gold, tol))
+            }
             (Err(e), _) | (_, Err(e)) => {
                 self.err.get_or_insert(e.to_string());
             }
@@ -112,17 +122,27 @@ pub fn replay_record(p: &mut Pipeline, rec: &Record, isolate: bool) -> Result<Re
         recompute_past: false,
     };
     let precision = &p.md.manifest.precision;
-    let tol = tolerance(precision).ok_or_else(|| {
-        RunError::Invalid(format!(
-            "no tolerance is defined for precision '{precision}'"
-        ))
-    })?;
+    let tol_for = |precision: &str| {
+        tolerance(precision).ok_or_else(|| {
+            RunError::Invalid(format!(
+                "no tolerance is defined for precision '{precision}'"
+            ))
+        })
+    };
+    let tol = tol_for(precision)?;
+    let tol_text = tol_for(
+        p.md.manifest
+            .graph(star_engines::Stage::TextEncoder)
+            .map(|g| g.precision.as_str())
+            .unwrap_or(precision),
+    )?;
     let mut hooks = RecordHooks {
         rec,
         rep: Report::default(),
         err: None,
         isolate,
         tol,
+        tol_text,
     };
     p.generate(&prompts, "", &params, &mut hooks)?;
     if let Some(e) = hooks.err {

@@ -199,6 +199,15 @@ fn int8_graphs_are_symmetric_qdq_with_zero_point_0() {
     let cache = std::fs::read_to_string(out.join(&cal.trt_cache_file)).unwrap();
     assert!(cache.starts_with("TRT-"));
     assert_eq!(cache.lines().count(), table.amax.len() + 1);
+    for line in cache.lines().skip(1) {
+        let (name, hex) = line.split_once(": ").expect("tensor: hex");
+        let scale = f32::from_bits(u32::from_str_radix(hex, 16).unwrap());
+        assert_eq!(
+            scale,
+            star_calibration::int8_scale(table.amax[name]),
+            "{name}"
+        );
+    }
     // depth x (qkv, proj, cross q, cross proj, fc1, fc2)
     assert_eq!(table.amax.len(), 6 * m.config.depth);
     for stage in ["step.onnx", "step_first.onnx"] {
@@ -477,4 +486,21 @@ fn no_weight_is_referenced_by_more_than_two_graphs() {
             "{variant}: expected the blocks shared by step_first and step"
         );
     }
+}
+
+/// A reduced-precision directory relabelled as another precision (labels are not in the model
+/// hash) is refused from the graphs' contents, before any session is created.
+#[test]
+fn relabelled_precision_is_refused_from_the_graphs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    export_fixture_at("tiny-256", 256, "fp16", &out);
+    let mp = out.join("manifest.json");
+    let text = std::fs::read_to_string(&mp).unwrap();
+    std::fs::write(&mp, text.replace("\"fp16\"", "\"fp32\"")).unwrap();
+    let e = star_engines::model_dir::ModelDir::open(&out, BackendOptions::default())
+        .err()
+        .expect("an FP16 directory labelled fp32 was opened")
+        .to_string();
+    assert!(e.contains("multiplies float16 weights"), "{e}");
 }

@@ -54,6 +54,11 @@ pub enum Lin {
     Head,
 }
 
+/// Tokens per calibration probe and run (see `G::probe`).
+pub const PROBE_TOKENS: i64 = 256;
+/// The probes' position multiplier: a prime larger than any scale's token count (64² + 1).
+const PROBE_PRIME: i64 = 7919;
+
 /// Activation ranges (tensor name -> amax) an INT8 graph quantizes its block inputs with.
 pub type Amax = std::collections::BTreeMap<String, f32>;
 
@@ -279,6 +284,11 @@ impl<'s> G<'s> {
         Ok(key.to_string())
     }
 
+    /// Whether the weights file already holds `key` (written for an earlier graph).
+    pub fn has_weight(&self, key: &str) -> bool {
+        self.store.contains(key)
+    }
+
     /// A shared weight of any dtype given as little-endian bytes.
     pub fn weight_bytes(
         &mut self,
@@ -373,8 +383,24 @@ impl<'s> G<'s> {
         name.to_string()
     }
 
-    /// An extra FP32 output of a calibration graph: `x`, whatever its shape.
+    /// An extra FP32 output of a calibration graph: `x` (rows, tokens, width), with at most
+    /// `PROBE_TOKENS` tokens: m = min(tokens, PROBE_TOKENS) positions j·7919 mod tokens,
+    /// j < m — distinct (7919 is a prime above every token count) and scattered over the whole
+    /// pn×pn grid, where a plain stride would keep the same few columns of every row. Full
+    /// tensors would not fit: at d30/1024 the 180 probes of the last scale hold 16 GB.
     pub fn probe(&mut self, x: &str, name: &str) {
+        let n = self.dim(x, 1);
+        let cap = self.c_i64(&[PROBE_TOKENS], &[1]);
+        let m = self.op("Min", &[&n, &cap], vec![]);
+        let m = self.squeeze(&m, &[0]);
+        let zero = self.c_i64(&[0], &[]);
+        let one = self.c_i64(&[1], &[]);
+        let j = self.op("Range", &[&zero, &m, &one], vec![]);
+        let prime = self.c_i64(&[PROBE_PRIME], &[]);
+        let jp = self.mul(&j, &prime);
+        let idx = self.op("Mod", &[&jp, &n], vec![]);
+        let x = self.op("Gather", &[x, &idx], vec![AttributeProto::int("axis", 1)]);
+        let x = x.as_str();
         let out = format!("{}{name}", star_engines::stage::io::PROBE_PREFIX);
         // Every linear input is (rows, tokens, width).
         let dims: Vec<Dim> = (0..3).map(|i| Dim::Sym(format!("{out}_{i}"))).collect();

@@ -111,20 +111,21 @@ impl<'a> Src<'a> {
                         "the calibration table has no range for {input}"
                     ))
                 })?;
-                // A tensor that was exactly zero throughout calibration still needs a positive scale.
-                let sa = g.c_f32(&[amax.max(1e-8) / 127.0], &[]);
+                let sa = g.c_f32(&[star_calibration::int8_scale(amax)], &[]);
                 let za = g.c_i8(&[0], &[]);
                 let q = g.op("QuantizeLinear", &[&x, &sa, &za], vec![]);
                 let xd = g.op("DequantizeLinear", &[&q, &sa, &za], vec![]);
-                let (q8, scales) = {
-                    let t = transposed()?;
-                    quantize_per_column(&t, din, dout)
+                let (qkey, skey) = (format!("{wkey}^s8"), format!("{wkey}^s8scale"));
+                // Quantized once: a second graph (step_first after step) references the stored pair.
+                let (q8, scales) = if g.has_weight(&qkey) && g.has_weight(&skey) {
+                    (vec![], vec![])
+                } else {
+                    quantize_per_column(&transposed()?, din, dout)
                 };
-                let wq =
-                    g.weight_bytes(&format!("{wkey}^s8"), &[din, dout], dtype::INT8, || {
-                        Ok(q8.iter().map(|&v| v as u8).collect())
-                    })?;
-                let sw = g.weight(&format!("{wkey}^s8scale"), &[dout], || Ok(scales))?;
+                let wq = g.weight_bytes(&qkey, &[din, dout], dtype::INT8, || {
+                    Ok(q8.iter().map(|&v| v as u8).collect())
+                })?;
+                let sw = g.weight(&skey, &[dout], || Ok(scales))?;
                 let zw = g.c_i8(&vec![0; dout], &[dout as i64]);
                 let wd = g.op(
                     "DequantizeLinear",
