@@ -39,6 +39,59 @@ impl Meta {
     }
 }
 
+/// The metadata of a generated image (the CLI and the server write the same).
+pub fn generation_meta(
+    prompt: &str,
+    negative: &str,
+    image_seed: u64,
+    gp: &crate::pipeline::GenParams,
+    p: &crate::pipeline::Pipeline,
+) -> Vec<Meta> {
+    let m = &p.md.manifest;
+    vec![
+        Meta::Utf8("prompt", prompt.to_string()),
+        Meta::Utf8("negative_prompt", negative.to_string()),
+        Meta::Ascii("seed", image_seed.to_string()),
+        Meta::Ascii("cfg", gp.cfg.to_string()),
+        Meta::Ascii("top_k", gp.top_k.to_string()),
+        Meta::Ascii("top_p", gp.top_p.to_string()),
+        Meta::Ascii("stable_sampling", gp.stable_sampling.to_string()),
+        Meta::Ascii("model_hash", m.model_hash.clone()),
+        Meta::Ascii("backend", p.md.opts.name.clone()),
+        Meta::Ascii("precision", m.precision.clone()),
+        Meta::Ascii(
+            "software",
+            format!("star-run {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ]
+}
+
+/// An 8-bit RGB PNG with metadata, in memory.
+pub fn png_bytes(
+    rgb: &[u8],
+    w: usize,
+    h: usize,
+    meta: &[Meta],
+) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for m in meta {
+            match m {
+                Meta::Ascii(k, v) => enc.add_text_chunk(k.to_string(), v.clone()),
+                Meta::Utf8(k, v) => enc.add_itxt_chunk(k.to_string(), v.clone()),
+            }
+            .map_err(|e| format!("metadata {}: {e}", m.key()))?;
+        }
+        let mut wr = enc.write_header().map_err(|e| e.to_string())?;
+        wr.write_image_data(rgb).map_err(|e| e.to_string())?;
+        wr.finish().map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
 pub fn write_png(path: &Path, rgb: &[u8], w: usize, h: usize, meta: &[Meta]) -> Result<()> {
     let err = |why: String| RunError::Output {
         path: path.display().to_string(),
@@ -51,34 +104,8 @@ pub fn write_png(path: &Path, rgb: &[u8], w: usize, h: usize, meta: &[Meta]) -> 
     if !dir.is_dir() {
         return Err(err(format!("directory {} does not exist", dir.display())));
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".star-run-")
-        .suffix(".png.tmp")
-        .tempfile_in(&dir)
-        .map_err(|e| err(format!("cannot write in {}: {e}", dir.display())))?;
-    {
-        let mut enc = png::Encoder::new(
-            std::io::BufWriter::new(tmp.as_file_mut()),
-            w as u32,
-            h as u32,
-        );
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        for m in meta {
-            match m {
-                Meta::Ascii(k, v) => enc.add_text_chunk(k.to_string(), v.clone()),
-                Meta::Utf8(k, v) => enc.add_itxt_chunk(k.to_string(), v.clone()),
-            }
-            .map_err(|e| err(format!("metadata {}: {e}", m.key())))?;
-        }
-        let mut wr = enc.write_header().map_err(|e| err(e.to_string()))?;
-        wr.write_image_data(rgb).map_err(|e| err(e.to_string()))?;
-        wr.finish().map_err(|e| err(e.to_string()))?;
-    }
-    tmp.as_file_mut().flush().map_err(|e| err(e.to_string()))?;
-    tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
-    tmp.persist(path).map_err(|e| err(e.error.to_string()))?;
-    Ok(())
+    let bytes = png_bytes(rgb, w, h, meta).map_err(err)?;
+    write_atomic(path, &bytes).map_err(|e| err(format!("cannot write in {}: {e}", dir.display())))
 }
 
 /// Write `bytes` to `path` atomically (temporary file in the same directory, then rename).

@@ -8,6 +8,7 @@ pub mod pipeline;
 pub mod replay;
 pub mod rng;
 pub mod sampler;
+pub mod serve;
 pub mod timing;
 pub mod tokenizer;
 

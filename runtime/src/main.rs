@@ -30,7 +30,9 @@ struct ModelArgs {
     /// Model directory (star-export export output). Default: the embedded demo model.
     #[arg(long, alias = "engine")]
     model: Option<PathBuf>,
-    /// Execution backend (this build: ort-cpu).
+    /// Execution backend (this build: ort-cpu). It runs fp32, fp16 and int8 directories as
+    /// exported: int8 is the CPU speed path; fp16 on the CPU is an accuracy check, not a speed
+    /// path (ONNX Runtime computes most FP16 nodes through casts to FP32).
     #[arg(long, default_value = "ort-cpu")]
     backend: String,
     /// ONNX Runtime intra-op threads (0 = one per core).
@@ -134,6 +136,43 @@ enum Cmd {
         /// ONNX Runtime intra-op threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+    },
+    /// Serve the model over HTTP: OpenAI-compatible POST /v1/images/generations, GET /v1/models,
+    /// /health, /ready, KServe v2 /v2/health/live, /v2/health/ready, /v2/models/{name}, and
+    /// Prometheus /metrics. One model loaded once; a bounded queue (429 when full); warm-up before
+    /// readiness; SIGTERM: readiness 503, in-flight requests finish within --drain-s, exit 0.
+    #[command(
+        after_help = "Example:\n  star-run serve --port 8080 &\n  curl -s localhost:8080/v1/images/generations -d '{\"prompt\": \"a red circle on a blue background\", \"seed\": 1}'"
+    )]
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Address to listen on (0.0.0.0 in a container).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port (0: any free port, printed on start).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Requests that may wait for the model; more are refused with 429 and Retry-After.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+        max_queue: u32,
+        /// Most images per request (`n`).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+        max_images: u32,
+        /// Most images per model run: queued requests with the same sampling settings are
+        /// batched (each request's images are byte-identical to a run of it alone).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+        max_batch: u32,
+        /// How long a request waits for others to batch with, in milliseconds.
+        #[arg(long, default_value_t = 10)]
+        max_delay_ms: u64,
+        /// A request not finished after this many seconds (queue wait included) is stopped
+        /// between scales and answered 504.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+        request_timeout_s: u64,
+        /// After SIGTERM, how long in-flight requests may take before the process exits.
+        #[arg(long, default_value_t = 30)]
+        drain_s: u64,
     },
     /// Latency benchmark: per-stage median/p90/min over repeated generations.
     #[command(allow_negative_numbers = true)]
@@ -329,6 +368,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Some(Cmd::Serve {
+            model,
+            host,
+            port,
+            max_queue,
+            max_images,
+            max_batch,
+            max_delay_ms,
+            request_timeout_s,
+            drain_s,
+        }) => {
+            star_runtime::serve::serve(star_runtime::serve::ServeOptions {
+                model: model
+                    .model
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL)),
+                backend: BackendOptions {
+                    name: model.backend.clone(),
+                    threads: model.threads,
+                },
+                host,
+                port,
+                max_queue: max_queue as usize,
+                max_images: max_images as usize,
+                max_batch: max_batch as usize,
+                max_delay: std::time::Duration::from_millis(max_delay_ms),
+                request_timeout: std::time::Duration::from_secs(request_timeout_s),
+                drain: std::time::Duration::from_secs(drain_s),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Cmd::Verify { model }) => {
             let dir = model
                 .model
@@ -426,25 +496,13 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
     }
     for (i, out) in outs.iter().enumerate() {
         let rgb = star_runtime::image::to_rgb8(image.as_f32().unwrap(), i, h, w);
-        let meta = vec![
-            Meta::Utf8("prompt", prompts[i].clone()),
-            Meta::Utf8("negative_prompt", a.negative_prompt.clone()),
-            Meta::Ascii(
-                "seed",
-                star_runtime::rng::image_seed(gp.seed, i).to_string(),
-            ),
-            Meta::Ascii("cfg", gp.cfg.to_string()),
-            Meta::Ascii("top_k", gp.top_k.to_string()),
-            Meta::Ascii("top_p", gp.top_p.to_string()),
-            Meta::Ascii("stable_sampling", gp.stable_sampling.to_string()),
-            Meta::Ascii("model_hash", m.model_hash.clone()),
-            Meta::Ascii("backend", p.md.opts.name.clone()),
-            Meta::Ascii("precision", m.precision.clone()),
-            Meta::Ascii(
-                "software",
-                format!("star-run {}", env!("CARGO_PKG_VERSION")),
-            ),
-        ];
+        let meta = star_runtime::image::generation_meta(
+            &prompts[i],
+            &a.negative_prompt,
+            star_runtime::rng::image_seed(gp.seed, i),
+            &gp,
+            &p,
+        );
         star_runtime::image::write_png(out, &rgb, w, h, &meta)?;
         if !a.quiet {
             println!("wrote {} ({w}x{h})", out.display());

@@ -22,6 +22,9 @@ pub enum RunError {
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error("{0}")]
     Invalid(String),
+    /// `Hooks::cancelled` said so between two scales.
+    #[error("cancelled")]
+    Cancelled,
     #[error("{path}: {why}")]
     Output { path: String, why: String },
 }
@@ -38,6 +41,8 @@ pub struct GenParams {
     /// Benchmark variant without the KV cache's benefit: before each scale, re-run every earlier
     /// scale's step to rebuild its K/V (what a cache-less implementation computes). Same images.
     pub recompute_past: bool,
+    /// Per-image seeds (a server batch of several requests); empty: image i uses seed + i.
+    pub image_seeds: Vec<u64>,
 }
 
 impl GenParams {
@@ -51,7 +56,16 @@ impl GenParams {
             seed,
             stable_sampling: true,
             recompute_past: false,
+            image_seeds: vec![],
         }
+    }
+
+    /// The seed of image `bi` of a call (the RNG contract).
+    pub fn seed_of(&self, bi: usize) -> u64 {
+        self.image_seeds
+            .get(bi)
+            .copied()
+            .unwrap_or_else(|| image_seed(self.seed, bi))
     }
 }
 
@@ -85,6 +99,11 @@ pub trait Hooks {
     /// A scale finished: its wall time, and how much of it went to creating sessions or
     /// waiting for the background thread that creates them.
     fn scale_done(&mut self, _si: usize, _pn: usize, _ms: f64, _session_wait_ms: f64) {}
+    /// Asked before every scale: true stops the generation with `RunError::Cancelled` (a
+    /// server's cancelled or timed-out request frees the model between scales).
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// An output the graph declares (ModelDir checked it is there); an error, not a panic, if not.
@@ -302,7 +321,7 @@ impl Pipeline {
         let mut idx = vec![0i64; b * n];
         let mut conf = vec![0f32; b * n];
         for bi in 0..b {
-            let seed = image_seed(p.seed, bi);
+            let seed = p.seed_of(bi);
             for t in 0..n {
                 let row = &mut guided[(bi * n + t) * v..(bi * n + t + 1) * v];
                 filter_row(row, p.top_k, p.top_p);
@@ -330,6 +349,12 @@ impl Pipeline {
             return Err(RunError::Invalid("no prompt given".into()));
         }
         self.check_params(b, p)?;
+        if !p.image_seeds.is_empty() && p.image_seeds.len() != b {
+            return Err(RunError::Invalid(format!(
+                "{} image seeds for {b} images",
+                p.image_seeds.len()
+            )));
+        }
         self.md.prefetch();
         let (v, cv, sn) = (cfg.vocab, cfg.cvae, sch.patch_nums.len());
         let pside = sch.patch_nums[sn - 1];
@@ -404,6 +429,9 @@ impl Pipeline {
         let mut f_hat = Tensor::zeros(vec![b, cv, pside, pside]);
         let mut past_inputs: Vec<Tensor> = vec![];
         for si in 0..sn {
+            if hooks.cancelled() {
+                return Err(RunError::Cancelled);
+            }
             let t_scale = Instant::now();
             let wait0 = self.timings.get("session_wait");
             let pn = sch.patch_nums[si];
@@ -620,7 +648,7 @@ impl Pipeline {
                 let mut drawn = vec![0i64; b * n];
                 let mut conf = vec![0f32; b * n];
                 for bi in 0..b {
-                    let seed = image_seed(p.seed, bi);
+                    let seed = p.seed_of(bi);
                     for t in 0..n {
                         let row = (bi * n + t) * v..(bi * n + t + 1) * v;
                         let own;
@@ -657,7 +685,7 @@ impl Pipeline {
                 continue;
             }
             for bi in 0..b {
-                let seed = image_seed(p.seed, bi);
+                let seed = p.seed_of(bi);
                 let row = bi * n..(bi + 1) * n;
                 let mut m = mask[row.clone()].to_vec();
                 let rand: Vec<f32> = (0..n)

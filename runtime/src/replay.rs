@@ -120,6 +120,7 @@ pub fn replay_record(p: &mut Pipeline, rec: &Record, isolate: bool) -> Result<Re
         seed: call["g_seed"].as_u64().unwrap_or(0),
         stable_sampling: call["w_mask"].as_bool().unwrap_or(true),
         recompute_past: false,
+        image_seeds: vec![],
     };
     let precision = &p.md.manifest.precision;
     let tol_for = |precision: &str| {

@@ -1,0 +1,905 @@
+//! `star-run serve`: one model loaded once behind an HTTP endpoint (axum/tokio).
+//!
+//! The model lives on one worker thread (its sessions and KV cache are not shared between
+//! threads); HTTP handlers hand it jobs through a bounded queue, refused at once with 429 when
+//! full. A job is checked for cancellation (client gone, deadline passed) before it starts and
+//! between scales. Readiness follows warm-up (one generation) and turns 503 on SIGTERM/SIGINT,
+//! after which in-flight requests get `--drain-s` to finish and the process exits 0.
+
+use crate::pipeline::{GenParams, Hooks, Pipeline, RunError};
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use serde_json::{json, Value};
+use star_engines::backend::BackendOptions;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub struct ServeOptions {
+    pub model: PathBuf,
+    pub backend: BackendOptions,
+    pub host: String,
+    pub port: u16,
+    pub max_queue: usize,
+    /// Most images per model run (requests batched at scale 0).
+    pub max_batch: usize,
+    /// How long a request waits for others to batch with.
+    pub max_delay: Duration,
+    /// Most images per request (`n`).
+    pub max_images: usize,
+    pub request_timeout: Duration,
+    pub drain: Duration,
+}
+
+/// What a request asks the model for, validated.
+#[derive(Clone, Debug)]
+struct GenRequest {
+    prompt: String,
+    negative: String,
+    n: usize,
+    seed: u64,
+    cfg: Option<f64>,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    stable_sampling: bool,
+}
+
+type JobResult = Result<Vec<(Vec<u8>, u64)>, JobError>;
+
+#[derive(Debug)]
+enum JobError {
+    Invalid(String),
+    Cancelled,
+    Timeout,
+    Failed(String),
+}
+
+struct Job {
+    req: GenRequest,
+    reply: tokio::sync::oneshot::Sender<JobResult>,
+    enqueued: Instant,
+    deadline: Instant,
+}
+
+/// Prometheus histograms: cumulative buckets, sum, count.
+#[derive(Clone, Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0];
+
+impl Histogram {
+    fn observe(&mut self, buckets: &[f64], v: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; buckets.len()];
+        }
+        for (c, b) in self.counts.iter_mut().zip(buckets) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+    fn render(&self, out: &mut String, name: &str, labels: &str, buckets: &[f64]) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in buckets.iter().enumerate() {
+            let c = self.counts.get(i).copied().unwrap_or(0);
+            out.push_str(&format!("{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}\n"));
+        }
+        out.push_str(&format!(
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}\n",
+            self.count
+        ));
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        out.push_str(&format!("{name}_sum{braces} {}\n", self.sum));
+        out.push_str(&format!("{name}_count{braces} {}\n", self.count));
+    }
+}
+
+#[derive(Default)]
+struct Metrics {
+    requests: BTreeMap<(String, u16), u64>,
+    duration: Histogram,
+    queue_wait: Histogram,
+    batch: Histogram,
+    scale: BTreeMap<usize, Histogram>,
+    rejected: BTreeMap<String, u64>,
+    cancelled: u64,
+}
+
+struct AppState {
+    model_name: String,
+    /// "WxH" of the model's images.
+    size: String,
+    manifest: star_engines::manifest::Manifest,
+    queue: mpsc::SyncSender<Job>,
+    queued: AtomicUsize,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    metrics: Mutex<Metrics>,
+    max_images: usize,
+    request_timeout: Duration,
+}
+
+impl AppState {
+    fn metrics(&self) -> std::sync::MutexGuard<'_, Metrics> {
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn count(&self, route: &str, status: StatusCode) {
+        *self
+            .metrics()
+            .requests
+            .entry((route.to_string(), status.as_u16()))
+            .or_default() += 1;
+    }
+    fn reject(&self, reason: &str) {
+        *self.metrics().rejected.entry(reason.into()).or_default() += 1;
+    }
+}
+
+/// An error in OpenAI's shape.
+fn error(status: StatusCode, kind: &str, message: String, param: Option<&str>) -> Response {
+    let body = json!({
+        "error": {"message": message, "type": kind, "param": param, "code": status.as_u16()}
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+fn invalid(message: String, param: &str) -> Response {
+    error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request_error",
+        message,
+        Some(param),
+    )
+}
+
+/// A refused field: (message, param).
+struct FieldError(String, String);
+
+fn fe(message: String, param: &str) -> FieldError {
+    FieldError(message, param.to_string())
+}
+
+/// The OpenAI images request plus STAR's fields, checked field by field (422 naming the field).
+fn parse_request(state: &AppState, body: &[u8]) -> Result<GenRequest, FieldError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| fe(format!("the body is not JSON: {e}"), "body"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| fe("the body must be a JSON object".into(), "body"))?;
+    const KNOWN: &[&str] = &[
+        "prompt",
+        "n",
+        "size",
+        "response_format",
+        "output_format",
+        "model",
+        "user",
+        "seed",
+        "negative_prompt",
+        "cfg_scale",
+        "top_k",
+        "top_p",
+        "stable_sampling",
+    ];
+    if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(fe(format!("unknown field '{k}'"), k));
+    }
+    let prompt = match obj.get("prompt") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::String(_)) => return Err(fe("prompt is empty".into(), "prompt")),
+        Some(_) => return Err(fe("prompt must be a string".into(), "prompt")),
+        None => return Err(fe("prompt is required".into(), "prompt")),
+    };
+    let uint = |k: &str| -> Result<Option<u64>, FieldError> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| fe(format!("{k} must be a non-negative integer"), k)),
+        }
+    };
+    let n = uint("n")?.unwrap_or(1) as usize;
+    if n == 0 || n > state.max_images {
+        return Err(fe(
+            format!("n must be between 1 and {}", state.max_images),
+            "n",
+        ));
+    }
+    if let Some(s) = obj.get("size") {
+        if s.as_str() != Some(state.size.as_str()) {
+            return Err(fe(
+                format!("size {s} is not supported: this model makes {}", state.size),
+                "size",
+            ));
+        }
+    }
+    match obj.get("response_format").map(|v| v.as_str()) {
+        None | Some(Some("b64_json")) => {}
+        Some(Some("url")) => {
+            return Err(fe(
+                "response_format 'url' is not supported (no image storage): use b64_json".into(),
+                "response_format",
+            ))
+        }
+        Some(_) => {
+            return Err(fe(
+                "response_format must be 'b64_json'".into(),
+                "response_format",
+            ))
+        }
+    }
+    match obj.get("output_format").map(|v| v.as_str()) {
+        None | Some(Some("png")) => {}
+        Some(_) => return Err(fe("output_format must be 'png'".into(), "output_format")),
+    }
+    if let Some(m) = obj.get("model") {
+        if m.as_str() != Some(state.model_name.as_str()) {
+            return Err(fe(
+                format!(
+                    "model {m} is not served here: this server serves '{}'",
+                    state.model_name
+                ),
+                "model",
+            ));
+        }
+    }
+    let seed = uint("seed")?.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    let negative = match obj.get("negative_prompt") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            return Err(fe(
+                "negative_prompt must be a string".into(),
+                "negative_prompt",
+            ))
+        }
+    };
+    let num = |k: &str| -> Result<Option<f64>, FieldError> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| fe(format!("{k} must be a number"), k)),
+        }
+    };
+    let cfg = num("cfg_scale")?;
+    if let Some(c) = cfg {
+        crate::args::cfg(&c.to_string()).map_err(|e| fe(e, "cfg_scale"))?;
+    }
+    let top_p = num("top_p")?;
+    if let Some(t) = top_p {
+        crate::args::top_p(&t.to_string()).map_err(|e| fe(e, "top_p"))?;
+    }
+    let top_k = uint("top_k")?.map(|k| k as usize);
+    if let Some(k) = top_k {
+        if k > state.manifest.config.vocab {
+            return Err(fe(
+                format!(
+                    "top_k {k} exceeds the model's vocabulary ({})",
+                    state.manifest.config.vocab
+                ),
+                "top_k",
+            ));
+        }
+    }
+    let stable_sampling = match obj.get("stable_sampling") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(fe(
+                "stable_sampling must be a boolean".into(),
+                "stable_sampling",
+            ))
+        }
+    };
+    Ok(GenRequest {
+        prompt,
+        negative,
+        n,
+        seed,
+        cfg,
+        top_k,
+        top_p,
+        stable_sampling,
+    })
+}
+
+async fn generations(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    const ROUTE: &str = "/v1/images/generations";
+    let t = Instant::now();
+    let resp = generate_response(&st, &body).await;
+    st.count(ROUTE, resp.status());
+    st.metrics()
+        .duration
+        .observe(SECONDS_BUCKETS, t.elapsed().as_secs_f64());
+    resp
+}
+
+async fn generate_response(st: &Arc<AppState>, body: &[u8]) -> Response {
+    if st.draining.load(Ordering::SeqCst) {
+        st.reject("draining");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the server is shutting down".into(),
+            None,
+        );
+    }
+    if !st.ready.load(Ordering::SeqCst) {
+        st.reject("warming_up");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the model is warming up; retry shortly".into(),
+            None,
+        );
+    }
+    let req = match parse_request(st, body) {
+        Ok(r) => r,
+        Err(FieldError(message, param)) => {
+            st.reject("invalid");
+            return invalid(message, &param);
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let now = Instant::now();
+    let job = Job {
+        req: req.clone(),
+        reply: tx,
+        enqueued: now,
+        deadline: now + st.request_timeout,
+    };
+    st.queued.fetch_add(1, Ordering::SeqCst);
+    if let Err(e) = st.queue.try_send(job) {
+        st.queued.fetch_sub(1, Ordering::SeqCst);
+        return match e {
+            mpsc::TrySendError::Full(_) => {
+                st.reject("queue_full");
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "the queue is full; retry later".into(),
+                    None,
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            mpsc::TrySendError::Disconnected(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the model worker has stopped".into(),
+                None,
+            ),
+        };
+    }
+    // Dropping `rx` (the client went away) tells the worker to skip or stop the job.
+    let images = match rx.await {
+        Ok(Ok(images)) => images,
+        Ok(Err(JobError::Invalid(m))) => return invalid(m, "body"),
+        Ok(Err(JobError::Timeout)) => {
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout_error",
+                format!(
+                    "the request did not finish within --request-timeout-s ({} s)",
+                    st.request_timeout.as_secs()
+                ),
+                None,
+            )
+        }
+        Ok(Err(JobError::Cancelled)) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the request was cancelled".into(),
+                None,
+            )
+        }
+        Ok(Err(JobError::Failed(m))) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m, None)
+        }
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the model worker stopped during the request".into(),
+                None,
+            )
+        }
+    };
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let data: Vec<Value> = images
+        .iter()
+        .map(|(png, seed)| {
+            json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png), "seed": seed})
+        })
+        .collect();
+    axum::Json(json!({
+        "created": created,
+        "data": data,
+        "size": st.size,
+        "output_format": "png",
+    }))
+    .into_response()
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Response {
+    st.count("/v1/models", StatusCode::OK);
+    axum::Json(json!({
+        "object": "list",
+        "data": [{"id": st.model_name, "object": "model", "created": 0, "owned_by": "star-deploy"}],
+    }))
+    .into_response()
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(st): State<Arc<AppState>>) -> Response {
+    if st.ready.load(Ordering::SeqCst) && !st.draining.load(Ordering::SeqCst) {
+        (StatusCode::OK, axum::Json(json!({"ready": true}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"ready": false})),
+        )
+            .into_response()
+    }
+}
+
+/// KServe v2 model metadata.
+async fn model_metadata(
+    State(st): State<Arc<AppState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    if name != st.model_name {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": format!("model '{name}' is not served here (serving '{}')", st.model_name)})),
+        )
+            .into_response();
+    }
+    let m = &st.manifest;
+    axum::Json(json!({
+        "name": st.model_name,
+        "versions": [m.model_hash],
+        "platform": "star-deploy",
+        "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": "image", "datatype": "BYTES", "shape": [-1], "parameters": {"content_type": "image/png", "size": st.size}}],
+        "parameters": {"precision": m.precision, "schedule": m.schedule.patch_nums, "depth": m.config.depth},
+    }))
+    .into_response()
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let m = st.metrics();
+    let mut s = String::new();
+    s.push_str("# HELP star_requests_total Requests by route and HTTP status.\n# TYPE star_requests_total counter\n");
+    for ((route, status), n) in &m.requests {
+        s.push_str(&format!(
+            "star_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n"
+        ));
+    }
+    s.push_str("# HELP star_request_duration_seconds Image request latency.\n# TYPE star_request_duration_seconds histogram\n");
+    m.duration
+        .render(&mut s, "star_request_duration_seconds", "", SECONDS_BUCKETS);
+    s.push_str(
+        "# HELP star_queue_size Requests waiting for the model.\n# TYPE star_queue_size gauge\n",
+    );
+    s.push_str(&format!(
+        "star_queue_size {}\n",
+        st.queued.load(Ordering::SeqCst)
+    ));
+    s.push_str("# HELP star_queue_wait_seconds Time from enqueue to start.\n# TYPE star_queue_wait_seconds histogram\n");
+    m.queue_wait
+        .render(&mut s, "star_queue_wait_seconds", "", SECONDS_BUCKETS);
+    s.push_str("# HELP star_batch_size Images per model run.\n# TYPE star_batch_size histogram\n");
+    m.batch.render(&mut s, "star_batch_size", "", BATCH_BUCKETS);
+    s.push_str("# HELP star_scale_step_duration_seconds Wall time of each scale.\n# TYPE star_scale_step_duration_seconds histogram\n");
+    for (si, h) in &m.scale {
+        h.render(
+            &mut s,
+            "star_scale_step_duration_seconds",
+            &format!("scale=\"{si}\""),
+            SECONDS_BUCKETS,
+        );
+    }
+    s.push_str("# HELP star_requests_rejected_total Requests refused before running.\n# TYPE star_requests_rejected_total counter\n");
+    for (reason, n) in &m.rejected {
+        s.push_str(&format!(
+            "star_requests_rejected_total{{reason=\"{reason}\"}} {n}\n"
+        ));
+    }
+    s.push_str("# HELP star_requests_cancelled_total Requests stopped by their client or deadline.\n# TYPE star_requests_cancelled_total counter\n");
+    s.push_str(&format!("star_requests_cancelled_total {}\n", m.cancelled));
+    s.push_str("# HELP star_model_ready Whether the model serves requests.\n# TYPE star_model_ready gauge\n");
+    let ready = st.ready.load(Ordering::SeqCst) && !st.draining.load(Ordering::SeqCst);
+    s.push_str(&format!("star_model_ready {}\n", ready as u8));
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    (StatusCode::OK, headers, s).into_response()
+}
+
+/// A batch's hooks: cancellation (every request in it gone or past its deadline) and
+/// per-scale metrics.
+struct BatchHooks<'a> {
+    jobs: &'a [Job],
+    state: &'a AppState,
+}
+
+fn abandoned(j: &Job) -> bool {
+    j.reply.is_closed() || Instant::now() > j.deadline
+}
+
+impl Hooks for BatchHooks<'_> {
+    fn cancelled(&self) -> bool {
+        self.jobs.iter().all(abandoned)
+    }
+    fn scale_done(&mut self, si: usize, _pn: usize, ms: f64, _wait: f64) {
+        self.state
+            .metrics()
+            .scale
+            .entry(si)
+            .or_default()
+            .observe(SECONDS_BUCKETS, ms / 1e3);
+    }
+}
+
+/// Requests that can share one model run: the same sampling settings and negative prompt (the
+/// prompts and seeds are per image).
+fn compatible(a: &GenRequest, b: &GenRequest) -> bool {
+    a.negative == b.negative
+        && a.cfg == b.cfg
+        && a.top_k == b.top_k
+        && a.top_p == b.top_p
+        && a.stable_sampling == b.stable_sampling
+}
+
+/// One model run for every job of a batch; images are split back per job. Batch invariance makes
+/// each request's images byte-identical to a run of it alone.
+fn run_batch(p: &mut Pipeline, state: &AppState, jobs: &[Job]) -> Vec<JobResult> {
+    let r = &jobs[0].req;
+    let d = GenParams::defaults(p, r.seed);
+    let mut prompts = vec![];
+    let mut seeds = vec![];
+    for j in jobs {
+        for i in 0..j.req.n {
+            prompts.push(j.req.prompt.clone());
+            seeds.push(crate::rng::image_seed(j.req.seed, i));
+        }
+    }
+    let gp = GenParams {
+        cfg: r.cfg.unwrap_or(d.cfg),
+        top_k: r.top_k.unwrap_or(d.top_k),
+        top_p: r.top_p.unwrap_or(d.top_p),
+        stable_sampling: r.stable_sampling,
+        image_seeds: seeds.clone(),
+        ..d
+    };
+    if let Err(e) = p.check_params(prompts.len(), &gp) {
+        let m = e.to_string();
+        return jobs
+            .iter()
+            .map(|_| Err(JobError::Invalid(m.clone())))
+            .collect();
+    }
+    state
+        .metrics()
+        .batch
+        .observe(BATCH_BUCKETS, prompts.len() as f64);
+    let mut hooks = BatchHooks { jobs, state };
+    let g = match p.generate(&prompts, &r.negative, &gp, &mut hooks) {
+        Ok(g) => g,
+        Err(RunError::Cancelled) => {
+            return jobs
+                .iter()
+                .map(|j| {
+                    Err(if Instant::now() > j.deadline {
+                        JobError::Timeout
+                    } else {
+                        JobError::Cancelled
+                    })
+                })
+                .collect()
+        }
+        Err(e) => {
+            let m = e.to_string();
+            return jobs
+                .iter()
+                .map(|_| Err(JobError::Failed(m.clone())))
+                .collect();
+        }
+    };
+    let (h, w) = (g.image.shape[2], g.image.shape[3]);
+    let data = g.image.as_f32().unwrap_or_default();
+    let mut k = 0;
+    jobs.iter()
+        .map(|j| {
+            (0..j.req.n)
+                .map(|_| {
+                    let (i, seed) = (k, seeds[k]);
+                    k += 1;
+                    let rgb = crate::image::to_rgb8(data, i, h, w);
+                    let meta =
+                        crate::image::generation_meta(&prompts[i], &r.negative, seed, &gp, p);
+                    crate::image::png_bytes(&rgb, w, h, &meta)
+                        .map(|png| (png, seed))
+                        .map_err(JobError::Failed)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Run a batch; if it fails as a whole (not cancelled), run each request alone, so that one
+/// request's failure (a panic included) fails that request only.
+fn run_isolated(p: &mut Pipeline, state: &AppState, jobs: &[Job]) -> Vec<JobResult> {
+    let once = |p: &mut Pipeline, js: &[Job]| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_batch(p, state, js)))
+            .unwrap_or_else(|_| {
+                js.iter()
+                    .map(|_| Err(JobError::Failed("internal error during generation".into())))
+                    .collect()
+            })
+    };
+    let results = once(p, jobs);
+    if jobs.len() > 1
+        && results
+            .iter()
+            .all(|r| matches!(r, Err(JobError::Failed(_))))
+    {
+        return jobs
+            .iter()
+            .map(|j| {
+                once(p, std::slice::from_ref(j))
+                    .pop()
+                    .unwrap_or_else(|| Err(JobError::Failed("no result".into())))
+            })
+            .collect();
+    }
+    results
+}
+
+/// The model's worker: takes jobs until every sender is gone; a job waits up to `max_delay`
+/// for compatible ones to share its run, up to `max_batch` images.
+fn worker(
+    mut p: Pipeline,
+    state: Arc<AppState>,
+    jobs: mpsc::Receiver<Job>,
+    max_batch: usize,
+    max_delay: Duration,
+) {
+    let gp = GenParams::defaults(&p, 0);
+    if let Err(e) = p.generate(
+        &["warm-up".to_string()],
+        "",
+        &gp,
+        &mut crate::pipeline::NoHooks,
+    ) {
+        eprintln!("error: warm-up generation failed: {e}");
+        std::process::exit(2);
+    }
+    state.ready.store(true, Ordering::SeqCst);
+    eprintln!("ready");
+    let mut held: std::collections::VecDeque<Job> = Default::default();
+    let take = |j: Job, state: &AppState| -> Option<Job> {
+        state.queued.fetch_sub(1, Ordering::SeqCst);
+        state
+            .metrics()
+            .queue_wait
+            .observe(SECONDS_BUCKETS, j.enqueued.elapsed().as_secs_f64());
+        if abandoned(&j) {
+            state.metrics().cancelled += 1;
+            let timed_out = Instant::now() > j.deadline;
+            let _ = j.reply.send(Err(if timed_out {
+                JobError::Timeout
+            } else {
+                JobError::Cancelled
+            }));
+            None
+        } else {
+            Some(j)
+        }
+    };
+    loop {
+        let first = match held.pop_front() {
+            Some(j) => j,
+            None => match jobs.recv() {
+                Ok(j) => match take(j, &state) {
+                    Some(j) => j,
+                    None => continue,
+                },
+                Err(_) => return,
+            },
+        };
+        let mut batch = vec![first];
+        let mut images = batch[0].req.n;
+        // Compatible requests already held back, then whatever arrives within max_delay.
+        let mut i = 0;
+        while i < held.len() && images < max_batch {
+            if compatible(&held[i].req, &batch[0].req) && images + held[i].req.n <= max_batch {
+                images += held[i].req.n;
+                batch.extend(held.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let until = Instant::now() + max_delay;
+        while images < max_batch {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match jobs.recv_timeout(left) {
+                Ok(j) => {
+                    let Some(j) = take(j, &state) else { continue };
+                    if compatible(&j.req, &batch[0].req) && images + j.req.n <= max_batch {
+                        images += j.req.n;
+                        batch.push(j);
+                    } else {
+                        held.push_back(j);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let results = run_isolated(&mut p, &state, &batch);
+        for (j, r) in batch.into_iter().zip(results) {
+            if matches!(r, Err(JobError::Cancelled | JobError::Timeout)) {
+                state.metrics().cancelled += 1;
+            }
+            let _ = j.reply.send(r);
+        }
+    }
+}
+
+/// Open the model (errors here are the caller's, before anything listens), bind, serve until
+/// SIGTERM/SIGINT, drain.
+pub fn serve(o: ServeOptions) -> anyhow::Result<()> {
+    // The model lives on its own thread from the start (its engine is not Send): it opens the
+    // directory, reports the manifest (or the error, before anything listens), receives the
+    // shared state, warms up and takes jobs.
+    let (opened_tx, opened_rx) =
+        mpsc::channel::<Result<star_engines::manifest::Manifest, String>>();
+    let (state_tx, state_rx) = mpsc::channel::<(Arc<AppState>, mpsc::Receiver<Job>)>();
+    let (model, backend) = (o.model.clone(), o.backend.clone());
+    let (max_batch, max_delay) = (o.max_batch, o.max_delay);
+    std::thread::Builder::new()
+        .name("star-model".into())
+        .spawn(move || {
+            let p = match Pipeline::open(&model, backend) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = opened_tx.send(Ok(p.md.manifest.clone()));
+            if let Ok((state, jobs)) = state_rx.recv() {
+                worker(p, state, jobs, max_batch, max_delay);
+            }
+        })?;
+    let manifest = opened_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the model thread stopped while opening the model"))?
+        .map_err(anyhow::Error::msg)?;
+    let size = format!("{0}x{0}", manifest.schedule.image_size);
+    let model_name = format!("star-{}", manifest.model_hash);
+    let (tx, rx) = mpsc::sync_channel::<Job>(o.max_queue);
+    let state = Arc::new(AppState {
+        model_name,
+        size,
+        manifest,
+        queue: tx,
+        queued: AtomicUsize::new(0),
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        metrics: Mutex::new(Metrics::default()),
+        max_images: o.max_images,
+        request_timeout: o.request_timeout,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((o.host.as_str(), o.port))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", o.host, o.port))?;
+        let addr = listener.local_addr()?;
+        // Warm-up starts once the port is bound (health answers meanwhile, readiness 503).
+        state_tx
+            .send((state.clone(), rx))
+            .map_err(|_| anyhow::anyhow!("the model thread stopped before serving"))?;
+        println!(
+            "listening on http://{addr} (model {}, warming up)",
+            state.model_name
+        );
+        let app = Router::new()
+            .route("/v1/images/generations", post(generations))
+            .route("/v1/models", get(models))
+            .route("/health", get(live))
+            .route("/ready", get(ready))
+            .route("/v2/health/live", get(live))
+            .route("/v2/health/ready", get(ready))
+            .route("/v2/models/{name}", get(model_metadata))
+            .route("/metrics", get(metrics))
+            .with_state(state.clone());
+        let st = state.clone();
+        let drain = o.drain;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            shutdown_signal().await;
+            st.draining.store(true, Ordering::SeqCst);
+            eprintln!(
+                "draining: readiness 503, finishing in-flight requests (at most {} s)",
+                drain.as_secs()
+            );
+            let _ = stop_tx.send(());
+        };
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+        let mut server = tokio::spawn(async move { server.await });
+        tokio::select! {
+            r = &mut server => {
+                r??;
+                return anyhow::Ok(());
+            }
+            _ = stop_rx => {}
+        }
+        match tokio::time::timeout(drain, server).await {
+            Ok(r) => r??,
+            Err(_) => {
+                eprintln!("drain: in-flight requests did not finish within --drain-s; exiting")
+            }
+        }
+        eprintln!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
