@@ -4,7 +4,14 @@
 //! threads); HTTP handlers hand it jobs through a bounded queue, refused at once with 429 when
 //! full. A job is checked for cancellation (client gone, deadline passed) before it starts and
 //! between scales. Readiness follows warm-up (one generation) and turns 503 on SIGTERM/SIGINT,
-//! after which in-flight requests get `--drain-s` to finish and the process exits 0.
+//! after which in-flight requests get `--drain-s` to finish and the process exits 0. Requests
+//! with the same sampling settings are batched into one model run at scale 0 (batch invariance
+//! keeps each request's images byte-identical). Async jobs (`/star/v1/jobs`) and `stream: true`
+//! report per-scale Server-Sent Events.
+
+// Handlers return a finished HTTP response early as their error: moved once per request, its
+// size does not matter.
+#![allow(clippy::result_large_err)]
 
 use crate::pipeline::{GenParams, Hooks, Pipeline, RunError};
 use axum::body::Bytes;
@@ -66,6 +73,57 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<JobResult>,
     enqueued: Instant,
     deadline: Instant,
+    /// Async jobs and streamed requests: status, cancellation and per-scale events.
+    tracked: Option<Arc<Tracked>>,
+}
+
+/// A job the client can poll, cancel or follow (`/star/v1/jobs`, `stream: true`).
+struct Tracked {
+    id: String,
+    seq: u64,
+    cancel: AtomicBool,
+    /// Events as JSON objects with an "event" field: status, scale, completed/failed/cancelled.
+    events: tokio::sync::broadcast::Sender<Value>,
+    state: Mutex<TrackedState>,
+}
+
+struct TrackedState {
+    status: &'static str,
+    /// The OpenAI response body (completed) or an error object (failed, cancelled).
+    outcome: Option<Value>,
+}
+
+const TERMINAL: &[&str] = &["completed", "failed", "cancelled"];
+
+impl Tracked {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TrackedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn status(&self) -> &'static str {
+        self.lock().status
+    }
+    fn emit(&self, v: Value) {
+        let _ = self.events.send(v);
+    }
+    fn set(&self, status: &'static str, outcome: Option<Value>) {
+        {
+            let mut st = self.lock();
+            if TERMINAL.contains(&st.status) {
+                return;
+            }
+            st.status = status;
+            st.outcome = outcome.clone();
+        }
+        let mut ev = json!({"event": status, "id": self.id});
+        if let Some(o) = outcome {
+            ev[if status == "completed" {
+                "result"
+            } else {
+                "error"
+            }] = o;
+        }
+        self.emit(ev);
+    }
 }
 
 /// Prometheus histograms: cumulative buckets, sum, count.
@@ -137,9 +195,69 @@ struct AppState {
     metrics: Mutex<Metrics>,
     max_images: usize,
     request_timeout: Duration,
+    jobs: Mutex<JobTable>,
 }
 
+/// The async jobs (the newest `JOBS_KEPT` finished ones are kept for polling).
+#[derive(Default)]
+struct JobTable {
+    next: u64,
+    by_id: std::collections::HashMap<String, Arc<Tracked>>,
+    order: std::collections::VecDeque<String>,
+}
+
+const JOBS_KEPT: usize = 1000;
+
 impl AppState {
+    fn table(&self) -> std::sync::MutexGuard<'_, JobTable> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn new_tracked(&self) -> Arc<Tracked> {
+        let mut t = self.table();
+        t.next += 1;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let id = format!("job-{:06}-{nanos:08x}", t.next);
+        let (events, _) = tokio::sync::broadcast::channel(256);
+        let tr = Arc::new(Tracked {
+            id: id.clone(),
+            seq: t.next,
+            cancel: AtomicBool::new(false),
+            events,
+            state: Mutex::new(TrackedState {
+                status: "queued",
+                outcome: None,
+            }),
+        });
+        t.by_id.insert(id.clone(), tr.clone());
+        t.order.push_back(id);
+        while t.order.len() > JOBS_KEPT {
+            let Some(pos) = t.order.iter().position(|i| {
+                t.by_id
+                    .get(i)
+                    .is_none_or(|j| TERMINAL.contains(&j.status()))
+            }) else {
+                break;
+            };
+            if let Some(old) = t.order.remove(pos) {
+                t.by_id.remove(&old);
+            }
+        }
+        tr
+    }
+    fn job(&self, id: &str) -> Option<Arc<Tracked>> {
+        self.table().by_id.get(id).cloned()
+    }
+    /// Jobs queued ahead of `tr`.
+    fn position(&self, tr: &Tracked) -> usize {
+        self.table()
+            .by_id
+            .values()
+            .filter(|j| j.seq < tr.seq && j.status() == "queued")
+            .count()
+    }
     fn metrics(&self) -> std::sync::MutexGuard<'_, Metrics> {
         self.metrics.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -200,6 +318,7 @@ fn parse_request(state: &AppState, body: &[u8]) -> Result<GenRequest, FieldError
         "top_k",
         "top_p",
         "stable_sampling",
+        "stream",
     ];
     if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(fe(format!("unknown field '{k}'"), k));
@@ -342,99 +461,93 @@ async fn generations(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     resp
 }
 
-async fn generate_response(st: &Arc<AppState>, body: &[u8]) -> Response {
+/// Draining or warming up: 503 before anything else.
+fn admit(st: &AppState) -> Result<(), Response> {
     if st.draining.load(Ordering::SeqCst) {
         st.reject("draining");
-        return error(
+        return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             "the server is shutting down".into(),
             None,
-        );
+        ));
     }
     if !st.ready.load(Ordering::SeqCst) {
         st.reject("warming_up");
-        return error(
+        return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             "the model is warming up; retry shortly".into(),
             None,
-        );
+        ));
     }
-    let req = match parse_request(st, body) {
-        Ok(r) => r,
+    Ok(())
+}
+
+fn parse(st: &AppState, body: &[u8]) -> Result<(GenRequest, bool), Response> {
+    let stream = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("stream").cloned());
+    let stream = match stream {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err(invalid("stream must be a boolean".into(), "stream")),
+    };
+    match parse_request(st, body) {
+        Ok(r) => Ok((r, stream)),
         Err(FieldError(message, param)) => {
             st.reject("invalid");
-            return invalid(message, &param);
+            Err(invalid(message, &param))
         }
-    };
+    }
+}
+
+/// Queue a job: its result arrives on the receiver; a full queue is 429 at once.
+fn enqueue(
+    st: &AppState,
+    req: GenRequest,
+    tracked: Option<Arc<Tracked>>,
+) -> Result<tokio::sync::oneshot::Receiver<JobResult>, Response> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let now = Instant::now();
     let job = Job {
-        req: req.clone(),
+        req,
         reply: tx,
         enqueued: now,
         deadline: now + st.request_timeout,
+        tracked,
     };
     st.queued.fetch_add(1, Ordering::SeqCst);
-    if let Err(e) = st.queue.try_send(job) {
-        st.queued.fetch_sub(1, Ordering::SeqCst);
-        return match e {
-            mpsc::TrySendError::Full(_) => {
-                st.reject("queue_full");
-                let mut r = error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    "the queue is full; retry later".into(),
+    match st.queue.try_send(job) {
+        Ok(()) => Ok(rx),
+        Err(e) => {
+            st.queued.fetch_sub(1, Ordering::SeqCst);
+            Err(match e {
+                mpsc::TrySendError::Full(_) => {
+                    st.reject("queue_full");
+                    let mut r = error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_error",
+                        "the queue is full; retry later".into(),
+                        None,
+                    );
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    r
+                }
+                mpsc::TrySendError::Disconnected(_) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "the model worker has stopped".into(),
                     None,
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                r
-            }
-            mpsc::TrySendError::Disconnected(_) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "the model worker has stopped".into(),
-                None,
-            ),
-        };
-    }
-    // Dropping `rx` (the client went away) tells the worker to skip or stop the job.
-    let images = match rx.await {
-        Ok(Ok(images)) => images,
-        Ok(Err(JobError::Invalid(m))) => return invalid(m, "body"),
-        Ok(Err(JobError::Timeout)) => {
-            return error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout_error",
-                format!(
-                    "the request did not finish within --request-timeout-s ({} s)",
-                    st.request_timeout.as_secs()
                 ),
-                None,
-            )
+            })
         }
-        Ok(Err(JobError::Cancelled)) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "the request was cancelled".into(),
-                None,
-            )
-        }
-        Ok(Err(JobError::Failed(m))) => {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m, None)
-        }
-        Err(_) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "the model worker stopped during the request".into(),
-                None,
-            )
-        }
-    };
+    }
+}
+
+/// The OpenAI response body of finished images.
+fn images_body(st: &AppState, images: &[(Vec<u8>, u64)]) -> Value {
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -445,13 +558,238 @@ async fn generate_response(st: &Arc<AppState>, body: &[u8]) -> Response {
             json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png), "seed": seed})
         })
         .collect();
-    axum::Json(json!({
-        "created": created,
-        "data": data,
-        "size": st.size,
-        "output_format": "png",
-    }))
-    .into_response()
+    json!({"created": created, "data": data, "size": st.size, "output_format": "png"})
+}
+
+/// A job's failure as (HTTP status, OpenAI error type, message).
+fn failure(st: &AppState, e: Option<JobError>) -> (StatusCode, &'static str, String) {
+    match e {
+        Some(JobError::Invalid(m)) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", m)
+        }
+        Some(JobError::Timeout) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout_error",
+            format!(
+                "the request did not finish within --request-timeout-s ({} s)",
+                st.request_timeout.as_secs()
+            ),
+        ),
+        Some(JobError::Cancelled) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cancelled",
+            "the request was cancelled".into(),
+        ),
+        Some(JobError::Failed(m)) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", m),
+        None => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "the model worker stopped during the request".into(),
+        ),
+    }
+}
+
+async fn generate_response(st: &Arc<AppState>, body: &[u8]) -> Response {
+    if let Err(r) = admit(st) {
+        return r;
+    }
+    let (req, stream) = match parse(st, body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if stream {
+        let tr = st.new_tracked();
+        return match enqueue(st, req, Some(tr.clone())) {
+            Ok(rx) => {
+                follow(st.clone(), tr.clone(), rx);
+                events_response(tr, true)
+            }
+            Err(r) => {
+                tr.set("failed", Some(json!({"message": "queue full"})));
+                r
+            }
+        };
+    }
+    // Dropping `rx` (the client went away) tells the worker to skip or stop the job.
+    let rx = match enqueue(st, req, None) {
+        Ok(rx) => rx,
+        Err(r) => return r,
+    };
+    match rx.await {
+        Ok(Ok(images)) => axum::Json(images_body(st, &images)).into_response(),
+        Ok(Err(e)) => {
+            let (code, kind, m) = failure(st, Some(e));
+            error(code, kind, m, None)
+        }
+        Err(_) => {
+            let (code, kind, m) = failure(st, None);
+            error(code, kind, m, None)
+        }
+    }
+}
+
+/// Record a tracked job's outcome when it arrives.
+fn follow(st: Arc<AppState>, tr: Arc<Tracked>, rx: tokio::sync::oneshot::Receiver<JobResult>) {
+    tokio::spawn(async move {
+        match rx.await {
+            Ok(Ok(images)) => tr.set("completed", Some(images_body(&st, &images))),
+            Ok(Err(JobError::Cancelled)) => tr.set(
+                "cancelled",
+                Some(json!({"message": "the job was cancelled"})),
+            ),
+            other => {
+                let (code, kind, m) = failure(&st, other.ok().and_then(|r| r.err()));
+                tr.set(
+                    "failed",
+                    Some(json!({"message": m, "type": kind, "code": code.as_u16()})),
+                );
+            }
+        }
+    });
+}
+
+/// A job's events as Server-Sent Events, ending after its terminal event; `cancel_on_drop`: a
+/// client that goes away cancels the job (the streamed OpenAI route).
+fn events_response(tr: Arc<Tracked>, cancel_on_drop: bool) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    struct Guard(Arc<Tracked>, bool);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if self.1 && !TERMINAL.contains(&self.0.status()) {
+                self.0.cancel.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+    let rx = tr.events.subscribe();
+    // Subscribed first, then the snapshot: nothing between them is lost.
+    let (status, outcome) = {
+        let s = tr.lock();
+        (s.status, s.outcome.clone())
+    };
+    let first = json!({"event": "status", "id": tr.id, "status": status});
+    let done = TERMINAL.contains(&status);
+    let last = done.then(|| {
+        let mut ev = json!({"event": status, "id": tr.id});
+        if let Some(o) = outcome {
+            ev[if status == "completed" {
+                "result"
+            } else {
+                "error"
+            }] = o;
+        }
+        ev
+    });
+    let guard = Guard(tr, cancel_on_drop);
+    let to_event = |v: &Value| -> Result<Event, std::convert::Infallible> {
+        let kind = v["event"].as_str().unwrap_or("message").to_string();
+        Ok(Event::default().event(kind).data(v.to_string()))
+    };
+    let stream = futures_util::stream::unfold(
+        (Some(first), last, rx, done, guard),
+        move |(first, last, mut rx, done, guard)| async move {
+            if let Some(f) = first {
+                return Some((to_event(&f), (None, last, rx, done, guard)));
+            }
+            if done {
+                let l = last?;
+                return Some((to_event(&l), (None, None, rx, true, guard)));
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(v) => {
+                        let end = v["event"].as_str().is_some_and(|e| TERMINAL.contains(&e));
+                        return Some((to_event(&v), (None, None::<Value>, rx, end, guard)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+        .into_response()
+}
+
+fn job_view(st: &AppState, tr: &Tracked) -> Value {
+    let s = tr.lock();
+    let mut v = json!({"id": tr.id, "status": s.status, "poll_url": format!("/star/v1/jobs/{}", tr.id), "events_url": format!("/star/v1/jobs/{}/events", tr.id)});
+    let (status, outcome) = (s.status, s.outcome.clone());
+    drop(s);
+    if status == "queued" {
+        v["queue_position"] = json!(st.position(tr));
+    }
+    if let Some(o) = outcome {
+        v[if status == "completed" {
+            "result"
+        } else {
+            "error"
+        }] = o;
+    }
+    v
+}
+
+fn no_job(id: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        format!("no job '{id}' (finished jobs are kept for the newest {JOBS_KEPT})"),
+        Some("id"),
+    )
+}
+
+async fn create_job(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    const ROUTE: &str = "/star/v1/jobs";
+    let resp = async {
+        admit(&st)?;
+        let (req, _) = parse(&st, &body)?;
+        let tr = st.new_tracked();
+        match enqueue(&st, req, Some(tr.clone())) {
+            Ok(rx) => {
+                follow(st.clone(), tr.clone(), rx);
+                Ok((StatusCode::ACCEPTED, axum::Json(job_view(&st, &tr))).into_response())
+            }
+            Err(r) => {
+                tr.set("failed", Some(json!({"message": "queue full"})));
+                Err(r)
+            }
+        }
+    }
+    .await
+    .unwrap_or_else(|r: Response| r);
+    st.count(ROUTE, resp.status());
+    resp
+}
+
+async fn get_job(State(st): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> Response {
+    match st.job(&id) {
+        Some(tr) => axum::Json(job_view(&st, &tr)).into_response(),
+        None => no_job(&id),
+    }
+}
+
+async fn cancel_job(State(st): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> Response {
+    match st.job(&id) {
+        Some(tr) => {
+            tr.cancel.store(true, Ordering::SeqCst);
+            // A queued job is cancelled now (the worker skips it); a running one between scales.
+            if tr.status() == "queued" {
+                tr.set(
+                    "cancelled",
+                    Some(json!({"message": "the job was cancelled"})),
+                );
+            }
+            axum::Json(job_view(&st, &tr)).into_response()
+        }
+        None => no_job(&id),
+    }
+}
+
+async fn job_events(State(st): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> Response {
+    match st.job(&id) {
+        Some(tr) => events_response(tr, false),
+        None => no_job(&id),
+    }
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Response {
@@ -563,20 +901,27 @@ struct BatchHooks<'a> {
 }
 
 fn abandoned(j: &Job) -> bool {
-    j.reply.is_closed() || Instant::now() > j.deadline
+    j.reply.is_closed()
+        || Instant::now() > j.deadline
+        || j.tracked
+            .as_ref()
+            .is_some_and(|t| t.cancel.load(Ordering::SeqCst))
 }
 
 impl Hooks for BatchHooks<'_> {
     fn cancelled(&self) -> bool {
         self.jobs.iter().all(abandoned)
     }
-    fn scale_done(&mut self, si: usize, _pn: usize, ms: f64, _wait: f64) {
+    fn scale_done(&mut self, si: usize, pn: usize, ms: f64, _wait: f64) {
         self.state
             .metrics()
             .scale
             .entry(si)
             .or_default()
             .observe(SECONDS_BUCKETS, ms / 1e3);
+        for t in self.jobs.iter().filter_map(|j| j.tracked.as_ref()) {
+            t.emit(json!({"event": "scale", "id": t.id, "scale": si, "side": pn, "tokens": pn * pn, "ms": ms}));
+        }
     }
 }
 
@@ -778,6 +1123,9 @@ fn worker(
                 Err(_) => break,
             }
         }
+        for t in batch.iter().filter_map(|j| j.tracked.as_ref()) {
+            t.set("running", None);
+        }
         let results = run_isolated(&mut p, &state, &batch);
         for (j, r) in batch.into_iter().zip(results) {
             if matches!(r, Err(JobError::Cancelled | JobError::Timeout)) {
@@ -832,6 +1180,7 @@ pub fn serve(o: ServeOptions) -> anyhow::Result<()> {
         metrics: Mutex::new(Metrics::default()),
         max_images: o.max_images,
         request_timeout: o.request_timeout,
+        jobs: Mutex::new(JobTable::default()),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -859,6 +1208,10 @@ pub fn serve(o: ServeOptions) -> anyhow::Result<()> {
             .route("/v2/health/ready", get(ready))
             .route("/v2/models/{name}", get(model_metadata))
             .route("/metrics", get(metrics))
+            .route("/star/v1/jobs", post(create_job))
+            .route("/star/v1/jobs/{id}", get(get_job))
+            .route("/star/v1/jobs/{id}/cancel", post(cancel_job))
+            .route("/star/v1/jobs/{id}/events", get(job_events))
             .with_state(state.clone());
         let st = state.clone();
         let drain = o.drain;

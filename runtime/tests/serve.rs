@@ -307,3 +307,84 @@ fn batched_requests_get_the_images_they_get_alone() {
         assert_eq!(json(b)["data"], json(&alone.2)["data"], "request {i}");
     }
 }
+
+fn poll_until_done(port: u16, id: &str) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let (st, _, b) = http(port, "GET", &format!("/star/v1/jobs/{id}"), "");
+        assert_eq!(st, 200);
+        let v = json(&b);
+        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "job {id} never finished: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Async jobs: 202 with a poll URL, per-scale Server-Sent Events ending in `completed`, the same
+/// images as the synchronous route; a queued job cancelled stays cancelled; `stream: true` on
+/// the OpenAI route streams the same events.
+#[test]
+fn async_jobs_poll_events_cancel_and_stream() {
+    // A long batching window keeps the second job queued while the first waits for company.
+    let s = start(&["--max-delay-ms", "800"]);
+    let port = s.port;
+    let body = r#"{"prompt": "a blue square on a white background", "seed": 9}"#;
+    let (st, _, b) = http(port, "POST", "/star/v1/jobs", body);
+    assert_eq!(st, 202);
+    let v = json(&b);
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["status"], "queued");
+    assert_eq!(v["poll_url"], format!("/star/v1/jobs/{id}"));
+    // A second, incompatible job (other cfg) waits behind it; cancel it while queued.
+    let (_, _, b2) = http(
+        port,
+        "POST",
+        "/star/v1/jobs",
+        r#"{"prompt": "a blue square on a white background", "seed": 9, "cfg_scale": 1.5}"#,
+    );
+    let id2 = json(&b2)["id"].as_str().unwrap().to_string();
+    let (st, _, c) = http(port, "POST", &format!("/star/v1/jobs/{id2}/cancel"), "");
+    assert_eq!(st, 200);
+    assert_eq!(json(&c)["status"], "cancelled");
+
+    let (st, head, ev) = http(port, "GET", &format!("/star/v1/jobs/{id}/events"), "");
+    assert_eq!(st, 200);
+    assert!(head.to_lowercase().contains("text/event-stream"));
+    let ev = String::from_utf8(ev).unwrap();
+    for k in 0..4 {
+        assert!(
+            ev.contains(&format!("\"scale\":{k},")),
+            "scale {k} missing:\n{ev}"
+        );
+    }
+    assert!(ev.contains("event: completed"), "{ev}");
+
+    let done = poll_until_done(port, &id);
+    assert_eq!(done["status"], "completed");
+    let sync = http(port, "POST", "/v1/images/generations", body);
+    assert_eq!(done["result"]["data"], json(&sync.2)["data"]);
+    assert_eq!(poll_until_done(port, &id2)["status"], "cancelled");
+    assert_eq!(http(port, "GET", "/star/v1/jobs/nope", "").0, 404);
+
+    let (st, _, ev) = http(
+        port,
+        "POST",
+        "/v1/images/generations",
+        r#"{"prompt": "a blue square on a white background", "seed": 9, "stream": true}"#,
+    );
+    assert_eq!(st, 200);
+    let ev = String::from_utf8(ev).unwrap();
+    assert!(
+        ev.contains("event: scale") && ev.contains("event: completed"),
+        "{ev}"
+    );
+    let (_, _, m) = http(port, "GET", "/metrics", "");
+    assert!(String::from_utf8(m)
+        .unwrap()
+        .contains("star_requests_cancelled_total 1"));
+}
