@@ -190,12 +190,17 @@ struct AppState {
     manifest: star_engines::manifest::Manifest,
     queue: mpsc::SyncSender<Job>,
     queued: AtomicUsize,
+    /// Requests in the model run now.
+    running: AtomicUsize,
     ready: AtomicBool,
     draining: AtomicBool,
     metrics: Mutex<Metrics>,
     max_images: usize,
     request_timeout: Duration,
     jobs: Mutex<JobTable>,
+    /// Test aid: STAR_SERVE_SCALE_DELAY_MS=N sleeps N ms after each scale of a request (not the
+    /// warm-up), so that tests can act on a request that is reliably running.
+    scale_delay: Option<Duration>,
 }
 
 /// The async jobs (the newest `JOBS_KEPT` finished ones are kept for polling).
@@ -922,6 +927,9 @@ impl Hooks for BatchHooks<'_> {
         for t in self.jobs.iter().filter_map(|j| j.tracked.as_ref()) {
             t.emit(json!({"event": "scale", "id": t.id, "scale": si, "side": pn, "tokens": pn * pn, "ms": ms}));
         }
+        if let Some(d) = self.state.scale_delay {
+            std::thread::sleep(d);
+        }
     }
 }
 
@@ -1126,6 +1134,7 @@ fn worker(
         for t in batch.iter().filter_map(|j| j.tracked.as_ref()) {
             t.set("running", None);
         }
+        state.running.store(batch.len(), Ordering::SeqCst);
         let results = run_isolated(&mut p, &state, &batch);
         for (j, r) in batch.into_iter().zip(results) {
             if matches!(r, Err(JobError::Cancelled | JobError::Timeout)) {
@@ -1133,6 +1142,7 @@ fn worker(
             }
             let _ = j.reply.send(r);
         }
+        state.running.store(0, Ordering::SeqCst);
     }
 }
 
@@ -1175,12 +1185,17 @@ pub fn serve(o: ServeOptions) -> anyhow::Result<()> {
         manifest,
         queue: tx,
         queued: AtomicUsize::new(0),
+        running: AtomicUsize::new(0),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         metrics: Mutex::new(Metrics::default()),
         max_images: o.max_images,
         request_timeout: o.request_timeout,
         jobs: Mutex::new(JobTable::default()),
+        scale_delay: std::env::var("STAR_SERVE_SCALE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1215,7 +1230,9 @@ pub fn serve(o: ServeOptions) -> anyhow::Result<()> {
             .with_state(state.clone());
         let st = state.clone();
         let drain = o.drain;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // On SIGTERM/SIGINT: readiness 503 and new work refused while the server still
+        // answers; the queued and running work gets up to --drain-s; then the listener closes
+        // (open connections finish writing their responses).
         let shutdown = async move {
             shutdown_signal().await;
             st.draining.store(true, Ordering::SeqCst);
@@ -1223,23 +1240,19 @@ pub fn serve(o: ServeOptions) -> anyhow::Result<()> {
                 "draining: readiness 503, finishing in-flight requests (at most {} s)",
                 drain.as_secs()
             );
-            let _ = stop_tx.send(());
+            let t = Instant::now();
+            while st.queued.load(Ordering::SeqCst) + st.running.load(Ordering::SeqCst) > 0 {
+                if t.elapsed() >= drain {
+                    eprintln!("drain: in-flight requests did not finish within --drain-s; exiting");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Responses of finished work still being written.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
-        let mut server = tokio::spawn(async move { server.await });
-        tokio::select! {
-            r = &mut server => {
-                r??;
-                return anyhow::Ok(());
-            }
-            _ = stop_rx => {}
-        }
-        match tokio::time::timeout(drain, server).await {
-            Ok(r) => r??,
-            Err(_) => {
-                eprintln!("drain: in-flight requests did not finish within --drain-s; exiting")
-            }
-        }
+        server.await?;
         eprintln!("stopped");
         anyhow::Ok(())
     })

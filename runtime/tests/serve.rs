@@ -25,9 +25,14 @@ impl Drop for Server {
 }
 
 fn start(extra: &[&str]) -> Server {
+    start_env(extra, &[])
+}
+
+fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(bin())
         .args(["serve", "--port", "0"])
         .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -260,26 +265,38 @@ extern "C" {
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
-/// Concurrent requests are batched into one model run (metrics show runs of more than one
-/// image), and each request's images are byte-identical to the same request sent alone.
+/// 32 concurrent requests with mixed prompts (UTF-8 among them), seeds and image counts are
+/// batched (metrics show fewer model runs than requests), and each request's images are
+/// byte-identical to the same request sent alone.
 #[test]
 fn batched_requests_get_the_images_they_get_alone() {
-    let s = start(&["--max-delay-ms", "300", "--max-batch", "8"]);
+    let s = start(&[
+        "--max-delay-ms",
+        "300",
+        "--max-batch",
+        "8",
+        "--max-queue",
+        "64",
+    ]);
     let port = s.port;
-    let prompts = [
+    const PROMPTS: [&str; 5] = [
         "a red circle on a blue background",
         "a white triangle on a black background",
         "a yellow circle on a green background",
         "a purple cross on a orange background",
+        "un cercle rouge — 赤い丸 🎈 “quoted”",
     ];
+    let requests = 32;
     let body = |i: usize| {
         format!(
-            r#"{{"prompt": "{}", "n": 2, "seed": {}}}"#,
-            prompts[i],
+            r#"{{"prompt": "{}", "n": {}, "seed": {}}}"#,
+            PROMPTS[i % PROMPTS.len()],
+            1 + i % 2,
             100 + 7 * i
         )
     };
-    let handles: Vec<_> = (0..prompts.len())
+    let prompts = vec![(); requests];
+    let handles: Vec<_> = (0..requests)
         .map(|i| {
             let b = body(i);
             std::thread::spawn(move || http(port, "POST", "/v1/images/generations", &b))
@@ -387,4 +404,84 @@ fn async_jobs_poll_events_cancel_and_stream() {
     assert!(String::from_utf8(m)
         .unwrap()
         .contains("star_requests_cancelled_total 1"));
+}
+
+/// Cancelling a running job stops it between scales; a deadline that expires answers 504; a
+/// request in flight at SIGTERM completes while readiness is 503 and new requests are refused,
+/// then the process exits 0. (STAR_SERVE_SCALE_DELAY_MS slows each scale so that the request is
+/// reliably running.)
+#[test]
+fn running_cancel_deadline_and_sigterm_with_a_request_in_flight() {
+    let s = start_env(
+        &[
+            "--request-timeout-s",
+            "1",
+            "--drain-s",
+            "20",
+            "--max-delay-ms",
+            "0",
+        ],
+        &[("STAR_SERVE_SCALE_DELAY_MS", "400")],
+    );
+    let port = s.port;
+    let body = r#"{"prompt": "a red circle on a blue background", "seed": 3}"#;
+    // Cancel while running.
+    let (_, _, b) = http(port, "POST", "/star/v1/jobs", body);
+    let id = json(&b)["id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    while json(&http(port, "GET", &format!("/star/v1/jobs/{id}"), "").2)["status"] != "running" {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    http(port, "POST", &format!("/star/v1/jobs/{id}/cancel"), "");
+    assert_eq!(poll_until_done(port, &id)["status"], "cancelled");
+    // Four scales of 400 ms each outlast a 1 s deadline (checked before each scale).
+    let (st, _, b) = http(port, "POST", "/v1/images/generations", body);
+    assert_eq!(st, 504, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["error"]["type"], "timeout_error");
+
+    drop(s);
+
+    // SIGTERM with a request in flight: it completes while readiness is 503 and new requests
+    // are refused, then the process exits 0.
+    let mut s = start_env(
+        &["--drain-s", "20", "--max-delay-ms", "0"],
+        &[("STAR_SERVE_SCALE_DELAY_MS", "400")],
+    );
+    let port = s.port;
+    let inflight = std::thread::spawn(move || http(port, "POST", "/v1/images/generations", body));
+    let t = Instant::now();
+    while !String::from_utf8(http(port, "GET", "/metrics", "").2)
+        .unwrap()
+        .contains("star_batch_size_count 1")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the request never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    unsafe {
+        libc_kill(s.child.id() as i32, 15);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(http(port, "GET", "/ready", "").0, 503);
+    let (st, _, b) = http(port, "POST", "/v1/images/generations", body);
+    assert_eq!(st, 503);
+    assert!(json(&b)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("shutting down"));
+    let (st, _, b) = inflight.join().unwrap();
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let mut err = String::new();
+    s.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("draining") && err.contains("stopped"), "{err}");
 }
