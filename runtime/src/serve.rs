@@ -95,6 +95,19 @@ struct TrackedState {
 
 const TERMINAL: &[&str] = &["completed", "failed", "cancelled"];
 
+/// A status event; a finished job's carries its result (completed) or error.
+fn terminal_event(id: &str, status: &str, outcome: Option<Value>) -> Value {
+    let mut ev = json!({"event": status, "id": id});
+    if let Some(o) = outcome {
+        ev[if status == "completed" {
+            "result"
+        } else {
+            "error"
+        }] = o;
+    }
+    ev
+}
+
 impl Tracked {
     fn lock(&self) -> std::sync::MutexGuard<'_, TrackedState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -114,15 +127,7 @@ impl Tracked {
             st.status = status;
             st.outcome = outcome.clone();
         }
-        let mut ev = json!({"event": status, "id": self.id});
-        if let Some(o) = outcome {
-            ev[if status == "completed" {
-                "result"
-            } else {
-                "error"
-            }] = o;
-        }
-        self.emit(ev);
+        self.emit(terminal_event(&self.id, status, outcome));
     }
 }
 
@@ -673,17 +678,7 @@ fn events_response(tr: Arc<Tracked>, cancel_on_drop: bool) -> Response {
     };
     let first = json!({"event": "status", "id": tr.id, "status": status});
     let done = TERMINAL.contains(&status);
-    let last = done.then(|| {
-        let mut ev = json!({"event": status, "id": tr.id});
-        if let Some(o) = outcome {
-            ev[if status == "completed" {
-                "result"
-            } else {
-                "error"
-            }] = o;
-        }
-        ev
-    });
+    let last = done.then(|| terminal_event(&tr.id, status, outcome));
     let guard = Guard(tr, cancel_on_drop);
     let to_event = |v: &Value| -> Result<Event, std::convert::Infallible> {
         let kind = v["event"].as_str().unwrap_or("message").to_string();

@@ -83,6 +83,15 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String, Vec<u8
     (status, head, raw[split + 4..].to_vec())
 }
 
+/// Everything the (exited) server wrote to stderr.
+fn stderr_of(s: &mut Server) -> String {
+    let mut err = String::new();
+    if let Some(mut e) = s.child.stderr.take() {
+        e.read_to_string(&mut err).unwrap();
+    }
+    err
+}
+
 fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
@@ -250,13 +259,7 @@ fn sigterm_drains_and_exits_0() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
-    let mut err = String::new();
-    s.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = stderr_of(&mut s);
     assert!(err.contains("draining"), "{err}");
 }
 
@@ -476,12 +479,6 @@ fn running_cancel_deadline_and_sigterm_with_a_request_in_flight() {
     assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
     let status = s.child.wait().unwrap();
     assert!(status.success(), "{status}");
-    let mut err = String::new();
-    s.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = stderr_of(&mut s);
     assert!(err.contains("draining") && err.contains("stopped"), "{err}");
 }

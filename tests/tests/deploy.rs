@@ -18,7 +18,10 @@ fn flag(args: &[serde_yaml::Value], name: &str) -> Option<u64> {
 #[test]
 fn inference_service_probes_ports_and_grace_period() {
     let isvc = load("inferenceservice.yaml");
-    assert_eq!(isvc["apiVersion"].as_str(), Some("serving.kserve.io/v1beta1"));
+    assert_eq!(
+        isvc["apiVersion"].as_str(),
+        Some("serving.kserve.io/v1beta1")
+    );
     assert_eq!(isvc["kind"].as_str(), Some("InferenceService"));
     let pred = &isvc["spec"]["predictor"];
     let c = &pred["containers"][0];
@@ -34,8 +37,13 @@ fn inference_service_probes_ports_and_grace_period() {
     assert_eq!(c["ports"][0]["containerPort"].as_u64(), Some(8080));
     let args = c["args"].as_sequence().expect("args");
     let drain = flag(args, "--drain-s").expect("--drain-s in args");
-    let grace = pred["terminationGracePeriodSeconds"].as_u64().expect("grace period");
-    assert!(grace > drain, "grace {grace} s must exceed the drain {drain} s");
+    let grace = pred["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace period");
+    assert!(
+        grace > drain,
+        "grace {grace} s must exceed the drain {drain} s"
+    );
     assert!(c["resources"]["limits"]["memory"].as_str().is_some());
 }
 
