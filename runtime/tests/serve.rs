@@ -213,7 +213,11 @@ fn serves_the_same_png_as_the_cli_and_refuses_bad_fields_in_openai_shape() {
 /// A full queue answers 429 with Retry-After at once; every accepted request completes.
 #[test]
 fn a_full_queue_is_refused_with_429() {
-    let s = start(&["--max-queue", "1"]);
+    // Each run takes at least 4 x 100 ms, so the twelve requests always overlap.
+    let s = start_env(
+        &["--max-queue", "1"],
+        &[("STAR_SERVE_SCALE_DELAY_MS", "100")],
+    );
     let port = s.port;
     let handles: Vec<_> = (0..12)
         .map(|i| {
