@@ -160,10 +160,13 @@ enum Cmd {
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         max_images: u32,
         /// Most images per model run: queued requests with the same sampling settings are
-        /// batched (each request's images are byte-identical to a run of it alone).
-        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+        /// batched (each request's images are byte-identical to a run of it alone). Off by
+        /// default: on the CPU it helps small models (demo: 1.7x images/s) and costs large ones
+        /// (d16: 0.73-0.76x; benches/RESULTS.md).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         max_batch: u32,
-        /// How long a request waits for others to batch with, in milliseconds.
+        /// How long a request waits for others to batch with, in milliseconds (with
+        /// --max-batch above 1).
         #[arg(long, default_value_t = 10)]
         max_delay_ms: u64,
         /// A request not finished after this many seconds (queue wait included) is stopped

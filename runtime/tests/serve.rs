@@ -355,7 +355,7 @@ fn poll_until_done(port: u16, id: &str) -> serde_json::Value {
 #[test]
 fn async_jobs_poll_events_cancel_and_stream() {
     // A long batching window keeps the second job queued while the first waits for company.
-    let s = start(&["--max-delay-ms", "800"]);
+    let s = start(&["--max-delay-ms", "800", "--max-batch", "8"]);
     let port = s.port;
     let body = r#"{"prompt": "a blue square on a white background", "seed": 9}"#;
     let (st, _, b) = http(port, "POST", "/star/v1/jobs", body);
