@@ -307,8 +307,23 @@ fn fe(message: String, param: &str) -> FieldError {
     FieldError(message, param.to_string())
 }
 
+/// An optional field: absent or null is None; a value `get` cannot read is refused.
+fn optional<T>(
+    obj: &serde_json::Map<String, Value>,
+    k: &str,
+    get: impl Fn(&Value) -> Option<T>,
+    what: &str,
+) -> Result<Option<T>, FieldError> {
+    match obj.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => get(v)
+            .map(Some)
+            .ok_or_else(|| fe(format!("{k} must be {what}"), k)),
+    }
+}
+
 /// The OpenAI images request plus STAR's fields, checked field by field (422 naming the field).
-fn parse_request(state: &AppState, body: &[u8]) -> Result<GenRequest, FieldError> {
+fn parse_request(state: &AppState, body: &[u8]) -> Result<(GenRequest, bool), FieldError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| fe(format!("the body is not JSON: {e}"), "body"))?;
     let obj = v
@@ -339,15 +354,7 @@ fn parse_request(state: &AppState, body: &[u8]) -> Result<GenRequest, FieldError
         Some(_) => return Err(fe("prompt must be a string".into(), "prompt")),
         None => return Err(fe("prompt is required".into(), "prompt")),
     };
-    let uint = |k: &str| -> Result<Option<u64>, FieldError> {
-        match obj.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| fe(format!("{k} must be a non-negative integer"), k)),
-        }
-    };
+    let uint = |k: &str| optional(obj, k, Value::as_u64, "a non-negative integer");
     let n = uint("n")?.unwrap_or(1) as usize;
     if n == 0 || n > state.max_images {
         return Err(fe(
@@ -409,15 +416,7 @@ fn parse_request(state: &AppState, body: &[u8]) -> Result<GenRequest, FieldError
             ))
         }
     };
-    let num = |k: &str| -> Result<Option<f64>, FieldError> {
-        match obj.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| fe(format!("{k} must be a number"), k)),
-        }
-    };
+    let num = |k: &str| optional(obj, k, Value::as_f64, "a number");
     let cfg = num("cfg_scale")?;
     if let Some(c) = cfg {
         crate::args::cfg(&c.to_string()).map_err(|e| fe(e, "cfg_scale"))?;
@@ -438,6 +437,7 @@ fn parse_request(state: &AppState, body: &[u8]) -> Result<GenRequest, FieldError
             ));
         }
     }
+    let stream = optional(obj, "stream", Value::as_bool, "a boolean")?.unwrap_or(false);
     let stable_sampling = match obj.get("stable_sampling") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
@@ -448,16 +448,19 @@ fn parse_request(state: &AppState, body: &[u8]) -> Result<GenRequest, FieldError
             ))
         }
     };
-    Ok(GenRequest {
-        prompt,
-        negative,
-        n,
-        seed,
-        cfg,
-        top_k,
-        top_p,
-        stable_sampling,
-    })
+    Ok((
+        GenRequest {
+            prompt,
+            negative,
+            n,
+            seed,
+            cfg,
+            top_k,
+            top_p,
+            stable_sampling,
+        },
+        stream,
+    ))
 }
 
 async fn generations(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -495,19 +498,26 @@ fn admit(st: &AppState) -> Result<(), Response> {
 }
 
 fn parse(st: &AppState, body: &[u8]) -> Result<(GenRequest, bool), Response> {
-    let stream = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("stream").cloned());
-    let stream = match stream {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => b,
-        Some(_) => return Err(invalid("stream must be a boolean".into(), "stream")),
-    };
     match parse_request(st, body) {
-        Ok(r) => Ok((r, stream)),
+        Ok(r) => Ok(r),
         Err(FieldError(message, param)) => {
             st.reject("invalid");
             Err(invalid(message, &param))
+        }
+    }
+}
+
+/// Queue a job the client can follow (poll, events, cancel); refused work leaves no job behind.
+fn enqueue_tracked(st: &Arc<AppState>, req: GenRequest) -> Result<Arc<Tracked>, Response> {
+    let tr = st.new_tracked();
+    match enqueue(st, req, Some(tr.clone())) {
+        Ok(rx) => {
+            follow(st.clone(), tr.clone(), rx);
+            Ok(tr)
+        }
+        Err(r) => {
+            st.table().by_id.remove(&tr.id);
+            Err(r)
         }
     }
 }
@@ -608,16 +618,9 @@ async fn generate_response(st: &Arc<AppState>, body: &[u8]) -> Response {
         Err(r) => return r,
     };
     if stream {
-        let tr = st.new_tracked();
-        return match enqueue(st, req, Some(tr.clone())) {
-            Ok(rx) => {
-                follow(st.clone(), tr.clone(), rx);
-                events_response(tr, true)
-            }
-            Err(r) => {
-                tr.set("failed", Some(json!({"message": "queue full"})));
-                r
-            }
+        return match enqueue_tracked(st, req) {
+            Ok(tr) => events_response(tr, true),
+            Err(r) => r,
         };
     }
     // Dropping `rx` (the client went away) tells the worker to skip or stop the job.
@@ -743,17 +746,8 @@ async fn create_job(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     let resp = async {
         admit(&st)?;
         let (req, _) = parse(&st, &body)?;
-        let tr = st.new_tracked();
-        match enqueue(&st, req, Some(tr.clone())) {
-            Ok(rx) => {
-                follow(st.clone(), tr.clone(), rx);
-                Ok((StatusCode::ACCEPTED, axum::Json(job_view(&st, &tr))).into_response())
-            }
-            Err(r) => {
-                tr.set("failed", Some(json!({"message": "queue full"})));
-                Err(r)
-            }
-        }
+        let tr = enqueue_tracked(&st, req)?;
+        Ok((StatusCode::ACCEPTED, axum::Json(job_view(&st, &tr))).into_response())
     }
     .await
     .unwrap_or_else(|r: Response| r);
