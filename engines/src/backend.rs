@@ -27,13 +27,6 @@ impl<'a> Input<'a> {
             Input::F32Owned(s, _) => s,
         }
     }
-    fn reborrow(&self) -> Input<'a> {
-        match self {
-            Input::F32(s, d) => Input::F32(s, d),
-            Input::I64(s, d) => Input::I64(s, d),
-            Input::F32Owned(s, d) => Input::F32Owned(s.clone(), d),
-        }
-    }
 }
 
 impl<'a> From<&'a Tensor> for Input<'a> {
@@ -104,6 +97,10 @@ pub trait Engine {
     /// Whether `step` may be run with an empty past (scale 0); otherwise scale 0 runs on
     /// `step_first`.
     fn takes_empty_past(&self) -> bool;
+    /// GPU backends: the device, driver and the device memory in use now (for bench reports).
+    fn device(&self) -> Option<String> {
+        None
+    }
 }
 
 /// An execution backend: a name, the graph precisions it executes, and how to load a model
@@ -127,6 +124,14 @@ pub struct BackendOptions {
     pub name: String,
     /// Intra-op threads; 0 = ONNX Runtime's default (one per core).
     pub threads: usize,
+    /// CUDA device ordinal (GPU backends).
+    pub device: usize,
+    /// GPU backends: accept graph nodes that ONNX Runtime places on the CPU (an error otherwise).
+    pub allow_cpu_fallback: bool,
+    /// Print the device and the provider each stage runs on.
+    pub verbose: bool,
+    /// An engine directory (star-export build-engine) for the engine backends.
+    pub engine_dir: Option<PathBuf>,
 }
 
 impl Default for BackendOptions {
@@ -134,14 +139,38 @@ impl Default for BackendOptions {
         BackendOptions {
             name: OrtCpu.name().into(),
             threads: 0,
+            device: 0,
+            allow_cpu_fallback: false,
+            verbose: false,
+            engine_dir: None,
+        }
+    }
+}
+
+impl BackendOptions {
+    pub fn named(name: &str, threads: usize) -> Self {
+        BackendOptions {
+            name: name.into(),
+            threads,
+            ..Default::default()
         }
     }
 }
 
 /// The backends of this build.
-pub static BACKENDS: &[&dyn Backend] = &[&OrtCpu];
+pub static BACKENDS: &[&dyn Backend] = &[
+    &OrtCpu,
+    &crate::ort_gpu::OrtCuda,
+    &crate::ort_gpu::OrtTrt,
+    #[cfg(feature = "tensorrt")]
+    &crate::tensorrt::TensorRt,
+];
 
 pub fn backend_for_name(name: &str) -> Result<&'static dyn Backend> {
+    #[cfg(not(feature = "tensorrt"))]
+    if name == "tensorrt" {
+        return Err(crate::gpu::not_built_with_tensorrt());
+    }
     BACKENDS
         .iter()
         .copied()
@@ -324,63 +353,51 @@ impl Engine for OrtCpuEngine {
         inputs: &[(&str, Arg<'_>)],
         kv_at: Option<KvWrite>,
     ) -> Result<HashMap<String, Tensor>> {
-        let kv = self.kv.as_ref();
-        let mut host: Vec<(&str, Input<'_>)> = Vec::with_capacity(inputs.len());
+        use crate::ort_bind::{host_value, kv_value, KvLayout, Place};
+        let bad = |input: &str, why: String| EngineError::BadInput {
+            stage: stage.name().into(),
+            input: input.into(),
+            why,
+        };
+        // The cache as the binding sees it: one host buffer, the past a prefix of it, the new
+        // K/V a region after it (they never overlap: the region starts where the past ends).
+        let cache = self
+            .kv
+            .as_mut()
+            .map(|c| (c.data.as_mut_ptr() as *mut u8, KvLayout { shape: c.shape }));
+        let need_cache = || {
+            cache.ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()))
+        };
+        let mut values: Vec<(&str, ort::value::DynValue)> = Vec::with_capacity(inputs.len());
         for (name, a) in inputs {
-            match a {
-                Arg::Host(i) => host.push((name, i.reborrow())),
+            let v = match a {
+                Arg::Host(i) => host_value(i),
                 Arg::KvPast(len) => {
-                    let c = kv.ok_or_else(|| {
-                        EngineError::Unsupported("KV cache used before kv_alloc".into())
-                    })?;
-                    let (shape, data) = c.past(*len);
-                    host.push((name, Input::F32Owned(shape.to_vec(), data)));
+                    let (base, layout) = need_cache()?;
+                    // SAFETY: the engine's own buffer, alive and not reallocated during the run.
+                    unsafe { kv_value(base, &layout, 0, *len, Place::Host) }
                 }
             }
+            .map_err(|why| bad(name, why))?;
+            values.push((name, v));
+        }
+        let mut in_place = vec![];
+        if let Some(KvWrite { begin, tokens }) = kv_at {
+            let (base, layout) = need_cache()?;
+            // SAFETY: as above; the session writes exactly this region (its shape is the
+            // region's: a stage producing another shape is an error from ONNX Runtime).
+            let v = unsafe { kv_value(base, &layout, begin, tokens, Place::Host) }
+                .map_err(|why| bad(crate::stage::io::KV_NEW, format!("(output) {why}")))?;
+            in_place.push((crate::stage::io::KV_NEW, v));
         }
         let t = std::time::Instant::now();
         let session = self.shared.session(stage)?;
         self.last_wait_ms = t.elapsed().as_secs_f64() * 1e3;
-        let mut out = session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .run(&host)?;
-        drop(host);
-        if let Some(KvWrite { begin, tokens }) = kv_at {
-            let t = out
-                .remove(crate::stage::io::KV_NEW)
-                .ok_or_else(|| EngineError::BadInput {
-                    stage: stage.name().into(),
-                    input: crate::stage::io::KV_NEW.into(),
-                    why: "(output) missing".into(),
-                })?;
-            let c = self
-                .kv
-                .as_mut()
-                .ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()))?;
-            let data = t.as_f32().ok_or_else(|| EngineError::BadInput {
-                stage: stage.name().into(),
-                input: crate::stage::io::KV_NEW.into(),
-                why: "(output) is not float32".into(),
-            })?;
-            if t.shape.len() != 6 || t.shape[0] != tokens || t.shape[1..] != c.shape[1..] {
-                return Err(EngineError::BadInput {
-                    stage: stage.name().into(),
-                    input: crate::stage::io::KV_NEW.into(),
-                    why: format!(
-                        "(output) has shape {:?}, the scale writes ({tokens}, {:?})",
-                        t.shape,
-                        &c.shape[1..]
-                    ),
-                });
-            }
-            c.write(data, begin).map_err(|why| EngineError::BadInput {
-                stage: stage.name().into(),
-                input: crate::stage::io::KV_NEW.into(),
-                why,
-            })?;
-        }
-        Ok(out)
+        let refs: Vec<(&str, &ort::value::DynValue)> =
+            values.iter().map(|(n, v)| (*n, v)).collect();
+        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        let label = s.label.clone();
+        crate::ort_bind::run_bound(&mut s.session, &label, &refs, &mut in_place, None)
     }
 
     fn kv_alloc(&mut self, shape: [usize; 6]) -> Result<()> {
@@ -477,55 +494,6 @@ impl Default for WeightPool {
             prepacked: ort::session::builder::PrepackedWeights::new(),
         }
     }
-}
-
-/// An ONNX Runtime tensor over `len` bytes at `data` (host memory that outlives it).
-///
-/// # Safety
-/// `data..data+len` must stay valid and unchanged for the value's lifetime, and be aligned for
-/// the element type.
-unsafe fn value_over(
-    data: *const u8,
-    len: usize,
-    shape: &[i64],
-    elem: ort::sys::ONNXTensorElementDataType,
-) -> std::result::Result<ort::value::DynValue, String> {
-    use ort::AsPointer;
-    let info = ort::memory::MemoryInfo::new(
-        ort::memory::AllocationDevice::CPU,
-        0,
-        ort::memory::AllocatorType::Device,
-        ort::memory::MemoryType::Default,
-    )
-    .map_err(|e| e.to_string())?;
-    let api = ort::api();
-    let mut v: *mut ort::sys::OrtValue = std::ptr::null_mut();
-    // SAFETY: the caller guarantees the buffer; ORT does not write to initializers.
-    let status = unsafe {
-        (api.CreateTensorWithDataAsOrtValue)(
-            info.ptr(),
-            data as *mut std::ffi::c_void,
-            len,
-            shape.as_ptr(),
-            shape.len(),
-            elem,
-            &mut v,
-        )
-    };
-    if !status.0.is_null() {
-        // SAFETY: a non-null status is a valid OrtStatus until released.
-        let msg = unsafe {
-            let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
-                .to_string_lossy()
-                .into_owned();
-            (api.ReleaseStatus)(status.0);
-            m
-        };
-        return Err(msg);
-    }
-    let v = std::ptr::NonNull::new(v).ok_or("CreateTensorWithDataAsOrtValue returned null")?;
-    // SAFETY: a fresh tensor value we own; its data is not allocator-owned (ORT never frees it).
-    Ok(unsafe { ort::value::Value::from_ptr(v, Some(&ort::memory::Allocator::default())) })
 }
 
 impl WeightPool {
@@ -627,8 +595,16 @@ impl WeightPool {
                 }
                 // SAFETY: in bounds and aligned (checked above); the mapping lives in `maps`
                 // until after every value (field order) and is never written.
-                let value = unsafe { value_over(ptr, length, &t.dims, elem) }
-                    .map_err(|e| ort_err(format!("weight {}", t.name))(ort::Error::new(e)))?;
+                let value = unsafe {
+                    crate::ort_bind::value_over(
+                        ptr,
+                        length,
+                        &t.dims,
+                        elem,
+                        crate::ort_bind::Place::Host,
+                    )
+                }
+                .map_err(|e| ort_err(format!("weight {}", t.name))(ort::Error::new(e)))?;
                 self.bytes += length;
                 self.values
                     .insert(t.name.clone(), std::sync::Arc::new(value));
@@ -648,7 +624,35 @@ fn ort_err(context: impl Into<String>) -> impl FnOnce(ort::Error) -> EngineError
     }
 }
 
-static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+/// The one ONNX Runtime environment of this process (ORT allows one; tests share it), with the
+/// library it was created from.
+static ENV: OnceLock<std::result::Result<(PathBuf, ort::environment::Environment), String>> =
+    OnceLock::new();
+
+/// The newest `libonnxruntime.so*` of the onnxruntime wheel in a virtual environment.
+pub fn ort_library_in_venv(venv: &Path) -> Option<PathBuf> {
+    let rd = std::fs::read_dir(venv.join("lib")).ok()?;
+    for py in rd.flatten() {
+        let capi = py.path().join("site-packages/onnxruntime/capi");
+        let Ok(files) = std::fs::read_dir(&capi) else {
+            continue;
+        };
+        let mut libs: Vec<PathBuf> = files
+            .flatten()
+            .map(|f| f.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+            })
+            .collect();
+        libs.sort();
+        if let Some(l) = libs.pop() {
+            return Some(l);
+        }
+    }
+    None
+}
 
 /// Where to look for libonnxruntime when ORT_DYLIB_PATH is not set: a `.venv` (the layout
 /// .ci/run creates) next to the working directory or next to the executable's workspace.
@@ -668,47 +672,54 @@ fn find_ort_library() -> std::result::Result<PathBuf, String> {
     if let Ok(exe) = std::env::current_exe() {
         roots.extend(exe.ancestors().map(|a| a.join(".venv")));
     }
-    for venv in roots {
-        let lib = venv.join("lib");
-        let Ok(rd) = std::fs::read_dir(&lib) else {
-            continue;
-        };
-        for py in rd.flatten() {
-            let capi = py.path().join("site-packages/onnxruntime/capi");
-            let Ok(files) = std::fs::read_dir(&capi) else {
-                continue;
-            };
-            let mut libs: Vec<PathBuf> = files
-                .flatten()
-                .map(|f| f.path())
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("libonnxruntime.so"))
-                })
-                .collect();
-            libs.sort();
-            if let Some(l) = libs.pop() {
-                return Ok(l);
-            }
-        }
-    }
-    Err("ORT_DYLIB_PATH is not set and no .venv with the onnxruntime wheel was found".into())
+    roots
+        .iter()
+        .find_map(|v| ort_library_in_venv(v))
+        .ok_or_else(|| {
+            "ORT_DYLIB_PATH is not set and no .venv with the onnxruntime wheel was found".into()
+        })
+}
+
+fn environment_from(
+    lib: &Path,
+) -> std::result::Result<(PathBuf, ort::environment::Environment), String> {
+    let builder = ort::init_from(lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
+    builder
+        .with_name("star")
+        .build()
+        .map(|e| (lib.to_path_buf(), e))
+        .map_err(|e| format!("creating the environment from {}: {e}", lib.display()))
 }
 
 /// The one ONNX Runtime environment of this process (ORT allows one; tests share it).
 pub fn ort_environment() -> Result<&'static ort::environment::Environment> {
-    let r = ENV.get_or_init(|| {
-        let lib = find_ort_library()?;
-        let builder =
-            ort::init_from(&lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
-        builder
-            .with_name("star")
-            .build()
-            .map_err(|e| format!("creating the environment from {}: {e}", lib.display()))
-    });
+    let r = ENV.get_or_init(|| environment_from(&find_ort_library()?));
     r.as_ref()
+        .map(|(_, e)| e)
         .map_err(|why| EngineError::OrtLibrary { why: why.clone() })
+}
+
+/// The environment from the GPU build of ONNX Runtime `lib` (a GPU backend's): an error when
+/// this process has already loaded another library.
+pub fn ort_environment_at(
+    backend: &str,
+    lib: &Path,
+) -> Result<&'static ort::environment::Environment> {
+    let r = ENV.get_or_init(|| environment_from(lib));
+    match r {
+        Ok((loaded, e)) if loaded == lib => Ok(e),
+        Ok((loaded, _)) => Err(EngineError::Unsupported(format!(
+            "backend {backend}: this process already loaded ONNX Runtime from {}, not the GPU build {}; run one backend per process",
+            loaded.display(),
+            lib.display()
+        ))),
+        Err(why) => Err(EngineError::Missing {
+            backend: backend.into(),
+            what: "a loadable GPU build of ONNX Runtime".into(),
+            tried: why.clone(),
+            how: "reinstall it with `bash scripts/setup-ort.sh --gpu`".into(),
+        }),
+    }
 }
 
 pub struct OrtSession {
@@ -789,51 +800,5 @@ impl OrtSession {
 impl OrtSession {
     pub fn name(&self) -> &str {
         &self.label
-    }
-
-    pub fn run(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<HashMap<String, Tensor>> {
-        use ort::value::TensorRef;
-        let ctx = format!("running stage {}", self.label);
-        let mut vals: Vec<(
-            std::borrow::Cow<'_, str>,
-            ort::session::SessionInputValue<'_>,
-        )> = Vec::with_capacity(inputs.len());
-        for (name, inp) in inputs {
-            let v: ort::session::SessionInputValue<'_> = match inp {
-                Input::F32(shape, data) => {
-                    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                    TensorRef::from_array_view((shape, *data))
-                        .map_err(ort_err(ctx.clone()))?
-                        .into()
-                }
-                Input::F32Owned(shape, data) => {
-                    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                    TensorRef::from_array_view((shape, *data))
-                        .map_err(ort_err(ctx.clone()))?
-                        .into()
-                }
-                Input::I64(shape, data) => {
-                    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                    TensorRef::from_array_view((shape, *data))
-                        .map_err(ort_err(ctx.clone()))?
-                        .into()
-                }
-            };
-            vals.push((std::borrow::Cow::Owned(name.to_string()), v));
-        }
-        let outputs = self.session.run(vals).map_err(ort_err(ctx.clone()))?;
-        let mut out = HashMap::new();
-        for (name, value) in outputs.iter() {
-            let t = if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
-                Tensor::f32(shape.iter().map(|&d| d as usize).collect(), data.to_vec())
-            } else {
-                let (shape, data) = value
-                    .try_extract_tensor::<i64>()
-                    .map_err(ort_err(format!("{ctx}: output {name}")))?;
-                Tensor::i64(shape.iter().map(|&d| d as usize).collect(), data.to_vec())
-            };
-            out.insert(name.to_string(), t);
-        }
-        Ok(out)
     }
 }

@@ -40,6 +40,18 @@ pub enum EngineError {
     UnknownBackend { name: String, available: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("{}: built for {} {}, this machine has {}{}; rebuild it here with: {}", .0.dir.display(), .0.what, .0.built, .0.here, .0.also, .0.rebuild)]
+    EngineMismatch(Box<Mismatch>),
+    #[error("{backend}no usable NVIDIA GPU: {why}")]
+    NoGpu { backend: String, why: String },
+    /// A component a backend needs is absent: which, what was tried, and how to get it.
+    #[error("backend {backend}: {what} not found ({tried}); {how}")]
+    Missing {
+        backend: String,
+        what: String,
+        tried: String,
+        how: String,
+    },
     #[error("creating the {stage} session: {why}")]
     SessionCreate { stage: String, why: String },
     #[error("stage '{stage}': input '{input}' {why}")]
@@ -48,6 +60,18 @@ pub enum EngineError {
         input: String,
         why: String,
     },
+}
+
+/// An engine directory that does not belong to this machine or model: what differs, and the
+/// command that rebuilds it.
+#[derive(Debug)]
+pub struct Mismatch {
+    pub dir: PathBuf,
+    pub what: String,
+    pub built: String,
+    pub here: String,
+    pub also: String,
+    pub rebuild: String,
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -73,6 +73,11 @@ impl ModelDir {
     }
 
     /// Whether the backend runs scale 0 on `step` (empty past) rather than `step_first`.
+    /// GPU backends: the device and its memory in use (None on the CPU).
+    pub fn device(&self) -> Option<String> {
+        self.engine.device()
+    }
+
     pub fn takes_empty_past(&self) -> bool {
         self.engine.takes_empty_past()
     }

@@ -247,7 +247,7 @@ fn clean_stale(parent: &Path, out: &Path, quiet: bool) {
 }
 
 /// Check the output location before any work: a writable parent, nothing in the way.
-fn prepare_out(out: &Path, quiet: bool) -> Result<PathBuf> {
+pub(crate) fn check_out(out: &Path) -> Result<PathBuf> {
     if out.exists() {
         let empty = out.is_dir()
             && std::fs::read_dir(out)
@@ -270,6 +270,13 @@ fn prepare_out(out: &Path, quiet: bool) -> Result<PathBuf> {
             why: format!("parent directory {} does not exist", parent.display()),
         });
     }
+    Ok(parent)
+}
+
+/// The temporary directory beside `--out` that the output is written into (`commit_out` renames
+/// it into place; the interrupt handler removes it).
+pub(crate) fn prepare_out(out: &Path, quiet: bool) -> Result<PathBuf> {
+    let parent = check_out(out)?;
     clean_stale(&parent, out, quiet);
     let tmp = tempfile::Builder::new()
         .prefix(TMP_PREFIX)
@@ -291,6 +298,30 @@ fn prepare_out(out: &Path, quiet: bool) -> Result<PathBuf> {
         });
     }
     Ok(tmp)
+}
+
+/// Move a finished temporary directory to `--out` (one rename).
+pub(crate) fn commit_out(tmp: &Path, out: &Path) -> Result<()> {
+    let op = tmp.join(OWNER_FILE);
+    std::fs::remove_file(&op).map_err(io_err(&op))?;
+    if out.exists() {
+        std::fs::remove_dir(out).map_err(io_err(out))?;
+    }
+    std::fs::rename(tmp, out).map_err(|e| ExportError::Output {
+        path: out.to_path_buf(),
+        why: format!("final rename failed: {e}"),
+    })
+}
+
+/// Remove an unfinished temporary directory (after an error).
+pub(crate) fn abandon_out(tmp: &Path) {
+    let _ = std::fs::remove_dir_all(tmp);
+    set_in_progress(None);
+}
+
+/// The output is in place: the interrupt handler has nothing left to remove.
+pub(crate) fn out_done() {
+    set_in_progress(None);
 }
 
 pub fn export(a: &ExportArgs) -> Result<Manifest> {
@@ -319,15 +350,7 @@ pub fn export(a: &ExportArgs) -> Result<Manifest> {
         _ => write_all(a, &src, &Build::plain(precision), &tmp, started),
     };
     let result = result.and_then(|m| {
-        let op = tmp.join(OWNER_FILE);
-        std::fs::remove_file(&op).map_err(io_err(&op))?;
-        if a.out.exists() {
-            std::fs::remove_dir(&a.out).map_err(io_err(&a.out))?;
-        }
-        std::fs::rename(&tmp, &a.out).map_err(|e| ExportError::Output {
-            path: a.out.clone(),
-            why: format!("final rename failed: {e}"),
-        })?;
+        commit_out(&tmp, &a.out)?;
         // Every file was just hashed for the manifest: record the stamps, so that the first
         // star-run does not hash gigabytes again.
         let stamps: Vec<_> = m
@@ -339,9 +362,9 @@ pub fn export(a: &ExportArgs) -> Result<Manifest> {
         Ok(m)
     });
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        abandon_out(&tmp);
     }
-    set_in_progress(None);
+    out_done();
     result
 }
 

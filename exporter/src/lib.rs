@@ -1,5 +1,6 @@
 //! star-export: STAR checkpoints (PyTorch zip-pickle or safetensors) to ONNX model directories.
 
+pub mod build_engine;
 pub mod calibrate;
 pub mod checkpoint;
 pub mod config;

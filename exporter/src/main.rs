@@ -99,6 +99,47 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Build GPU engines from a model directory: one per graph, one optimization profile per scale
+    /// (written atomically, like export). --dry-run needs no GPU: it writes and prints plan.json.
+    #[command(
+        after_help = "Examples:\n  star-export build-engine --model model/ --backend tensorrt --out engines/ --dry-run\n  star-export build-engine --model model-fp16/ --backend tensorrt --out engines-fp16/ --workspace-gb 8\n  star-run --engine engines-fp16/ --prompt \"a red circle\" --out red.png"
+    )]
+    BuildEngine {
+        /// Model directory made by `star-export export` (any precision: the engines take theirs
+        /// from the graphs).
+        #[arg(long)]
+        model: PathBuf,
+        /// tensorrt (native TensorRT 11; star-export built with --features tensorrt) or ort-trt
+        /// (ONNX Runtime's TensorRT provider, TensorRT 10; scripts/setup-ort.sh --gpu).
+        #[arg(long)]
+        backend: String,
+        /// Output engine directory (must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Images per generation the engines are built for (profiles are exact shapes).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Builder workspace limit in GiB [default: TensorRT's, the device's memory].
+        #[arg(long)]
+        workspace_gb: Option<f64>,
+        /// TensorRT builder optimization level, 0 to 5 (higher: longer builds, faster engines).
+        #[arg(long, default_value_t = 3)]
+        opt_level: u32,
+        /// libnvinfer to load (tensorrt) [default: $STAR_TENSORRT_LIB, then libnvinfer.so.11 on the
+        /// library path].
+        #[arg(long)]
+        tensorrt_lib: Option<PathBuf>,
+        /// CUDA device ordinal to build on.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Write plan.json (graphs, per-scale profiles with shapes, precisions, I/O names) into
+        /// --out and print it; needs no GPU and no TensorRT.
+        #[arg(long)]
+        dry_run: bool,
+        /// No progress lines.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Print what a checkpoint file or folder holds and which model it is.
     Inspect {
         path: PathBuf,
@@ -197,10 +238,7 @@ fn run(cli: Cli) -> star_export::Result<ExitCode> {
             let rep = star_export::validate::validate(
                 &model,
                 &golden,
-                BackendOptions {
-                    name: "ort-cpu".into(),
-                    threads,
-                },
+                BackendOptions::named("ort-cpu", threads),
             )?;
             print!("{}", rep.table());
             Ok(if rep.all_pass() {
@@ -208,6 +246,49 @@ fn run(cli: Cli) -> star_export::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Cmd::BuildEngine {
+            model,
+            backend,
+            out,
+            batch,
+            workspace_gb,
+            opt_level,
+            tensorrt_lib,
+            device,
+            dry_run,
+            quiet,
+        } => {
+            use star_export::build_engine::{build_engine, BuildEngineArgs, Outcome};
+            let a = BuildEngineArgs {
+                model,
+                backend,
+                out: out.clone(),
+                options: star_engines::engine_plan::BuildOptions {
+                    batch,
+                    workspace_gb,
+                    opt_level,
+                },
+                tensorrt_lib,
+                device,
+                dry_run,
+                quiet,
+            };
+            let t = std::time::Instant::now();
+            match build_engine(&a)? {
+                Outcome::DryRun(text) => print!("{text}"),
+                Outcome::Built(em) => println!(
+                    "built {} {} engines for {} (compute capability {}, TensorRT {}) in {:.1}s: {}",
+                    em.built.len(),
+                    em.plan.backend.name(),
+                    em.target.gpu.name,
+                    em.target.gpu.compute_capability,
+                    em.target.tensorrt,
+                    t.elapsed().as_secs_f64(),
+                    out.display()
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Inspect { path, keys } => {
             print!("{}", star_export::inspect::inspect(&path, keys)?);

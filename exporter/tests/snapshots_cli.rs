@@ -22,6 +22,7 @@ fn help_texts() {
         ("export_help", vec!["export", "--help"]),
         ("validate_help", vec!["validate", "--help"]),
         ("inspect_help", vec!["inspect", "--help"]),
+        ("build_engine_help", vec!["build-engine", "--help"]),
     ] {
         let (code, out) = run(&args);
         assert_eq!(code, 0);

@@ -71,7 +71,13 @@ pub fn bench(
         m.schedule.image_size,
         if params.recompute_past { "off (earlier scales re-run)" } else { "on" }
     );
+    let device = p.md.device();
     let mut table = head.clone();
+    if let Some(d) = &device {
+        // Stage timings are host timers around calls that return only once their outputs are
+        // on the host (the device work is finished), so no separate synchronisation is needed.
+        table.push_str(&format!("device: {d}\n"));
+    }
     table.push_str(&format!(
         "{:<18} {:>10} {:>10} {:>10} {:>16}\n",
         "stage", "median ms", "p90 ms", "min ms", "mean ± std"
@@ -93,7 +99,7 @@ pub fn bench(
     table.push_str(&format!("runtime overhead (end to end minus ONNX Runtime calls): median {oh_med:.2}% of end to end\n"));
     let json = serde_json::json!({
         "machine": machine(), "backend": p.md.opts.name, "threads": threads, "precision": m.precision,
-        "model_hash": m.model_hash, "kv_cache": !params.recompute_past, "warmup": warmup, "runs": runs, "stages": rows, "runtime_overhead_pct_median": oh_med,
+        "model_hash": m.model_hash, "kv_cache": !params.recompute_past, "warmup": warmup, "runs": runs, "stages": rows, "runtime_overhead_pct_median": oh_med, "device": device,
     });
     Ok(BenchResult { table, json })
 }

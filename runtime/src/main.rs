@@ -27,17 +27,63 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Model directory (star-export export output). Default: the embedded demo model.
-    #[arg(long, alias = "engine")]
+    /// Model directory (star-export export output) [default: the embedded demo model, or with
+    /// --engine the model the engines were built from].
+    #[arg(long)]
     model: Option<PathBuf>,
-    /// Execution backend (this build: ort-cpu). It runs fp32, fp16 and int8 directories as
-    /// exported: int8 is the CPU speed path; fp16 on the CPU is an accuracy check, not a speed
-    /// path (ONNX Runtime computes most FP16 nodes through casts to FP32).
-    #[arg(long, default_value = "ort-cpu")]
-    backend: String,
+    /// Engine directory (star-export build-engine output): its backend (tensorrt or ort-trt) is
+    /// taken from its engine.json, which is checked against this GPU and library first.
+    #[arg(long, conflicts_with = "backend")]
+    engine: Option<PathBuf>,
+    /// Execution backend: ort-cpu (ONNX Runtime's CPU provider: int8 is the CPU speed path; fp16
+    /// on the CPU is an accuracy check, not a speed path) or ort-cuda (ONNX Runtime's CUDA
+    /// provider with the KV cache on the GPU; needs `scripts/setup-ort.sh --gpu`). Every backend
+    /// runs fp32, fp16 and int8 directories as exported [default: ort-cpu].
+    #[arg(long)]
+    backend: Option<String>,
     /// ONNX Runtime intra-op threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// CUDA device ordinal (GPU backends).
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// GPU backends: accept graph nodes that ONNX Runtime would place on the CPU (refused by
+    /// default: a silent CPU fallback is a slow GPU run).
+    #[arg(long)]
+    allow_cpu_fallback: bool,
+    /// Print the device and the provider each stage runs on.
+    #[arg(long)]
+    verbose: bool,
+}
+
+impl ModelArgs {
+    /// The model directory and backend options; with --engine, the backend of the engine
+    /// directory and (unless --model is given) the model it was built from.
+    fn resolve(&self) -> anyhow::Result<(PathBuf, BackendOptions)> {
+        let mut opts = BackendOptions {
+            name: self.backend.clone().unwrap_or_else(|| "ort-cpu".into()),
+            threads: self.threads,
+            device: self.device,
+            allow_cpu_fallback: self.allow_cpu_fallback,
+            verbose: self.verbose,
+            engine_dir: None,
+        };
+        let Some(e) = &self.engine else {
+            let dir = self
+                .model
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL));
+            return Ok((dir, opts));
+        };
+        let em = star_engines::engine_plan::EngineManifest::load(e)?;
+        opts.name = em.plan.backend.name().into();
+        opts.engine_dir = Some(e.clone());
+        let dir = self
+            .model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&em.plan.model.path));
+        Ok((dir, opts))
+    }
 }
 
 #[derive(Args, Clone)]
@@ -215,17 +261,8 @@ fn main() -> ExitCode {
 }
 
 fn open(m: &ModelArgs) -> anyhow::Result<(Pipeline, PathBuf)> {
-    let dir = m
-        .model
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL));
-    let p = Pipeline::open(
-        &dir,
-        BackendOptions {
-            name: m.backend.clone(),
-            threads: m.threads,
-        },
-    )?;
+    let (dir, opts) = m.resolve()?;
+    let p = Pipeline::open(&dir, opts)?;
     Ok((p, dir))
 }
 
@@ -325,10 +362,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     star_runtime::args::check_output_file(f, flag).map_err(anyhow::Error::msg)?;
                 }
             }
-            let opts = BackendOptions {
-                name: backend,
-                threads,
-            };
+            let opts = BackendOptions::named(&backend, threads);
             let mut r = Pipeline::open(&reference, opts.clone())?;
             let mut c = Pipeline::open(&candidate, opts)?;
             let rep = star_runtime::compare::compare(
@@ -382,15 +416,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             request_timeout_s,
             drain_s,
         }) => {
+            let (dir, backend) = model.resolve()?;
             star_runtime::serve::serve(star_runtime::serve::ServeOptions {
-                model: model
-                    .model
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL)),
-                backend: BackendOptions {
-                    name: model.backend.clone(),
-                    threads: model.threads,
-                },
+                model: dir,
+                backend,
                 host,
                 port,
                 max_queue: max_queue as usize,
@@ -403,16 +432,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Cmd::Verify { model }) => {
-            let dir = model
-                .model
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL));
+            let (dir, opts) = model.resolve()?;
             let md = star_engines::model_dir::ModelDir::open_with(
                 &dir,
-                BackendOptions {
-                    name: model.backend.clone(),
-                    threads: model.threads,
-                },
+                opts,
                 star_engines::manifest::Integrity::Full,
             )?;
             let m = &md.manifest;

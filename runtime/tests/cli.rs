@@ -171,10 +171,130 @@ fn precision_disagreeing_with_the_graphs_is_refused() {
 fn unknown_backend() {
     expect_error(
         &demo(),
+        &["--backend", "cuda-magic"],
+        &[],
+        "backend 'cuda-magic' is not available in this build (available: ort-cpu, ort-cuda, ort-trt",
+    );
+}
+
+#[test]
+fn gpu_backends_without_their_libraries_are_refused() {
+    // No GPU build of ONNX Runtime where it is looked for.
+    expect_error(
+        &demo(),
+        &["--backend", "ort-cuda"],
+        &[("ORT_GPU_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
+        "the GPU build of ONNX Runtime not found (ORT_GPU_DYLIB_PATH=/nonexistent/libonnxruntime.so does not exist); install it with `bash scripts/setup-ort.sh --gpu`",
+    );
+    // The CPU build is not mistaken for it.
+    let cpu = cpu_library();
+    let cpu = cpu.to_str().unwrap();
+    expect_error(
+        &demo(),
+        &["--backend", "ort-cuda"],
+        &[("ORT_GPU_DYLIB_PATH", cpu)],
+        "has no libonnxruntime_providers_cuda.so beside it: it is the CPU build",
+    );
+    expect_error(
+        &demo(),
         &["--backend", "tensorrt"],
         &[],
-        "backend 'tensorrt' is not available",
+        if cfg!(feature = "tensorrt") {
+            "backend tensorrt runs engine directories: build one with `star-export build-engine"
+        } else {
+            "backend tensorrt: this build has no TensorRT support; rebuild with"
+        },
     );
+    expect_error(
+        &demo(),
+        &["--backend", "ort-trt"],
+        &[],
+        "backend ort-trt runs engine directories: build one with `star-export build-engine",
+    );
+}
+
+/// The CPU build of ONNX Runtime the tests run with (ORT_DYLIB_PATH, or ./.venv).
+fn cpu_library() -> PathBuf {
+    std::env::var("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            star_engines::backend::ort_library_in_venv(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"),
+            )
+            .expect("the CPU build of ONNX Runtime (bash scripts/setup-ort.sh)")
+        })
+}
+
+/// A GPU build of ONNX Runtime (its provider library present) on a machine without an NVIDIA
+/// driver: refused before any model work, naming the missing driver.
+#[test]
+fn gpu_backend_without_a_gpu_is_refused() {
+    if Path::new("/dev/nvidiactl").exists() {
+        eprintln!("skipped: this machine has an NVIDIA driver");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let cpu = cpu_library();
+    let lib = t.path().join("libonnxruntime.so.1.31.1");
+    std::fs::copy(&cpu, &lib).unwrap();
+    std::fs::write(t.path().join("libonnxruntime_providers_cuda.so"), b"").unwrap();
+    expect_error(
+        &demo(),
+        &["--backend", "ort-cuda", "--device", "1"],
+        &[("ORT_GPU_DYLIB_PATH", lib.to_str().unwrap())],
+        "backend ort-cuda: no usable NVIDIA GPU: libcuda.so.1 not found",
+    );
+}
+
+#[test]
+fn engine_directories_are_checked_before_loading() {
+    let t = tempfile::tempdir().unwrap();
+    // Not an engine directory (a dry run's plan only).
+    std::fs::write(t.path().join("plan.json"), "{}").unwrap();
+    let e = t.path().to_str().unwrap();
+    expect_error(
+        &demo(),
+        &["--engine", e],
+        &[],
+        "engine.json: manifest: missing: not an engine directory",
+    );
+    // An engine directory for a backend this build lacks, or whose library is missing here.
+    let hash = star_engines::manifest::Manifest::load(&demo())
+        .unwrap()
+        .model_hash;
+    let em = |backend: &str| {
+        format!(
+            r#"{{"schema_version": 1, "producer": "t", "target": {{"gpu": {{"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_bytes": 85899345920}}, "tensorrt": "11.4.0"}},
+               "plan": {{"schema_version": 1, "backend": "{backend}", "model": {{"path": "{}", "model_hash": "{hash}", "precision": "fp32", "schema_version": 3, "depth": 4, "image_size": 64, "scales": 4, "sampler": false}},
+               "builder": {{"batch": 1, "workspace_gb": null, "opt_level": 3}}, "engines": []}}, "built": []}}"#,
+            demo().display()
+        )
+    };
+    std::fs::write(t.path().join("engine.json"), em("tensorrt")).unwrap();
+    expect_error(
+        &demo(),
+        &["--engine", e],
+        &[("STAR_TENSORRT_LIB", "/nonexistent/libnvinfer.so.11")],
+        if cfg!(feature = "tensorrt") {
+            "backend tensorrt: the TensorRT 11 library not found (/nonexistent/libnvinfer.so.11:"
+        } else {
+            "no TensorRT support"
+        },
+    );
+    std::fs::write(t.path().join("engine.json"), em("ort-trt")).unwrap();
+    expect_error(
+        &demo(),
+        &["--engine", e],
+        &[("ORT_GPU_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
+        "GPU build of ONNX Runtime not found",
+    );
+    // --engine takes its backend from the engine directory.
+    let o = star_run(
+        &["--engine", e, "--backend", "ort-cpu", "--prompt", "x"],
+        &[],
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("cannot be used with"), "{}", o.stderr);
 }
 
 #[test]

@@ -23,10 +23,7 @@ fn full_cycle(variant: &str, resolution: usize) {
 }
 
 fn cycle_on(variant: &str, resolution: usize, backend: &str, precision: &str) {
-    let opts = || BackendOptions {
-        name: backend.to_string(),
-        threads: 0,
-    };
+    let opts = || BackendOptions::named(backend, 0);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model");
     let m = export_fixture_at(variant, resolution, precision, &out);

@@ -1,0 +1,280 @@
+//! The engine boundary as ONNX Runtime I/O bindings, the same on every ONNX Runtime backend: a
+//! stage's inputs and outputs are values created over memory the engine owns — the host for
+//! `ort-cpu`, the GPU for `ort-cuda` — and the KV cache is one buffer whose past (a prefix) is
+//! bound as an input and whose new region is bound as the `kv_new` output, so the session reads
+//! the past and writes the scale's K/V in place. ort-cpu runs every generation through this code,
+//! so the golden suites test the bookkeeping (offsets, views, in-place writes) that ort-cuda uses
+//! over device memory.
+
+use crate::error::{EngineError, Result};
+use crate::tensor::Tensor;
+use std::collections::HashMap;
+
+/// Where a buffer lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    Host,
+    Cuda(i32),
+}
+
+impl Place {
+    pub fn memory_info(self) -> std::result::Result<ort::memory::MemoryInfo<'static>, String> {
+        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+        let (dev, id) = match self {
+            Place::Host => (AllocationDevice::CPU, 0),
+            Place::Cuda(d) => (AllocationDevice::CUDA, d),
+        };
+        MemoryInfo::new(dev, id, AllocatorType::Device, MemoryType::Default)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The token-major layout of the KV cache, (capacity, depth, 2, rows, heads, head_dim) float32:
+/// tokens begin..begin+n are one contiguous byte range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub shape: [usize; 6],
+}
+
+/// One region of the cache: where it starts, how long it is, and its shape as a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvRegion {
+    pub byte_offset: usize,
+    pub bytes: usize,
+    pub shape: [usize; 6],
+}
+
+impl KvLayout {
+    pub const ELEM_BYTES: usize = 4;
+
+    pub fn token_floats(&self) -> usize {
+        self.shape[1..].iter().product()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.shape[0]
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.capacity() * self.token_floats() * Self::ELEM_BYTES
+    }
+
+    /// Tokens `begin..begin + n`: the past of a scale is `region(0, begin)`, its new K/V
+    /// `region(begin, tokens)`.
+    pub fn region(&self, begin: usize, n: usize) -> std::result::Result<KvRegion, String> {
+        let end = begin
+            .checked_add(n)
+            .filter(|&e| e <= self.capacity())
+            .ok_or_else(|| {
+                format!(
+                    "KV cache region of tokens {begin}..{} is beyond its {} tokens",
+                    begin.saturating_add(n),
+                    self.capacity()
+                )
+            })?;
+        let tb = self.token_floats() * Self::ELEM_BYTES;
+        let mut shape = self.shape;
+        shape[0] = end - begin;
+        Ok(KvRegion {
+            byte_offset: begin * tb,
+            bytes: n * tb,
+            shape,
+        })
+    }
+}
+
+/// An ONNX Runtime tensor over `len` bytes at `data` in `place` (memory that outlives it). The
+/// value is owned from ort's point of view, so binding it aliases the buffer instead of copying
+/// it (ort clones borrowed values on every bind).
+///
+/// # Safety
+/// `data..data+len` must stay valid for the value's lifetime and be aligned for the element
+/// type; it is written only where the value is bound as an output.
+pub unsafe fn value_over(
+    data: *const u8,
+    len: usize,
+    shape: &[i64],
+    elem: ort::sys::ONNXTensorElementDataType,
+    place: Place,
+) -> std::result::Result<ort::value::DynValue, String> {
+    use ort::AsPointer;
+    let info = place.memory_info()?;
+    let api = ort::api();
+    let mut v: *mut ort::sys::OrtValue = std::ptr::null_mut();
+    // SAFETY: the caller guarantees the buffer.
+    let status = unsafe {
+        (api.CreateTensorWithDataAsOrtValue)(
+            info.ptr(),
+            data as *mut std::ffi::c_void,
+            len,
+            shape.as_ptr(),
+            shape.len(),
+            elem,
+            &mut v,
+        )
+    };
+    if !status.0.is_null() {
+        // SAFETY: a non-null status is a valid OrtStatus until released.
+        let msg = unsafe {
+            let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+                .to_string_lossy()
+                .into_owned();
+            (api.ReleaseStatus)(status.0);
+            m
+        };
+        return Err(msg);
+    }
+    let v = std::ptr::NonNull::new(v).ok_or("CreateTensorWithDataAsOrtValue returned null")?;
+    // SAFETY: a fresh tensor value we own; its data is not allocator-owned (ORT never frees it).
+    Ok(unsafe { ort::value::Value::from_ptr(v, Some(&ort::memory::Allocator::default())) })
+}
+
+/// A float32 value over one region of a cache buffer whose first byte is at `base`.
+///
+/// # Safety
+/// `base` must point at a live buffer of `layout.bytes()` bytes in `place` that outlives the
+/// value.
+pub unsafe fn kv_value(
+    base: *mut u8,
+    layout: &KvLayout,
+    begin: usize,
+    n: usize,
+    place: Place,
+) -> std::result::Result<ort::value::DynValue, String> {
+    let r = layout.region(begin, n)?;
+    let shape: Vec<i64> = r.shape.iter().map(|&d| d as i64).collect();
+    // SAFETY: the region is inside the buffer (checked by `region`); the caller guarantees it.
+    unsafe {
+        value_over(
+            base.add(r.byte_offset),
+            r.bytes,
+            &shape,
+            ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+            place,
+        )
+    }
+}
+
+/// A host input as a value over its slice (no copy on the host; the runtime uploads it when the
+/// session wants it on a device).
+pub fn host_value(
+    inp: &crate::backend::Input<'_>,
+) -> std::result::Result<ort::value::DynValue, String> {
+    use crate::backend::Input;
+    use ort::sys::ONNXTensorElementDataType as T;
+    let (shape, ptr, len, elem) = match inp {
+        Input::F32(s, d) => (
+            s.to_vec(),
+            d.as_ptr() as *const u8,
+            std::mem::size_of_val(*d),
+            T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+        ),
+        Input::F32Owned(s, d) => (
+            s.clone(),
+            d.as_ptr() as *const u8,
+            std::mem::size_of_val(*d),
+            T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+        ),
+        Input::I64(s, d) => (
+            s.to_vec(),
+            d.as_ptr() as *const u8,
+            std::mem::size_of_val(*d),
+            T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+        ),
+    };
+    let numel: usize = shape.iter().product();
+    let elem_bytes = if matches!(inp, Input::I64(..)) { 8 } else { 4 };
+    if numel * elem_bytes != len {
+        return Err(format!("{len} bytes do not hold shape {shape:?}"));
+    }
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    // SAFETY: a slice of exactly that many elements, borrowed for longer than the run that reads
+    // it (the caller keeps the value no longer than the borrow).
+    unsafe { value_over(ptr, len, &shape, elem, Place::Host) }
+}
+
+/// Run `session` through one I/O binding: `inputs` bound as given (values over host or device
+/// memory), `outputs_in_place` written into the values given, and every other output returned on
+/// the host.
+pub fn run_bound(
+    session: &mut ort::session::Session,
+    label: &str,
+    inputs: &[(&str, &ort::value::DynValue)],
+    outputs_in_place: &mut [(&str, ort::value::DynValue)],
+    run_options: Option<&ort::session::RunOptions>,
+) -> Result<HashMap<String, Tensor>> {
+    let err = |e: ort::Error| EngineError::Ort {
+        context: format!("running stage {label}"),
+        message: e.to_string(),
+    };
+    let mut b = session.create_binding().map_err(err)?;
+    for (name, v) in inputs {
+        b.bind_input(*name, *v).map_err(err)?;
+    }
+    let host = Place::Host
+        .memory_info()
+        .map_err(|m| err(ort::Error::new(m)))?;
+    let names: Vec<String> = session
+        .outputs()
+        .iter()
+        .map(|o| o.name().to_string())
+        .collect();
+    for name in &names {
+        if let Some((_, v)) = outputs_in_place.iter_mut().find(|(n, _)| n == name) {
+            b.bind_output(name.as_str(), v).map_err(err)?;
+        } else {
+            b.bind_output_to_device(name.as_str(), &host).map_err(err)?;
+        }
+    }
+    let outputs = match run_options {
+        Some(o) => session.run_binding_with_options(&b, o),
+        None => session.run_binding(&b),
+    }
+    .map_err(err)?;
+    let mut out = HashMap::new();
+    for (name, value) in outputs.iter() {
+        if outputs_in_place.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let t = if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
+            Tensor::f32(shape.iter().map(|&d| d as usize).collect(), data.to_vec())
+        } else {
+            let (shape, data) =
+                value
+                    .try_extract_tensor::<i64>()
+                    .map_err(|e| EngineError::Ort {
+                        context: format!("running stage {label}: output {name}"),
+                        message: e.to_string(),
+                    })?;
+            Tensor::i64(shape.iter().map(|&d| d as usize).collect(), data.to_vec())
+        };
+        out.insert(name.to_string(), t);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_are_token_ranges_of_one_buffer() {
+        let l = KvLayout {
+            shape: [10, 2, 2, 2, 3, 4],
+        };
+        assert_eq!(l.token_floats(), 2 * 2 * 2 * 3 * 4);
+        assert_eq!(l.bytes(), 10 * 96 * 4);
+        let past = l.region(0, 5).unwrap();
+        assert_eq!(past.byte_offset, 0);
+        assert_eq!(past.bytes, 5 * 96 * 4);
+        assert_eq!(past.shape, [5, 2, 2, 2, 3, 4]);
+        let new = l.region(5, 4).unwrap();
+        assert_eq!(new.byte_offset, past.bytes);
+        assert_eq!(new.shape[0], 4);
+        // The past of scale 0 is empty; a region may end exactly at the capacity.
+        assert_eq!(l.region(0, 0).unwrap().bytes, 0);
+        assert!(l.region(6, 4).is_ok());
+        assert!(l.region(7, 4).is_err());
+        assert!(l.region(usize::MAX, 2).is_err());
+    }
+}

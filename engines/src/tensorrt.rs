@@ -1,0 +1,666 @@
+//! Native TensorRT 11 (the `tensorrt` cargo feature): `build-engine --backend tensorrt` builds one
+//! strongly typed engine per graph with one optimization profile per scale (MIN = OPT = MAX), and
+//! `star-run --engine` runs them with every buffer on the device: one execution context per
+//! profile sharing one scratch allocation, the KV cache as one device allocation whose past is
+//! bound by address and whose new region each step writes in place, one CUDA stream.
+//!
+//! Built against TensorRT 11.4's headers (bundled by `trtx`); `libnvinfer.so.11` and
+//! `libnvonnxparser.so.11` are loaded at run time. Not run against a real TensorRT in this
+//! repository: no machine here has one (README). Everything up to the TensorRT API — library
+//! lookup, version check, plan, engine manifest, profile shapes — is tested.
+
+use crate::backend::{Arg, Backend, BackendOptions, Engine, Input, KvWrite};
+use crate::engine_plan::{
+    BuildOptions, EngineBackend, EngineBuilder, PlannedEngine, PlannedProfile, Target, TensorShape,
+};
+use crate::error::{EngineError, Result};
+use crate::manifest::Manifest;
+use crate::ort_bind::KvLayout;
+use crate::stage::Stage;
+use crate::tensor::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+const BACKEND: &str = "tensorrt";
+pub const TENSORRT_MAJOR: u32 = 11;
+
+fn trt_err(context: &str, e: impl std::error::Error) -> EngineError {
+    EngineError::Unsupported(format!(
+        "tensorrt: {context}: {}",
+        crate::gpu::error_chain(&e)
+    ))
+}
+
+/// TensorRT's log, kept: a failed parse or build is reported with TensorRT's own messages (the
+/// parser names the failing node), not just "failed".
+#[derive(Default, Clone)]
+struct Collect(Arc<Mutex<Vec<String>>>);
+
+impl trtx::LogHandler for Collect {
+    fn log(&self, severity: trtx::Severity, message: &str) {
+        if severity <= trtx::Severity::Error {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(message.trim().to_string());
+        }
+    }
+}
+
+impl Collect {
+    fn take(&self) -> String {
+        let v = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        if v.is_empty() {
+            "TensorRT logged no error".into()
+        } else {
+            v.join(" | ")
+        }
+    }
+}
+
+/// The loaded library: which file, and its version as it reports it.
+struct Loaded {
+    path: PathBuf,
+    version: String,
+}
+
+static LOADED: std::sync::OnceLock<std::result::Result<Loaded, EngineError>> =
+    std::sync::OnceLock::new();
+
+/// Find, version-check and load libnvinfer (and the ONNX parser beside it): `--tensorrt-lib`,
+/// then STAR_TENSORRT_LIB, then `libnvinfer.so.11` and `libnvinfer.so` on the library path.
+fn load_library(explicit: Option<&Path>) -> Result<&'static Loaded> {
+    let r = LOADED.get_or_init(|| {
+        let mut candidates: Vec<PathBuf> = vec![];
+        if let Some(p) = explicit {
+            candidates.push(p.to_path_buf());
+        } else if let Ok(p) = std::env::var("STAR_TENSORRT_LIB") {
+            candidates.push(PathBuf::from(p));
+        } else {
+            candidates.push("libnvinfer.so.11".into());
+            candidates.push("libnvinfer.so".into());
+        }
+        let mut tried = vec![];
+        for c in &candidates {
+            let version = match crate::ort_gpu::tensorrt_library_version(c) {
+                Ok(v) => v,
+                Err(why) => {
+                    tried.push(format!("{}: {why}", c.display()));
+                    continue;
+                }
+            };
+            let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+            if major != TENSORRT_MAJOR {
+                return Err(EngineError::Unsupported(format!(
+                    "backend tensorrt: {} is TensorRT {version}; this backend needs TensorRT {TENSORRT_MAJOR} (TensorRT 10 is --backend ort-trt); point --tensorrt-lib or STAR_TENSORRT_LIB at a TensorRT {TENSORRT_MAJOR} libnvinfer",
+                    c.display()
+                )));
+            }
+            trtx::dynamically_load_tensorrt(Some(c.as_path()))
+                .map_err(|e| trt_err(&format!("loading {}", c.display()), e))?;
+            // The parser of the same installation: beside libnvinfer when a path was given.
+            let parser = c
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .map(|d| d.join("libnvonnxparser.so.11"))
+                .unwrap_or_else(|| PathBuf::from("libnvonnxparser.so.11"));
+            trtx::dynamically_load_tensorrt_onnxparser(Some(parser.as_path())).map_err(|e| {
+                EngineError::Missing {
+                    backend: BACKEND.into(),
+                    what: "TensorRT's ONNX parser".into(),
+                    tried: format!("{}: {}", parser.display(), crate::gpu::error_chain(&e)),
+                    how: "install TensorRT 11's libnvonnxparser beside libnvinfer".into(),
+                }
+            })?;
+            return Ok(Loaded {
+                path: c.clone(),
+                version,
+            });
+        }
+        Err(EngineError::Missing {
+            backend: BACKEND.into(),
+            what: "the TensorRT 11 library".into(),
+            tried: tried.join("; "),
+            how: "install TensorRT 11 and pass --tensorrt-lib /path/to/libnvinfer.so.11 or set STAR_TENSORRT_LIB (or add its lib directory to LD_LIBRARY_PATH)".into(),
+        })
+    });
+    match r {
+        Ok(l) => Ok(l),
+        Err(e) => Err(EngineError::Unsupported(e.to_string())),
+    }
+}
+
+fn target(lib: Option<&Path>, device: usize) -> Result<Target> {
+    let l = load_library(lib)?;
+    let gpu = crate::gpu::gpu_identity(BACKEND, device)?;
+    let _ = &l.path;
+    Ok(Target {
+        gpu,
+        tensorrt: l.version.clone(),
+        onnxruntime: None,
+    })
+}
+
+pub struct TrtBuilder {
+    target: Target,
+    log: Collect,
+    logger: trtx::Logger,
+}
+
+impl TrtBuilder {
+    pub fn new(lib: Option<&Path>, device: usize) -> Result<Self> {
+        let target = target(lib, device)?;
+        let log = Collect::default();
+        let logger =
+            trtx::Logger::new(log.clone()).map_err(|e| trt_err("creating the logger", e))?;
+        Ok(TrtBuilder {
+            target,
+            log,
+            logger,
+        })
+    }
+}
+
+fn dims(t: &TensorShape) -> trtx::trtx_sys::Dims64 {
+    trtx::trtx_sys::Dims64::from_slice(&t.dims)
+}
+
+impl EngineBuilder for TrtBuilder {
+    fn target(&self) -> &Target {
+        &self.target
+    }
+
+    fn build(
+        &mut self,
+        e: &PlannedEngine,
+        graph: &Path,
+        out: &Path,
+        opts: &BuildOptions,
+    ) -> Result<()> {
+        let failed = |what: &str, log: &Collect| {
+            EngineError::Unsupported(format!(
+                "tensorrt: {what} {} failed: {}",
+                graph.display(),
+                log.take()
+            ))
+        };
+        let mut builder =
+            trtx::Builder::new(&self.logger).map_err(|x| trt_err("creating the builder", x))?;
+        // TensorRT 11 networks are strongly typed: the precision is the graph's (FP16 weights,
+        // Q/DQ for INT8), no builder flag is involved.
+        let network = builder
+            .create_network(0)
+            .map_err(|x| trt_err("creating the network", x))?;
+        let mut parser = trtx::OnnxParser::new(network, &self.logger)
+            .map_err(|x| trt_err("creating the ONNX parser", x))?;
+        // From the file: the parser resolves the external weights (weights.bin) beside it.
+        parser
+            .parse_from_file(&graph.to_string_lossy(), trtx::Severity::Warning as i32)
+            .map_err(|_| failed("parsing", &self.log))?;
+        let mut config = builder
+            .create_config()
+            .map_err(|x| trt_err("creating the builder config", x))?;
+        if let Some(w) = opts.workspace_gb {
+            config.set_memory_pool_limit(
+                trtx::MemoryPoolType::kWORKSPACE,
+                (w * (1u64 << 30) as f64) as usize,
+            );
+        }
+        config.set_builder_optimization_level(opts.opt_level as i32);
+        for p in &e.profiles {
+            let mut prof = builder
+                .creata_optimization_profile()
+                .map_err(|x| trt_err("creating a profile", x))?;
+            for t in &p.inputs {
+                let d = dims(t);
+                for sel in [
+                    trtx::OptProfileSelector::kMIN,
+                    trtx::OptProfileSelector::kOPT,
+                    trtx::OptProfileSelector::kMAX,
+                ] {
+                    prof.set_dimensions(&t.name, sel, &d).map_err(|x| {
+                        trt_err(&format!("profile {} input {}", p.index, t.name), x)
+                    })?;
+                }
+            }
+            let idx = config
+                .add_optimization_profile(&mut prof)
+                .map_err(|x| trt_err(&format!("adding profile {}", p.index), x))?;
+            if idx as usize != p.index {
+                return Err(EngineError::Unsupported(format!(
+                    "tensorrt: profile {} of {} got index {idx}",
+                    p.index, e.stage
+                )));
+            }
+        }
+        let plan = builder
+            .build_serialized_network(parser.network_mut(), &mut config)
+            .map_err(|_| failed("building", &self.log))?;
+        std::fs::write(out, &plan[..]).map_err(crate::error::io_err(out))?;
+        Ok(())
+    }
+}
+
+/// One execution context per profile, with its device buffers for every tensor that is not the
+/// KV cache.
+struct Context {
+    profile: PlannedProfile,
+    ctx: trtx::ExecutionContext<'static>,
+    buffers: HashMap<String, (cudarc::driver::CudaSlice<u8>, usize)>,
+}
+
+struct StageEngine {
+    planned: PlannedEngine,
+    // Field order is drop order: contexts before their engine.
+    contexts: Vec<Context>,
+    _engine: trtx::CudaEngine<'static>,
+}
+
+pub struct TensorRt;
+
+impl Backend for TensorRt {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+    fn precisions(&self) -> &'static [&'static str] {
+        &["fp32", "fp16", "int8"]
+    }
+    fn load(
+        &self,
+        dir: &Path,
+        m: &Manifest,
+        opts: &BackendOptions,
+        _verified: &[(Stage, Arc<[u8]>)],
+    ) -> Result<Box<dyn Engine>> {
+        let (edir, em) =
+            crate::ort_gpu::checked_engine_dir(EngineBackend::TensorRt, opts, m, dir, || {
+                target(None, opts.device)
+            })?;
+        let cu = cudarc::driver::CudaContext::new(opts.device)
+            .map_err(|e| trt_err("creating the CUDA context", e))?;
+        let stream = cu
+            .new_stream()
+            .map_err(|e| trt_err("creating a stream", e))?;
+        let log = Collect::default();
+        // One logger and runtime for the process: engines borrow them for their lifetime.
+        let logger: &'static trtx::Logger = Box::leak(Box::new(
+            trtx::Logger::new(log.clone()).map_err(|e| trt_err("creating the logger", e))?,
+        ));
+        let runtime: &'static mut trtx::Runtime<'static> = Box::leak(Box::new(
+            trtx::Runtime::new(logger).map_err(|e| trt_err("creating the runtime", e))?,
+        ));
+        let s = stream.cu_stream() as *mut std::ffi::c_void;
+        let mut stages = HashMap::new();
+        let mut scratch_need = 0usize;
+        for pe in &em.plan.engines {
+            let path = edir.join(&pe.file);
+            let bytes = std::fs::read(&path).map_err(crate::error::io_err(&path))?;
+            let mut engine = runtime.deserialize_cuda_engine(&bytes).map_err(|_| {
+                EngineError::Unsupported(format!(
+                    "tensorrt: deserializing {} failed: {}",
+                    path.display(),
+                    log.take()
+                ))
+            })?;
+            let mut contexts = vec![];
+            for p in &pe.profiles {
+                let mut rc = engine
+                    .create_runtime_config()
+                    .map_err(|e| trt_err("creating a runtime config", e))?;
+                rc.set_execution_context_allocation_strategy(
+                    trtx::ExecutionContextAllocationStrategy::kUSER_MANAGED,
+                );
+                let mut ctx = engine
+                    .create_execution_context_with_config(std::rc::Rc::new(rc))
+                    .map_err(|e| trt_err("creating an execution context", e))?;
+                // SAFETY: a valid stream of this context's device.
+                if !unsafe { ctx.set_optimization_profile_async(p.index as i32, s) } {
+                    return Err(EngineError::Unsupported(format!(
+                        "tensorrt: {} has no profile {}: {}",
+                        path.display(),
+                        p.index,
+                        log.take()
+                    )));
+                }
+                let mut buffers = HashMap::new();
+                for t in p.inputs.iter().chain(&p.outputs) {
+                    if p.inputs.iter().any(|i| i.name == t.name) {
+                        ctx.set_input_shape(&t.name, &dims(t))
+                            .map_err(|e| trt_err(&format!("input shape of {}", t.name), e))?;
+                    }
+                    if t.name == crate::stage::io::PAST || t.name == crate::stage::io::KV_NEW {
+                        continue;
+                    }
+                    let bytes = t.elements().max(1) as usize * elem_bytes(&t.dtype);
+                    let buf = stream
+                        .alloc_zeros::<u8>(bytes)
+                        .map_err(|e| device_memory(e, bytes))?;
+                    buffers.insert(t.name.clone(), (buf, bytes));
+                }
+                scratch_need = scratch_need.max(ctx.update_device_memory_size_for_shapes());
+                contexts.push(Context {
+                    profile: p.clone(),
+                    ctx,
+                    buffers,
+                });
+            }
+            stages.insert(
+                pe.stage,
+                StageEngine {
+                    planned: pe.clone(),
+                    contexts,
+                    _engine: engine,
+                },
+            );
+        }
+        // One scratch block shared by every context: they run one at a time on one stream.
+        let scratch = stream
+            .alloc_zeros::<u8>(scratch_need.max(1))
+            .map_err(|e| device_memory(e, scratch_need))?;
+        {
+            let (sp, _g) = cudarc::driver::DevicePtr::device_ptr(&scratch, &stream);
+            for st in stages.values_mut() {
+                for c in &mut st.contexts {
+                    // SAFETY: the block outlives the contexts (engine field order) and is at least
+                    // as large as any context needs.
+                    unsafe {
+                        c.ctx
+                            .set_device_memory_v2(sp as *mut std::ffi::c_void, scratch_need as i64)
+                    };
+                }
+            }
+        }
+        if opts.verbose {
+            eprintln!(
+                "tensorrt: {} engines from {}, TensorRT {}, {} contexts, {:.1} MB shared scratch",
+                stages.len(),
+                edir.display(),
+                em.target.tensorrt,
+                stages.values().map(|s| s.contexts.len()).sum::<usize>(),
+                scratch_need as f64 / 1e6
+            );
+        }
+        Ok(Box::new(TrtEngine {
+            device: opts.device,
+            kv: None,
+            stages,
+            _scratch: scratch,
+            stream,
+            _cu: cu,
+            log,
+        }))
+    }
+}
+
+fn elem_bytes(dtype: &str) -> usize {
+    match dtype {
+        "int64" => 8,
+        "float16" => 2,
+        _ => 4,
+    }
+}
+
+fn device_memory(e: cudarc::driver::DriverError, bytes: usize) -> EngineError {
+    EngineError::Unsupported(format!(
+        "tensorrt: {:.2} GB of device memory: {e}",
+        bytes as f64 / 1e9
+    ))
+}
+
+pub struct TrtEngine {
+    device: usize,
+    // Field order is drop order: buffers and contexts before the context and stream they use.
+    kv: Option<(cudarc::driver::CudaSlice<u8>, KvLayout)>,
+    stages: HashMap<Stage, StageEngine>,
+    _scratch: cudarc::driver::CudaSlice<u8>,
+    stream: Arc<cudarc::driver::CudaStream>,
+    _cu: Arc<cudarc::driver::CudaContext>,
+    log: Collect,
+}
+
+fn host_bytes<'a>(i: &'a Input<'a>) -> (&'a [usize], &'a [u8]) {
+    // SAFETY: viewing initialised f32 / i64 slices as bytes.
+    unsafe {
+        match i {
+            Input::F32(s, d) => (
+                s,
+                std::slice::from_raw_parts(d.as_ptr() as *const u8, std::mem::size_of_val(*d)),
+            ),
+            Input::F32Owned(s, d) => (
+                s,
+                std::slice::from_raw_parts(d.as_ptr() as *const u8, std::mem::size_of_val(*d)),
+            ),
+            Input::I64(s, d) => (
+                s,
+                std::slice::from_raw_parts(d.as_ptr() as *const u8, std::mem::size_of_val(*d)),
+            ),
+        }
+    }
+}
+
+impl Engine for TrtEngine {
+    fn load_all(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn prefetch(&mut self) {}
+
+    fn run(
+        &mut self,
+        stage: Stage,
+        inputs: &[(&str, Arg<'_>)],
+        kv_at: Option<KvWrite>,
+    ) -> Result<HashMap<String, Tensor>> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let st = self.stages.get_mut(&stage).ok_or_else(|| {
+            EngineError::Unsupported(format!("this engine directory has no {stage} engine"))
+        })?;
+        // The profile is the one whose input shapes these are (each scale has its own).
+        let shape_of = |name: &str| -> Option<Vec<i64>> {
+            inputs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, a)| match a {
+                    Arg::Host(i) => i.shape().iter().map(|&d| d as i64).collect(),
+                    Arg::KvPast(len) => {
+                        let mut s: Vec<i64> = self
+                            .kv
+                            .as_ref()
+                            .map(|(_, l)| l.shape.iter().map(|&d| d as i64).collect())
+                            .unwrap_or_default();
+                        if let Some(first) = s.first_mut() {
+                            *first = *len as i64;
+                        }
+                        s
+                    }
+                })
+        };
+        let ci = st
+            .contexts
+            .iter()
+            .position(|c| c.profile.inputs.iter().all(|t| shape_of(&t.name).as_deref() == Some(&t.dims[..])))
+            .ok_or_else(|| {
+                EngineError::Unsupported(format!(
+                    "tensorrt: no profile of the {stage} engine takes these shapes ({}); rebuild the engines for this model and batch",
+                    inputs
+                        .iter()
+                        .map(|(n, _)| format!("{n}{:?}", shape_of(n).unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ))
+            })?;
+        let stream = self.stream.clone();
+        let s = stream.cu_stream() as *mut std::ffi::c_void;
+        let kv_base = match &mut self.kv {
+            Some((buf, layout)) => {
+                let (p, _g) = buf.device_ptr_mut(&stream);
+                Some((p, *layout))
+            }
+            None => None,
+        };
+        let c = &mut st.contexts[ci];
+        for (name, a) in inputs {
+            match a {
+                Arg::Host(i) => {
+                    let (_, bytes) = host_bytes(i);
+                    let (buf, _) = c.buffers.get_mut(*name).ok_or_else(|| {
+                        EngineError::Unsupported(format!("tensorrt: {stage} has no input {name}"))
+                    })?;
+                    stream
+                        .memcpy_htod(bytes, &mut buf.slice_mut(0..bytes.len()))
+                        .map_err(|e| trt_err("uploading an input", e))?;
+                    let (p, _g) = buf.device_ptr(&stream);
+                    // SAFETY: a live device buffer sized from the profile.
+                    unsafe { c.ctx.set_tensor_address(name, p as *mut std::ffi::c_void) }
+                        .map_err(|e| trt_err(name, e))?;
+                }
+                Arg::KvPast(_) => {
+                    let (base, _) = kv_base.ok_or_else(|| {
+                        EngineError::Unsupported("KV cache used before kv_alloc".into())
+                    })?;
+                    // SAFETY: the cache outlives the run; the past is its prefix.
+                    unsafe {
+                        c.ctx
+                            .set_tensor_address(name, base as *mut std::ffi::c_void)
+                    }
+                    .map_err(|e| trt_err(name, e))?;
+                }
+            }
+        }
+        for t in &c.profile.outputs {
+            if t.name == crate::stage::io::KV_NEW {
+                let (base, layout) = kv_base.ok_or_else(|| {
+                    EngineError::Unsupported("KV cache used before kv_alloc".into())
+                })?;
+                let w = kv_at.ok_or_else(|| {
+                    EngineError::Unsupported(format!(
+                        "tensorrt: {stage} writes K/V but no cache region was given"
+                    ))
+                })?;
+                let r = layout
+                    .region(w.begin, w.tokens)
+                    .map_err(EngineError::Unsupported)?;
+                // SAFETY: the region is inside the cache (checked by `region`).
+                unsafe {
+                    c.ctx.set_tensor_address(
+                        &t.name,
+                        (base + r.byte_offset as u64) as *mut std::ffi::c_void,
+                    )
+                }
+                .map_err(|e| trt_err(&t.name, e))?;
+            } else {
+                let (buf, _) = c.buffers.get_mut(&t.name).ok_or_else(|| {
+                    EngineError::Unsupported(format!("tensorrt: {stage} has no output {}", t.name))
+                })?;
+                let (p, _g) = buf.device_ptr_mut(&stream);
+                // SAFETY: as above.
+                unsafe {
+                    c.ctx
+                        .set_tensor_address(&t.name, p as *mut std::ffi::c_void)
+                }
+                .map_err(|e| trt_err(&t.name, e))?;
+            }
+        }
+        // SAFETY: every tensor is bound to live device memory of its profile's size.
+        unsafe { c.ctx.enqueue_v3(s) }.map_err(|_| {
+            EngineError::Unsupported(format!(
+                "tensorrt: running {stage} failed: {}",
+                self.log.take()
+            ))
+        })?;
+        let mut out = HashMap::new();
+        for t in &c.profile.outputs {
+            if t.name == crate::stage::io::KV_NEW {
+                continue;
+            }
+            let (buf, bytes) = &c.buffers[&t.name];
+            let mut host = vec![0u8; *bytes];
+            stream
+                .memcpy_dtoh(&buf.slice(0..*bytes), &mut host)
+                .map_err(|e| trt_err("downloading an output", e))?;
+            stream
+                .synchronize()
+                .map_err(|e| trt_err("synchronizing", e))?;
+            let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            let tensor = if t.dtype == "int64" {
+                Tensor::i64(
+                    shape,
+                    host.chunks_exact(8)
+                        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                        .collect(),
+                )
+            } else {
+                Tensor::f32(
+                    shape,
+                    host.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap_or([0; 4])))
+                        .collect(),
+                )
+            };
+            out.insert(t.name.clone(), tensor);
+        }
+        stream
+            .synchronize()
+            .map_err(|e| trt_err("synchronizing", e))?;
+        let _ = st.planned.stage;
+        Ok(out)
+    }
+
+    fn kv_alloc(&mut self, shape: [usize; 6]) -> Result<()> {
+        if matches!(&self.kv, Some((_, l)) if l.shape == shape) {
+            return Ok(());
+        }
+        self.kv = None;
+        let layout = KvLayout { shape };
+        let buf = self
+            .stream
+            .alloc_zeros::<u8>(layout.bytes())
+            .map_err(|e| device_memory(e, layout.bytes()))?;
+        self.kv = Some((buf, layout));
+        Ok(())
+    }
+
+    fn kv_shape(&self) -> Option<[usize; 6]> {
+        self.kv.as_ref().map(|(_, l)| l.shape)
+    }
+
+    fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor> {
+        let (buf, layout) = self
+            .kv
+            .as_ref()
+            .ok_or_else(|| EngineError::Unsupported("KV cache read before kv_alloc".into()))?;
+        let r = layout.region(begin, n).map_err(EngineError::Unsupported)?;
+        let mut host = vec![0u8; r.bytes];
+        self.stream
+            .memcpy_dtoh(
+                &buf.slice(r.byte_offset..r.byte_offset + r.bytes),
+                &mut host,
+            )
+            .map_err(|e| trt_err("reading the KV cache", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| trt_err("synchronizing", e))?;
+        Ok(Tensor::f32(
+            r.shape.to_vec(),
+            host.chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap_or([0; 4])))
+                .collect(),
+        ))
+    }
+
+    fn shared_weights(&self) -> (usize, usize) {
+        (0, 0)
+    }
+    fn take_created(&mut self) -> Vec<(Stage, f64)> {
+        vec![]
+    }
+    fn last_session_wait_ms(&self) -> f64 {
+        0.0
+    }
+    fn takes_empty_past(&self) -> bool {
+        false
+    }
+    fn device(&self) -> Option<String> {
+        Some(crate::gpu::device_report(self.device))
+    }
+}
