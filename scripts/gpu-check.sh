@@ -11,6 +11,7 @@
 #     star-export was built with --features tensorrt and libnvinfer.so.11 is found; otherwise
 #     that row says it was skipped and why.
 # Usage: scripts/gpu-check.sh BUNDLE [WORK_DIR]     (WORK_DIR default: a fresh temp dir)
+#        GPU_CHECK_QUICK=1 scripts/gpu-check.sh ...  fixture rows only (a first smoke test, ~1 min)
 # Budget: under 10 minutes on an H100/H200 (each step has its own timeout).
 set -uo pipefail
 B="$(cd "${1:?usage: gpu-check.sh BUNDLE [WORK_DIR]}" && pwd)"
@@ -75,6 +76,12 @@ for v in tiny-256:256 tiny-1024s:1024; do
 done
 echo "[gpu-check] fixtures done at $(elapsed)" >&2
 
+if [ -n "${GPU_CHECK_QUICK:-}" ]; then
+  row "d30/1024 benches, tensorrt" "skipped" "GPU_CHECK_QUICK is set"
+  printf '| %-44s | %-10s | %s |\n' "check" "result" "detail"
+  printf '%s\n' "${ROWS[@]}"
+  exit 0
+fi
 # --- d30/1024 with the sampler, FP16 -----------------------------------------------------------
 timeout 300 "$GEN" --depth 30 --scales 14 --sampler --out "$W/d30ckpt" >/dev/null 2>"$W/gen.err" || row "gen-random-star d30" "FAIL" "$(tail -n1 "$W/gen.err")"
 timeout 300 "$EXP" export --transformer "$W/d30ckpt/star.pth" --vae "$W/d30ckpt/vae.pth" --text-encoder "$W/d30ckpt/text" \

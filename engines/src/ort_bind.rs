@@ -278,3 +278,120 @@ mod tests {
         assert!(l.region(usize::MAX, 2).is_err());
     }
 }
+
+/// Where ONNX Runtime placed a session's nodes: (execution provider, operator type, node name).
+/// Needs the session option `session.record_ep_graph_assignment_info = 1` (PLACEMENT_CONFIG).
+pub fn placement(
+    session: &ort::session::Session,
+) -> std::result::Result<Vec<(String, String, String)>, String> {
+    use ort::AsPointer;
+    let api = ort::api();
+    let status = |s: ort::sys::OrtStatusPtr| -> std::result::Result<(), String> {
+        if s.0.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a non-null status is a valid OrtStatus until released.
+        unsafe {
+            let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(s.0))
+                .to_string_lossy()
+                .into_owned();
+            (api.ReleaseStatus)(s.0);
+            Err(m)
+        }
+    };
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: ONNX Runtime returns NUL-terminated strings owned by the session.
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    let mut out = vec![];
+    let mut subs: *const *const ort::sys::OrtEpAssignedSubgraph = std::ptr::null();
+    let mut n = 0usize;
+    // SAFETY: a live session; the arrays are owned by it and read before it changes.
+    unsafe {
+        status((api.Session_GetEpGraphAssignmentInfo)(
+            session.ptr(),
+            &mut subs,
+            &mut n,
+        ))?;
+        for i in 0..n {
+            let sub = *subs.add(i);
+            let mut ep = std::ptr::null();
+            status((api.EpAssignedSubgraph_GetEpName)(sub, &mut ep))?;
+            let ep = text(ep);
+            let mut nodes: *const *const ort::sys::OrtEpAssignedNode = std::ptr::null();
+            let mut nn = 0usize;
+            status((api.EpAssignedSubgraph_GetNodes)(sub, &mut nodes, &mut nn))?;
+            for j in 0..nn {
+                let node = *nodes.add(j);
+                let (mut op, mut name) = (std::ptr::null(), std::ptr::null());
+                status((api.EpAssignedNode_GetOperatorType)(node, &mut op))?;
+                status((api.EpAssignedNode_GetName)(node, &mut name))?;
+                out.push((ep.clone(), text(op), text(name)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The session option that makes ONNX Runtime record `placement`.
+pub const PLACEMENT_CONFIG: &str = "session.record_ep_graph_assignment_info";
+
+/// Operators that only compute shapes and indices: ONNX Runtime's GPU providers deliberately
+/// leave these on the CPU (their inputs are shapes read on the host), which costs nothing.
+const SHAPE_OPS: &[&str] = &[
+    "Shape",
+    "Size",
+    "Gather",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Slice",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Cast",
+    "Range",
+    "ConstantOfShape",
+    "Reshape",
+    "Expand",
+    "Equal",
+    "Where",
+    "Min",
+    "Max",
+    "Identity",
+    "Constant",
+];
+
+/// The nodes placed on the CPU that do real work (not shape arithmetic): a GPU backend refuses
+/// them unless --allow-cpu-fallback.
+pub fn cpu_compute_nodes(placed: &[(String, String, String)]) -> Vec<String> {
+    placed
+        .iter()
+        .filter(|(ep, op, _)| ep == "CPUExecutionProvider" && !SHAPE_OPS.contains(&op.as_str()))
+        .map(|(_, op, name)| format!("{name} ({op})"))
+        .collect()
+}
+
+#[cfg(test)]
+mod placement_tests {
+    use super::*;
+
+    #[test]
+    fn shape_arithmetic_on_the_cpu_is_not_a_fallback() {
+        let p = |ep: &str, op: &str, n: &str| (ep.to_string(), op.to_string(), n.to_string());
+        let placed = vec![
+            p("CUDAExecutionProvider", "MatMul", "mm"),
+            p("CPUExecutionProvider", "Shape", "shape_1"),
+            p("CPUExecutionProvider", "Add", "add_3"),
+            p("CPUExecutionProvider", "Softmax", "softmax_7"),
+        ];
+        assert_eq!(cpu_compute_nodes(&placed), vec!["softmax_7 (Softmax)"]);
+    }
+}

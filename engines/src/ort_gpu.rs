@@ -143,12 +143,6 @@ impl Backend for OrtCuda {
                     EngineError::Unsupported(format!("graph {} was not verified", g.file))
                 })?;
             let s = cuda_session(env, dir, g.stage, &bytes, opts)?;
-            if opts.verbose {
-                eprintln!(
-                    "ort-cuda: {} on CUDAExecutionProvider (device {})",
-                    g.stage, opts.device
-                );
-            }
             sessions.insert(g.stage, s);
         }
         Ok(Box::new(OrtCudaEngine {
@@ -180,28 +174,60 @@ fn cuda_session(
     b = b
         .with_execution_providers([ep])
         .map_err(|e| provider_error("ort-cuda", stage, e.into()))?;
-    if !opts.allow_cpu_fallback {
-        b = b
-            .with_disable_cpu_fallback()
-            .map_err(|e| ort_err(&ctx)(e.into()))?;
-    }
+    b = b
+        .with_config_entry(crate::ort_bind::PLACEMENT_CONFIG, "1")
+        .map_err(|e| ort_err(&ctx)(e.into()))?;
     b = b
         .with_config_entry(
             "session.model_external_initializers_file_folder_path",
             dir.to_string_lossy(),
         )
         .map_err(|e| ort_err(&ctx)(e.into()))?;
-    b.commit_from_memory(bytes).map_err(|e| {
-        let m = e.to_string();
-        if !opts.allow_cpu_fallback && m.to_lowercase().contains("fallback") {
-            EngineError::SessionCreate {
-                stage: stage.name().into(),
-                why: format!("ort-cuda: a node of {stage} would run on the CPU ({m}); pass --allow-cpu-fallback to accept that"),
-            }
-        } else {
-            provider_error("ort-cuda", stage, e)
+    let s = b
+        .commit_from_memory(bytes)
+        .map_err(|e| provider_error("ort-cuda", stage, e))?;
+    check_placement("ort-cuda", stage, &s, opts)?;
+    Ok(s)
+}
+
+/// Refuse a session whose compute nodes ONNX Runtime placed on the CPU (shape arithmetic is
+/// expected there: the GPU providers leave it on the host on purpose), unless
+/// --allow-cpu-fallback; with --verbose, say where the nodes went.
+fn check_placement(
+    backend: &str,
+    stage: Stage,
+    s: &ort::session::Session,
+    opts: &BackendOptions,
+) -> Result<()> {
+    let placed = crate::ort_bind::placement(s).map_err(|m| EngineError::SessionCreate {
+        stage: stage.name().into(),
+        why: format!("{backend}: reading the node placement: {m}"),
+    })?;
+    if opts.verbose {
+        let mut per: std::collections::BTreeMap<&str, usize> = Default::default();
+        for (ep, _, _) in &placed {
+            *per.entry(ep.as_str()).or_default() += 1;
         }
-    })
+        let list: Vec<String> = per.iter().map(|(ep, n)| format!("{n} on {ep}")).collect();
+        eprintln!(
+            "{backend}: {stage}: {} nodes: {}",
+            placed.len(),
+            list.join(", ")
+        );
+    }
+    let cpu = crate::ort_bind::cpu_compute_nodes(&placed);
+    if !cpu.is_empty() && !opts.allow_cpu_fallback {
+        return Err(EngineError::SessionCreate {
+            stage: stage.name().into(),
+            why: format!(
+                "{backend}: {} compute node(s) of {stage} would run on the CPU ({}{}); pass --allow-cpu-fallback to accept that",
+                cpu.len(),
+                cpu.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                if cpu.len() > 5 { ", ..." } else { "" }
+            ),
+        });
+    }
+    Ok(())
 }
 
 pub struct OrtCudaEngine {
@@ -427,14 +453,13 @@ impl Backend for OrtTrt {
             b = b
                 .with_execution_providers([trt, cuda])
                 .map_err(|x| provider_error("ort-trt", e.stage, x.into()))?;
-            if !opts.allow_cpu_fallback {
-                b = b
-                    .with_disable_cpu_fallback()
-                    .map_err(|x| ort_err(&ctx)(x.into()))?;
-            }
+            b = b
+                .with_config_entry(crate::ort_bind::PLACEMENT_CONFIG, "1")
+                .map_err(|x| ort_err(&ctx)(x.into()))?;
             let s = b
                 .commit_from_file(edir.join(&e.file))
                 .map_err(|x| provider_error("ort-trt", e.stage, x))?;
+            check_placement("ort-trt", e.stage, &s, opts)?;
             if opts.verbose {
                 eprintln!(
                     "ort-trt: {} on TensorrtExecutionProvider ({} profiles, {})",
@@ -487,7 +512,16 @@ impl OrtTrtBuilder {
             how: "install TensorRT 10 for CUDA 13 and add its lib directory to LD_LIBRARY_PATH (native TensorRT 11 is --backend tensorrt)".into(),
         })?;
         let (env, gpu) = gpu_environment(backend, device)?;
-        let onnxruntime = ort_library_version(&lib).ok();
+        // Recorded and checked when the engines are loaded: an unknown version would make the
+        // directory unloadable, so it is an error now.
+        let onnxruntime = Some(
+            ort_library_version(&lib).map_err(|why| EngineError::Missing {
+                backend: backend.into(),
+                what: "the ONNX Runtime version".into(),
+                tried: format!("{}: {why}", lib.display()),
+                how: "reinstall with `bash scripts/setup-ort.sh --gpu`".into(),
+            })?,
+        );
         Ok(OrtTrtBuilder {
             env,
             device,

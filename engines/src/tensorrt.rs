@@ -59,6 +59,24 @@ impl Collect {
     }
 }
 
+/// TensorRT keeps the first logger it is given for the whole process: one logger, with its
+/// collected errors, for every builder and runtime.
+fn logger() -> Result<(&'static trtx::Logger, &'static Collect)> {
+    static LOGGER: std::sync::OnceLock<std::result::Result<(trtx::Logger, Collect), String>> =
+        std::sync::OnceLock::new();
+    match LOGGER.get_or_init(|| {
+        let log = Collect::default();
+        trtx::Logger::new(log.clone())
+            .map(|l| (l, log))
+            .map_err(|e| crate::gpu::error_chain(&e))
+    }) {
+        Ok((l, c)) => Ok((l, c)),
+        Err(e) => Err(EngineError::Unsupported(format!(
+            "tensorrt: creating the logger: {e}"
+        ))),
+    }
+}
+
 /// The loaded library: which file, and its version as it reports it.
 struct Loaded {
     path: PathBuf,
@@ -93,26 +111,12 @@ fn load_library(explicit: Option<&Path>) -> Result<&'static Loaded> {
             let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
             if major != TENSORRT_MAJOR {
                 return Err(EngineError::Unsupported(format!(
-                    "backend tensorrt: {} is TensorRT {version}; this backend needs TensorRT {TENSORRT_MAJOR} (TensorRT 10 is --backend ort-trt); point --tensorrt-lib or STAR_TENSORRT_LIB at a TensorRT {TENSORRT_MAJOR} libnvinfer",
+                    "backend tensorrt: {} is TensorRT {version}; this backend needs TensorRT {TENSORRT_MAJOR} (TensorRT 10 is --backend ort-trt); point STAR_TENSORRT_LIB (or build-engine --tensorrt-lib) at a TensorRT {TENSORRT_MAJOR} libnvinfer",
                     c.display()
                 )));
             }
             trtx::dynamically_load_tensorrt(Some(c.as_path()))
                 .map_err(|e| trt_err(&format!("loading {}", c.display()), e))?;
-            // The parser of the same installation: beside libnvinfer when a path was given.
-            let parser = c
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .map(|d| d.join("libnvonnxparser.so.11"))
-                .unwrap_or_else(|| PathBuf::from("libnvonnxparser.so.11"));
-            trtx::dynamically_load_tensorrt_onnxparser(Some(parser.as_path())).map_err(|e| {
-                EngineError::Missing {
-                    backend: BACKEND.into(),
-                    what: "TensorRT's ONNX parser".into(),
-                    tried: format!("{}: {}", parser.display(), crate::gpu::error_chain(&e)),
-                    how: "install TensorRT 11's libnvonnxparser beside libnvinfer".into(),
-                }
-            })?;
             return Ok(Loaded {
                 path: c.clone(),
                 version,
@@ -122,7 +126,7 @@ fn load_library(explicit: Option<&Path>) -> Result<&'static Loaded> {
             backend: BACKEND.into(),
             what: "the TensorRT 11 library".into(),
             tried: tried.join("; "),
-            how: "install TensorRT 11 and pass --tensorrt-lib /path/to/libnvinfer.so.11 or set STAR_TENSORRT_LIB (or add its lib directory to LD_LIBRARY_PATH)".into(),
+            how: "install TensorRT 11 and point at it: set STAR_TENSORRT_LIB=/path/to/libnvinfer.so.11 (or star-export build-engine --tensorrt-lib PATH), or add its lib directory to LD_LIBRARY_PATH".into(),
         })
     });
     match r {
@@ -131,10 +135,31 @@ fn load_library(explicit: Option<&Path>) -> Result<&'static Loaded> {
     }
 }
 
+/// TensorRT's ONNX parser of the same installation (beside libnvinfer when a path was given).
+fn load_parser() -> Result<()> {
+    let lib = LOADED
+        .get()
+        .and_then(|r| r.as_ref().ok())
+        .map(|l| l.path.clone())
+        .unwrap_or_default();
+    let parser = lib
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| d.join("libnvonnxparser.so.11"))
+        .unwrap_or_else(|| PathBuf::from("libnvonnxparser.so.11"));
+    trtx::dynamically_load_tensorrt_onnxparser(Some(parser.as_path())).map_err(|e| {
+        EngineError::Missing {
+            backend: BACKEND.into(),
+            what: "TensorRT's ONNX parser (needed to build engines)".into(),
+            tried: format!("{}: {}", parser.display(), crate::gpu::error_chain(&e)),
+            how: "install TensorRT 11's libnvonnxparser.so.11 beside libnvinfer".into(),
+        }
+    })
+}
+
 fn target(lib: Option<&Path>, device: usize) -> Result<Target> {
     let l = load_library(lib)?;
     let gpu = crate::gpu::gpu_identity(BACKEND, device)?;
-    let _ = &l.path;
     Ok(Target {
         gpu,
         tensorrt: l.version.clone(),
@@ -144,16 +169,16 @@ fn target(lib: Option<&Path>, device: usize) -> Result<Target> {
 
 pub struct TrtBuilder {
     target: Target,
-    log: Collect,
-    logger: trtx::Logger,
+    log: &'static Collect,
+    logger: &'static trtx::Logger,
 }
 
 impl TrtBuilder {
     pub fn new(lib: Option<&Path>, device: usize) -> Result<Self> {
         let target = target(lib, device)?;
-        let log = Collect::default();
-        let logger =
-            trtx::Logger::new(log.clone()).map_err(|e| trt_err("creating the logger", e))?;
+        // Building parses ONNX: the parser library too (running does not need it).
+        load_parser()?;
+        let (logger, log) = logger()?;
         Ok(TrtBuilder {
             target,
             log,
@@ -186,18 +211,18 @@ impl EngineBuilder for TrtBuilder {
             ))
         };
         let mut builder =
-            trtx::Builder::new(&self.logger).map_err(|x| trt_err("creating the builder", x))?;
+            trtx::Builder::new(self.logger).map_err(|x| trt_err("creating the builder", x))?;
         // TensorRT 11 networks are strongly typed: the precision is the graph's (FP16 weights,
         // Q/DQ for INT8), no builder flag is involved.
         let network = builder
             .create_network(0)
             .map_err(|x| trt_err("creating the network", x))?;
-        let mut parser = trtx::OnnxParser::new(network, &self.logger)
+        let mut parser = trtx::OnnxParser::new(network, self.logger)
             .map_err(|x| trt_err("creating the ONNX parser", x))?;
         // From the file: the parser resolves the external weights (weights.bin) beside it.
         parser
             .parse_from_file(&graph.to_string_lossy(), trtx::Severity::Warning as i32)
-            .map_err(|_| failed("parsing", &self.log))?;
+            .map_err(|_| failed("parsing", self.log))?;
         let mut config = builder
             .create_config()
             .map_err(|x| trt_err("creating the builder config", x))?;
@@ -208,6 +233,10 @@ impl EngineBuilder for TrtBuilder {
             );
         }
         config.set_builder_optimization_level(opts.opt_level as i32);
+        if e.precision == "fp32" {
+            // FP32 means FP32: TensorRT would otherwise run FP32 matrix products in TF32.
+            config.clear_flag(trtx::BuilderFlag::kTF32);
+        }
         for p in &e.profiles {
             let mut prof = builder
                 .creata_optimization_profile()
@@ -224,6 +253,27 @@ impl EngineBuilder for TrtBuilder {
                     })?;
                 }
             }
+            // A `scale` input that selects per-scale tables feeds shapes (Slice bounds,
+            // Reshape): TensorRT takes it as a shape tensor, whose value the profile fixes. For
+            // an input that is not one, TensorRT refuses the values; that refusal is expected.
+            if let Some(sc) = p.scale {
+                if p.inputs.iter().any(|t| t.name == crate::stage::io::SCALE) {
+                    let v = [sc as i64];
+                    let mut all = true;
+                    for sel in [
+                        trtx::OptProfileSelector::kMIN,
+                        trtx::OptProfileSelector::kOPT,
+                        trtx::OptProfileSelector::kMAX,
+                    ] {
+                        all &= prof
+                            .set_shape_values_v2(crate::stage::io::SCALE, sel, &v)
+                            .is_ok();
+                    }
+                    if !all {
+                        self.log.take();
+                    }
+                }
+            }
             let idx = config
                 .add_optimization_profile(&mut prof)
                 .map_err(|x| trt_err(&format!("adding profile {}", p.index), x))?;
@@ -236,7 +286,7 @@ impl EngineBuilder for TrtBuilder {
         }
         let plan = builder
             .build_serialized_network(parser.network_mut(), &mut config)
-            .map_err(|_| failed("building", &self.log))?;
+            .map_err(|_| failed("building", self.log))?;
         std::fs::write(out, &plan[..]).map_err(crate::error::io_err(out))?;
         Ok(())
     }
@@ -248,6 +298,8 @@ struct Context {
     profile: PlannedProfile,
     ctx: trtx::ExecutionContext<'static>,
     buffers: HashMap<String, (cudarc::driver::CudaSlice<u8>, usize)>,
+    /// Inputs TensorRT reads on the host (shape tensors such as `scale`).
+    host: HashMap<String, Vec<u8>>,
 }
 
 struct StageEngine {
@@ -282,11 +334,9 @@ impl Backend for TensorRt {
         let stream = cu
             .new_stream()
             .map_err(|e| trt_err("creating a stream", e))?;
-        let log = Collect::default();
-        // One logger and runtime for the process: engines borrow them for their lifetime.
-        let logger: &'static trtx::Logger = Box::leak(Box::new(
-            trtx::Logger::new(log.clone()).map_err(|e| trt_err("creating the logger", e))?,
-        ));
+        let (logger, log) = logger()?;
+        // Engines borrow the runtime for their whole life: it lives as long as the process
+        // (one per loaded engine directory, normally one).
         let runtime: &'static mut trtx::Runtime<'static> = Box::leak(Box::new(
             trtx::Runtime::new(logger).map_err(|e| trt_err("creating the runtime", e))?,
         ));
@@ -324,6 +374,7 @@ impl Backend for TensorRt {
                     )));
                 }
                 let mut buffers = HashMap::new();
+                let mut host = HashMap::new();
                 for t in p.inputs.iter().chain(&p.outputs) {
                     if p.inputs.iter().any(|i| i.name == t.name) {
                         ctx.set_input_shape(&t.name, &dims(t))
@@ -333,6 +384,10 @@ impl Backend for TensorRt {
                         continue;
                     }
                     let bytes = t.elements().max(1) as usize * elem_bytes(&t.dtype);
+                    if engine.tensor_location(&t.name).ok() == Some(trtx::TensorLocation::kHOST) {
+                        host.insert(t.name.clone(), vec![0u8; bytes]);
+                        continue;
+                    }
                     let buf = stream
                         .alloc_zeros::<u8>(bytes)
                         .map_err(|e| device_memory(e, bytes))?;
@@ -343,6 +398,7 @@ impl Backend for TensorRt {
                     profile: p.clone(),
                     ctx,
                     buffers,
+                    host,
                 });
             }
             stages.insert(
@@ -416,7 +472,7 @@ pub struct TrtEngine {
     _scratch: cudarc::driver::CudaSlice<u8>,
     stream: Arc<cudarc::driver::CudaStream>,
     _cu: Arc<cudarc::driver::CudaContext>,
-    log: Collect,
+    log: &'static Collect,
 }
 
 fn host_bytes<'a>(i: &'a Input<'a>) -> (&'a [usize], &'a [u8]) {
@@ -501,6 +557,24 @@ impl Engine for TrtEngine {
         let c = &mut st.contexts[ci];
         for (name, a) in inputs {
             match a {
+                Arg::Host(i) if c.host.contains_key(*name) => {
+                    let (_, bytes) = host_bytes(i);
+                    let h = c.host.get_mut(*name).expect("checked");
+                    if h.len() != bytes.len() {
+                        return Err(EngineError::Unsupported(format!(
+                            "tensorrt: {stage} input {name} has {} bytes, its profile {}",
+                            bytes.len(),
+                            h.len()
+                        )));
+                    }
+                    h.copy_from_slice(bytes);
+                    // SAFETY: a host buffer owned by the context, read by TensorRT at enqueue.
+                    unsafe {
+                        c.ctx
+                            .set_tensor_address(name, h.as_mut_ptr() as *mut std::ffi::c_void)
+                    }
+                    .map_err(|e| trt_err(name, e))?;
+                }
                 Arg::Host(i) => {
                     let (_, bytes) = host_bytes(i);
                     let (buf, _) = c.buffers.get_mut(*name).ok_or_else(|| {
@@ -540,6 +614,15 @@ impl Engine for TrtEngine {
                 let r = layout
                     .region(w.begin, w.tokens)
                     .map_err(EngineError::Unsupported)?;
+                // TensorRT wants tensor addresses 256-byte aligned; a token is depth·2·B2·H·64
+                // floats, a multiple of 256 bytes for every released model.
+                if !(base + r.byte_offset as u64).is_multiple_of(256) {
+                    return Err(EngineError::Unsupported(format!(
+                        "tensorrt: the K/V region of tokens {}.. is not 256-byte aligned ({} bytes per token)",
+                        w.begin,
+                        layout.token_floats() * 4
+                    )));
+                }
                 // SAFETY: the region is inside the cache (checked by `region`).
                 unsafe {
                     c.ctx.set_tensor_address(

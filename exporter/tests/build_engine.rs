@@ -175,7 +175,7 @@ fn a_build_without_its_library_is_refused() {
                 "/nonexistent/lib.so",
             ],
             &[],
-            "pass --tensorrt-lib /path/to/libnvinfer.so.11 or set STAR_TENSORRT_LIB",
+            "set STAR_TENSORRT_LIB=/path/to/libnvinfer.so.11 (or star-export build-engine --tensorrt-lib PATH)",
         );
         // A library of another major version: a stand-in libnvinfer reporting TensorRT 10.13.3.
         if let Some(lib) = fake_tensorrt(101303) {

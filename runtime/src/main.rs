@@ -75,6 +75,16 @@ impl ModelArgs {
                 .unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL));
             return Ok((dir, opts));
         };
+        if !e
+            .join(star_engines::engine_plan::ENGINE_MANIFEST_FILE)
+            .exists()
+            && e.join(star_engines::manifest::MANIFEST_FILE).exists()
+        {
+            anyhow::bail!(
+                "{} is a model directory, not an engine directory: run it with --model {0} (--engine takes the output of star-export build-engine)",
+                e.display()
+            );
+        }
         let em = star_engines::engine_plan::EngineManifest::load(e)?;
         opts.name = em.plan.backend.name().into();
         opts.engine_dir = Some(e.clone());

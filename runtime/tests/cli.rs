@@ -288,6 +288,14 @@ fn engine_directories_are_checked_before_loading() {
         &[("ORT_GPU_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
         "GPU build of ONNX Runtime not found",
     );
+    // A model directory given as --engine (once an alias of --model) says what to use instead.
+    let d = demo();
+    expect_error(
+        &demo(),
+        &["--engine", d.to_str().unwrap()],
+        &[],
+        "is a model directory, not an engine directory: run it with --model",
+    );
     // --engine takes its backend from the engine directory.
     let o = star_run(
         &["--engine", e, "--backend", "ort-cpu", "--prompt", "x"],
