@@ -26,7 +26,7 @@ elapsed() { echo "$(( $(date +%s) - t0 ))s"; }
 # --- the card -------------------------------------------------------------------------------
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n1)
 cuda=$(nvidia-smi 2>/dev/null | grep -o "CUDA Version: [0-9.]*" | head -n1)
-row "GPU" "${gpu:+found}" "${gpu:-none (nvidia-smi failed)}; ${cuda:-CUDA ?}"
+row "GPU" "$([ -n "$gpu" ] && echo found || echo MISSING)" "${gpu:-none (nvidia-smi failed)}; ${cuda:-CUDA ?}"
 
 # --- ONNX Runtime GPU build from the bundle's wheel, CUDA libraries from the bundle or torch --
 python3 -m venv --system-site-packages "$W/venv" >/dev/null
@@ -41,16 +41,16 @@ export ORT_GPU_DYLIB_PATH
 # The CUDA 13 libraries the provider links: from nvidia-* wheels already installed (PyTorch's),
 # found by soname through LD_LIBRARY_PATH.
 libdirs=$("$W/venv/bin/python" - <<'EOF' 2>/dev/null
-import glob, os, site
+import glob, os, sys
 dirs = set()
-for sp in site.getsitepackages():
+for sp in sys.path:
     for f in glob.glob(os.path.join(sp, "nvidia", "*", "lib", "lib*.so*")):
         dirs.add(os.path.dirname(f))
 print(":".join(sorted(dirs)))
 EOF
 )
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-row "ONNX Runtime GPU build" "${ORT_GPU_DYLIB_PATH:+found}" "${ORT_GPU_DYLIB_PATH:-missing: the bundle has no onnxruntime_gpu wheel}"
+row "ONNX Runtime GPU build" "$([ -n "$ORT_GPU_DYLIB_PATH" ] && echo found || echo MISSING)" "${ORT_GPU_DYLIB_PATH:-the bundle has no onnxruntime_gpu wheel}; CUDA libraries from: ${libdirs:-none found (the provider will say which is missing)}"
 
 # --- fixture replays -----------------------------------------------------------------------
 F="$B/fixtures"

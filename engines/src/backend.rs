@@ -353,43 +353,14 @@ impl Engine for OrtCpuEngine {
         inputs: &[(&str, Arg<'_>)],
         kv_at: Option<KvWrite>,
     ) -> Result<HashMap<String, Tensor>> {
-        use crate::ort_bind::{host_value, kv_value, KvLayout, Place};
-        let bad = |input: &str, why: String| EngineError::BadInput {
-            stage: stage.name().into(),
-            input: input.into(),
-            why,
-        };
-        // The cache as the binding sees it: one host buffer, the past a prefix of it, the new
-        // K/V a region after it (they never overlap: the region starts where the past ends).
+        use crate::ort_bind::{KvLayout, Place};
         let cache = self
             .kv
             .as_mut()
             .map(|c| (c.data.as_mut_ptr() as *mut u8, KvLayout { shape: c.shape }));
-        let need_cache = || {
-            cache.ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()))
-        };
-        let mut values: Vec<(&str, ort::value::DynValue)> = Vec::with_capacity(inputs.len());
-        for (name, a) in inputs {
-            let v = match a {
-                Arg::Host(i) => host_value(i),
-                Arg::KvPast(len) => {
-                    let (base, layout) = need_cache()?;
-                    // SAFETY: the engine's own buffer, alive and not reallocated during the run.
-                    unsafe { kv_value(base, &layout, 0, *len, Place::Host) }
-                }
-            }
-            .map_err(|why| bad(name, why))?;
-            values.push((name, v));
-        }
-        let mut in_place = vec![];
-        if let Some(KvWrite { begin, tokens }) = kv_at {
-            let (base, layout) = need_cache()?;
-            // SAFETY: as above; the session writes exactly this region (its shape is the
-            // region's: a stage producing another shape is an error from ONNX Runtime).
-            let v = unsafe { kv_value(base, &layout, begin, tokens, Place::Host) }
-                .map_err(|why| bad(crate::stage::io::KV_NEW, format!("(output) {why}")))?;
-            in_place.push((crate::stage::io::KV_NEW, v));
-        }
+        // SAFETY: the engine's own host cache, alive and not reallocated during the run.
+        let (values, mut in_place) =
+            unsafe { crate::ort_bind::stage_values(stage, inputs, kv_at, cache, Place::Host)? };
         let t = std::time::Instant::now();
         let session = self.shared.session(stage)?;
         self.last_wait_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -231,12 +231,18 @@ pub fn preload_cuda_libraries(ort_lib: &Path) -> std::result::Result<Vec<PathBuf
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(need))
         };
-        if !loaded.iter().any(have) {
+        // Not in the wheels: the library path may have it (LD_LIBRARY_PATH, a CUDA install).
+        if !loaded.iter().any(have) && ort::util::preload_dylib(need).is_err() {
             let why = todo
                 .iter()
                 .find(|p| have(p))
                 .and_then(|p| errors.get(p).map(|e| format!("{}: {e}", p.display())))
-                .unwrap_or_else(|| format!("no {need} under {}", nvidia.display()));
+                .unwrap_or_else(|| {
+                    format!(
+                        "{need}: not under {} nor on the library path",
+                        nvidia.display()
+                    )
+                });
             return Err(why);
         }
     }

@@ -193,6 +193,58 @@ pub fn host_value(
     unsafe { value_over(ptr, len, &shape, elem, Place::Host) }
 }
 
+/// The values one stage run binds, over the engine's memory in `place`: each input (a host
+/// tensor, or the past as a view of the cache's prefix) and, with `kv_at`, the `kv_new` output
+/// as a view of the scale's region. Shared by every ONNX Runtime engine, so `ort-cpu` runs the
+/// exact bookkeeping `ort-cuda` does over device memory.
+///
+/// # Safety
+/// `cache`, when given, is the engine's live cache buffer (`layout.bytes()` bytes in `place`),
+/// not reallocated or freed while the returned values live.
+#[allow(clippy::type_complexity)]
+pub unsafe fn stage_values<'a>(
+    stage: crate::stage::Stage,
+    inputs: &[(&'a str, crate::backend::Arg<'_>)],
+    kv_at: Option<crate::backend::KvWrite>,
+    cache: Option<(*mut u8, KvLayout)>,
+    place: Place,
+) -> Result<(
+    Vec<(&'a str, ort::value::DynValue)>,
+    Vec<(&'static str, ort::value::DynValue)>,
+)> {
+    use crate::backend::Arg;
+    let bad = |input: &str, why: String| EngineError::BadInput {
+        stage: stage.name().into(),
+        input: input.into(),
+        why,
+    };
+    let need_cache =
+        || cache.ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()));
+    let mut values = Vec::with_capacity(inputs.len());
+    for (name, a) in inputs {
+        let v = match a {
+            Arg::Host(i) => host_value(i),
+            Arg::KvPast(len) => {
+                let (base, layout) = need_cache()?;
+                // SAFETY: the caller's buffer; the past is its prefix (bounds checked).
+                unsafe { kv_value(base, &layout, 0, *len, place) }
+            }
+        }
+        .map_err(|why| bad(name, why))?;
+        values.push((*name, v));
+    }
+    let mut in_place = vec![];
+    if let Some(crate::backend::KvWrite { begin, tokens }) = kv_at {
+        let (base, layout) = need_cache()?;
+        // SAFETY: as above. The region starts where the past ends: the two never overlap, and
+        // a stage producing another shape is an error from ONNX Runtime, not a stray write.
+        let v = unsafe { kv_value(base, &layout, begin, tokens, place) }
+            .map_err(|why| bad(crate::stage::io::KV_NEW, format!("(output) {why}")))?;
+        in_place.push((crate::stage::io::KV_NEW, v));
+    }
+    Ok((values, in_place))
+}
+
 /// Run `session` through one I/O binding: `inputs` bound as given (values over host or device
 /// memory), `outputs_in_place` written into the values given, and every other output returned on
 /// the host.

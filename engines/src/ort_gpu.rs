@@ -11,7 +11,7 @@ use crate::backend::{Arg, Backend, BackendOptions, Engine, KvWrite};
 use crate::engine_plan::{BuildOptions, EngineBuilder, PlannedEngine, Target};
 use crate::error::{EngineError, Result};
 use crate::manifest::Manifest;
-use crate::ort_bind::{host_value, kv_value, KvLayout, Place};
+use crate::ort_bind::{kv_value, KvLayout, Place};
 use crate::stage::Stage;
 use crate::tensor::Tensor;
 use std::collections::HashMap;
@@ -251,40 +251,20 @@ impl Engine for OrtCudaEngine {
         inputs: &[(&str, Arg<'_>)],
         kv_at: Option<KvWrite>,
     ) -> Result<HashMap<String, Tensor>> {
-        let place = Place::Cuda(self.device as i32);
-        let bad = |input: &str, why: String| EngineError::BadInput {
-            stage: stage.name().into(),
-            input: input.into(),
-            why,
-        };
         let cache = self
             .kv
             .as_mut()
             .map(|(t, l)| (t.data_ptr_mut() as *mut u8, *l));
-        let need_cache = || {
-            cache.ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()))
+        // SAFETY: the engine's device cache, alive and not reallocated during the run.
+        let (values, mut in_place) = unsafe {
+            crate::ort_bind::stage_values(
+                stage,
+                inputs,
+                kv_at,
+                cache,
+                Place::Cuda(self.device as i32),
+            )?
         };
-        let mut values: Vec<(&str, ort::value::DynValue)> = vec![];
-        for (name, a) in inputs {
-            let v = match a {
-                Arg::Host(i) => host_value(i),
-                Arg::KvPast(len) => {
-                    let (base, layout) = need_cache()?;
-                    // SAFETY: the engine's device buffer, alive for the run.
-                    unsafe { kv_value(base, &layout, 0, *len, place) }
-                }
-            }
-            .map_err(|why| bad(name, why))?;
-            values.push((name, v));
-        }
-        let mut in_place = vec![];
-        if let Some(KvWrite { begin, tokens }) = kv_at {
-            let (base, layout) = need_cache()?;
-            // SAFETY: as above; the region follows the past and does not overlap it.
-            let v = unsafe { kv_value(base, &layout, begin, tokens, place) }
-                .map_err(|why| bad(crate::stage::io::KV_NEW, format!("(output) {why}")))?;
-            in_place.push((crate::stage::io::KV_NEW, v));
-        }
         let session = self
             .sessions
             .get_mut(&stage)

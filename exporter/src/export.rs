@@ -41,6 +41,10 @@ pub struct ExportArgs {
     pub allow_nonfinite: bool,
     /// INT8: how to calibrate the activation ranges (required for int8, refused otherwise).
     pub calibration: Option<crate::calibrate::CalibrationArgs>,
+    /// Bytes of FP32 attention scores one group of heads may take at the largest scale (batch 1):
+    /// above it, self-attention runs over groups of heads one after another. None = 1 GiB
+    /// (`graph::DEFAULT_ATTENTION_BUDGET`).
+    pub attention_budget: Option<u64>,
 }
 
 /// The three checkpoints opened and checked against each other.
@@ -466,6 +470,9 @@ fn write_all(
         let mut g = G::new(name, graph_precision, &mut store);
         g.probing = build.probing;
         g.amax = build.amax;
+        if let Some(b) = a.attention_budget {
+            g.attention_budget = b;
+        }
         match stage {
             Stage::TextEncoder => text::text_encoder(&mut g, &clip, &cfg.text)?,
             Stage::TextKv => transformer::text_kv(&mut g, &star, cfg, sch)?,

@@ -209,6 +209,7 @@ fn run(cli: Cli) -> star_export::Result<ExitCode> {
                 quiet,
                 allow_nonfinite,
                 calibration,
+                attention_budget: None,
             };
             let t = std::time::Instant::now();
             let m = export(&a)?;

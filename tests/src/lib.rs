@@ -64,6 +64,7 @@ pub fn export_fixture_at(
         allow_nonfinite: false,
         calibration: (precision == "int8")
             .then(|| calibration(&root().join("calibration/prompts/general.txt"))),
+        attention_budget: None,
     };
     star_export::export::export(&a).expect("export")
 }

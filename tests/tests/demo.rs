@@ -233,6 +233,7 @@ fn demo_export_args(
         quiet: true,
         allow_nonfinite: false,
         calibration: None,
+        attention_budget: None,
     }
 }
 

@@ -501,3 +501,79 @@ fn relabelled_precision_is_refused_from_the_graphs() {
         .to_string();
     assert!(e.contains("multiplies float16 weights"), "{e}");
 }
+
+/// Self-attention over groups of heads (what the exporter does when all heads' scores at the
+/// largest scale would pass the attention budget, as at d30/1024) is the same function: the
+/// stable-sampler fixture exported with every head in its own group validates and replays at
+/// the FP32 tolerance.
+#[test]
+fn head_grouped_attention_validates_and_replays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let f = fixtures();
+    let a = star_export::export::ExportArgs {
+        transformer: f.join("tiny-1024s/star.pth"),
+        vae: f.join("vqvae.pth"),
+        text_encoder: f.join("clip_tiny"),
+        tokenizer: None,
+        resolution: Some(1024),
+        patch_nums: None,
+        out: out.clone(),
+        precision: "fp32".into(),
+        cfg: None,
+        top_k: None,
+        top_p: None,
+        quiet: true,
+        allow_nonfinite: false,
+        calibration: None,
+        // One byte: every group is a single head.
+        attention_budget: Some(1),
+    };
+    let m = star_export::export::export(&a).expect("export");
+    let heads = m.config.heads;
+    assert!(heads > 1, "the fixture needs several heads to split");
+    // The step graph really is split: one score MatMul per head per block.
+    let step = std::fs::read(out.join("step.onnx")).unwrap();
+    let model = star_engines::onnx::decode_model(&step).unwrap();
+    let softmaxes = model
+        .graph
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Softmax")
+        .count();
+    // Self-attention per head, cross-attention whole, per block.
+    assert_eq!(softmaxes, m.config.depth * (heads + 1));
+    let golden = fixtures().join("tiny-1024s");
+    let opts = || BackendOptions::named("ort-cpu", 0);
+    let rep = star_export::validate::validate(&out, &golden, opts()).expect("validate");
+    assert!(
+        rep.all_pass(),
+        "validate: {} failures\n{}",
+        rep.failures(),
+        rep.table()
+    );
+    let mut p = Pipeline::open(&out, opts()).unwrap();
+    let rep = star_runtime::replay::replay(&mut p, &golden).expect("replay");
+    assert!(
+        rep.all_pass(),
+        "replay: {} failures\n{}",
+        rep.failures(),
+        rep.table()
+    );
+}
+
+#[test]
+fn head_groups_fit_the_budget() {
+    use star_export::graph::transformer::head_groups;
+    use star_export::graph::DEFAULT_ATTENTION_BUDGET as B;
+    // d30 at 1024 px: 30 heads, scale 13 (4096 tokens) over 9451 keys -> groups of 3 heads.
+    assert_eq!(head_groups(30, 4096, 9451, B), 10);
+    // Its stable sampler: 4097 x 4097.
+    assert_eq!(head_groups(30, 4097, 4097, B), 5);
+    // d16 at 256 px, the demo: one group.
+    assert_eq!(head_groups(16, 256, 680, B), 1);
+    assert_eq!(head_groups(3, 16, 30, B), 1);
+    // Nothing fits: one head per group.
+    assert_eq!(head_groups(4, 100, 100, 1), 4);
+}

@@ -186,6 +186,8 @@ pub struct G<'s> {
     pub out_specs: Vec<IoSpec>,
     /// The LayerNorm scale of ones of this graph (width, constant name).
     ones: Option<(usize, String)>,
+    /// Bytes of FP32 attention scores one group of heads may take (`transformer::head_groups`).
+    pub attention_budget: u64,
 }
 
 impl<'s> G<'s> {
@@ -194,6 +196,7 @@ impl<'s> G<'s> {
             name: name.into(),
             precision,
             probing: false,
+            attention_budget: super::DEFAULT_ATTENTION_BUDGET,
             amax: None,
             probe_specs: vec![],
             nodes: vec![],

@@ -190,3 +190,8 @@ pub fn transpose2(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     }
     t
 }
+
+/// Attention scores of one group of heads at the largest scale, batch 1, FP32: 1 GiB. At d30 /
+/// 1024 px all 30 heads at once would be (2, 30, 4096, 9451) floats, 9.3 GB per block — more
+/// than a 24 GB machine has beside the weights — so self-attention runs over groups of heads.
+pub const DEFAULT_ATTENTION_BUDGET: u64 = 1 << 30;

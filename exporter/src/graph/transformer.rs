@@ -94,6 +94,17 @@ fn heads_last(g: &mut G, x: &str, c: usize) -> String {
     g.reshape(&x, &[0, -1, c as i64])
 }
 
+/// The number of head groups self-attention runs in, one after another: the fewest (a divisor
+/// of `heads`, so every group has the same heads) whose FP32 scores for the two guidance rows of
+/// `queries` x `keys` fit `budget` bytes. Small models stay at one group (one MatMul over every
+/// head); the split changes nothing in the result, each head's attention is independent.
+pub fn head_groups(heads: usize, queries: usize, keys: usize, budget: u64) -> usize {
+    (1..=heads)
+        .filter(|g| heads.is_multiple_of(*g))
+        .find(|g| 2 * (heads / g) as u64 * queries as u64 * keys as u64 * 4 <= budget)
+        .unwrap_or(heads)
+}
+
 /// Self-attention of one block. Returns (output before residual, k, v) with k after RoPE and L2
 /// normalisation (what the cache stores) and v raw.
 #[allow(clippy::too_many_arguments)]
@@ -104,6 +115,7 @@ fn self_attention(
     x: &str,
     rope: &Rope,
     past: Option<(&str, &str)>,
+    groups: usize,
 ) -> Result<(String, String, String)> {
     let (c, h, hd) = (cfg.width, cfg.heads, cfg.head_dim);
     let qkv = a.linear_as(g, x, "mat_qkv", c, 3 * c, false, Lin::Block)?;
@@ -133,9 +145,24 @@ fn self_attention(
         None => (k.clone(), v.clone()),
     };
     let kt = g.transpose(&k_all, &[0, 1, 3, 2]);
-    let att = g.matmul_act(&q, &kt);
-    let att = g.softmax(&att, -1);
-    let o = g.matmul_act(&att, &v_all);
+    let o = if groups <= 1 {
+        let att = g.matmul_act(&q, &kt);
+        let att = g.softmax(&att, -1);
+        g.matmul_act(&att, &v_all)
+    } else {
+        // One group of heads at a time: only one group's scores are alive at once.
+        let qs = g.split(&q, 1, groups);
+        let ks = g.split(&kt, 1, groups);
+        let vs = g.split(&v_all, 1, groups);
+        let mut outs = vec![];
+        for i in 0..groups {
+            let att = g.matmul_act(&qs[i], &ks[i]);
+            let att = g.softmax(&att, -1);
+            outs.push(g.matmul_act(&att, &vs[i]));
+        }
+        let refs: Vec<&str> = outs.iter().map(|s| s.as_str()).collect();
+        g.concat(&refs, 1)
+    };
     let o = heads_last(g, &o, c);
     let o = a.linear_as(g, &o, "proj", c, c, true, Lin::Block)?;
     Ok((o, k, v))
@@ -245,6 +272,7 @@ pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<
 /// (self-attention over [past ; this scale], cross-attention, FFN), then the outputs: kv_new
 /// token-major (n, depth, 2, B2, H, hd), the last block's hidden states (the stable sampler's
 /// prior) and the main head's logits.
+#[allow(clippy::too_many_arguments)]
 fn blocks_and_heads(
     g: &mut G,
     t: &Src,
@@ -253,6 +281,7 @@ fn blocks_and_heads(
     rope: &Rope,
     past: Option<&str>,
     tokens: Dim,
+    groups: usize,
 ) -> Result<()> {
     let (c, h, hd, v) = (cfg.width, cfg.heads, cfg.head_dim, cfg.vocab);
     let text_kv = g.input(
@@ -266,6 +295,8 @@ fn blocks_and_heads(
         &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)],
     );
     // (P, depth, 2, B2, H, hd) -> (depth, 2, B2, H, P, hd): one transpose, then per-block picks.
+    // (Per-block picks from the token-major past instead save that copy, 2.5 GB at d30/1024, but
+    // were 5-13% slower at d16 and did not make d30/1024 FP32 fit 24 GB: benches/RESULTS.md.)
     let past_t = past.map(|p| g.transpose(p, &[1, 2, 3, 4, 0, 5]));
     let mut new_kv = vec![];
     for i in 0..cfg.depth {
@@ -282,6 +313,7 @@ fn blocks_and_heads(
             &xn,
             rope,
             pkv.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
+            groups,
         )?;
         x = g.add(&x, &o);
         let k1 = g.unsqueeze(&k, &[0]);
@@ -341,7 +373,7 @@ fn blocks_and_heads(
 pub fn step_first(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
     let x = g.input(io::X, dtype::FLOAT, &[sym("B2"), fx(1), fx(cfg.width)]);
     let rope = rope_consts(g, &[rope_table(sch.patch_nums[0])]);
-    blocks_and_heads(g, t, cfg, x, &rope, None, fx(1))
+    blocks_and_heads(g, t, cfg, x, &rope, None, fx(1), 1)
 }
 
 /// Any scale: x (B2, n, C), the embedded tokens (text_kv makes scale 0's, vq every later
@@ -364,7 +396,10 @@ pub fn step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()>
     let end = g.add(&begin, &n);
     let all = rope_all(g, sch);
     let rope = rope_rows(g, &all, &begin, &end);
-    blocks_and_heads(g, t, cfg, x, &rope, Some(&past), sym("tokens"))
+    // The largest scale attends with its own tokens over every token of the generation.
+    let last = sch.patch_nums[sch.patch_nums.len() - 1];
+    let groups = head_groups(h, last * last, sch.total_tokens, g.attention_budget);
+    blocks_and_heads(g, t, cfg, x, &rope, Some(&past), sym("tokens"), groups)
 }
 
 /// The stable sampler of any sampler scale (its `scale` input, shape (1,)): refiner blocks over
@@ -412,10 +447,17 @@ pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Sched
         cos: g.concat(&[&one, &rows.cos], 0),
         sin: g.concat(&[&zero, &rows.sin], 0),
     };
+    // The refiner attends over the prefix token and the scale's tokens.
+    let most = (0..sn)
+        .filter(|&i| sch.substeps.get(i).is_some_and(|v| !v.is_empty()))
+        .map(|i| sch.patch_nums[i] * sch.patch_nums[i] + 1)
+        .max()
+        .unwrap_or(1);
+    let groups = head_groups(cfg.heads, most, most, g.attention_budget);
     for j in 0..cfg.sampler_blocks {
         let b = t.pp(&format!("feat_extract_blocks.{j}"));
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
-        let (o, _, _) = self_attention(g, &b.pp("attn"), cfg, &xn, &rope, None)?;
+        let (o, _, _) = self_attention(g, &b.pp("attn"), cfg, &xn, &rope, None, groups)?;
         x = g.add(&x, &o);
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
         let f = ffn(g, &b.pp("ffn"), c, &xn)?;
