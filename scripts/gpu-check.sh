@@ -30,13 +30,23 @@ row "GPU" "$([ -n "$gpu" ] && echo found || echo MISSING)" "${gpu:-none (nvidia-
 
 # --- ONNX Runtime GPU build from the bundle's wheel, CUDA libraries from the bundle or torch --
 python3 -m venv --system-site-packages "$W/venv" >/dev/null
-for p in "$B"/wheels/*.part-000; do
-  [ -e "$p" ] || continue
-  cat "${p%.part-000}".part-* > "$W/$(basename "${p%.part-000}")"
-done
-ls "$B"/wheels/*.whl >/dev/null 2>&1 && cp "$B"/wheels/*.whl "$W"/ 2>/dev/null
-"$W/venv/bin/pip" install -q --no-index --no-deps "$W"/onnxruntime_gpu-*.whl >&2 || true
-ORT_GPU_DYLIB_PATH=$(ls "$W"/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1)
+# An onnxruntime-gpu already installed on the machine serves as it is (no wheel to carry).
+ORT_GPU_DYLIB_PATH=$("$W/venv/bin/python" - <<'EOF' 2>/dev/null
+import glob, os, onnxruntime
+capi = os.path.join(os.path.dirname(onnxruntime.__file__), "capi")
+if os.path.exists(os.path.join(capi, "libonnxruntime_providers_cuda.so")):
+    print(sorted(glob.glob(os.path.join(capi, "libonnxruntime.so.*")))[-1])
+EOF
+)
+if [ -z "$ORT_GPU_DYLIB_PATH" ]; then
+  for p in "$B"/wheels/*.part-000; do
+    [ -e "$p" ] || continue
+    cat "${p%.part-000}".part-* > "$W/$(basename "${p%.part-000}")"
+  done
+  ls "$B"/wheels/*.whl >/dev/null 2>&1 && cp "$B"/wheels/*.whl "$W"/ 2>/dev/null
+  "$W/venv/bin/pip" install -q --no-index --no-deps "$W"/onnxruntime_gpu-*.whl >&2 || true
+  ORT_GPU_DYLIB_PATH=$(ls "$W"/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1)
+fi
 export ORT_GPU_DYLIB_PATH
 # The CUDA 13 libraries the provider links: from nvidia-* wheels already installed (PyTorch's),
 # found by soname through LD_LIBRARY_PATH.
@@ -112,7 +122,9 @@ echo "[gpu-check] benches done at $(elapsed)" >&2
 
 # --- native TensorRT 11 --------------------------------------------------------------------------
 trt_lib="${STAR_TENSORRT_LIB:-$(ls "$B"/tensorrt/lib/libnvinfer.so.11* 2>/dev/null | head -n1)}"
-if ! "$EXP" build-engine --help | grep -q -- --tensorrt-lib || ! strings "$EXP" | grep -q "libnvonnxparser"; then
+# A build without the feature says so in one line (nothing is written for a missing library).
+probe=$(STAR_TENSORRT_LIB=/nonexistent "$EXP" build-engine --model "$W/tiny-256-fp32" --backend tensorrt --out "$W/trt-probe" 2>&1 || true)
+if echo "$probe" | grep -q "no TensorRT support"; then
   row "tensorrt d30/1024 fp16" "skipped" "this star-export was built without --features tensorrt"
 elif [ -z "$trt_lib" ] && ! ldconfig -p 2>/dev/null | grep -q libnvinfer.so.11; then
   row "tensorrt d30/1024 fp16" "skipped" "TensorRT 11 not found (bundle tensorrt/lib or STAR_TENSORRT_LIB)"
