@@ -524,11 +524,12 @@ impl EngineManifest {
         out
     }
 
-    /// The command that rebuilds this engine directory for the machine it is run on.
-    pub fn rebuild_command(&self, engine_dir: &Path) -> String {
+    /// The command that rebuilds this engine directory, from `model_dir` (the model being run,
+    /// which `--model` may have moved from where it was built), for the machine it is run on.
+    pub fn rebuild_command(&self, engine_dir: &Path, model_dir: &Path) -> String {
         format!(
             "star-export build-engine --model {} --backend {} --out {}{}",
-            self.plan.model.path,
+            model_dir.display(),
             self.plan.backend.name(),
             engine_dir.display(),
             self.plan.builder.flags()
@@ -536,7 +537,7 @@ impl EngineManifest {
     }
 
     /// Refuse an engine directory built for another machine, before anything is loaded.
-    pub fn check_target(&self, engine_dir: &Path, here: &Target) -> Result<()> {
+    pub fn check_target(&self, engine_dir: &Path, model_dir: &Path, here: &Target) -> Result<()> {
         let m = self.mismatches(here);
         let Some(first) = m.first() else {
             return Ok(());
@@ -553,7 +554,7 @@ impl EngineManifest {
                 } else {
                     format!(" (also: {})", also.join(", "))
                 },
-                rebuild: self.rebuild_command(engine_dir),
+                rebuild: self.rebuild_command(engine_dir, model_dir),
             },
         )))
     }
@@ -568,13 +569,7 @@ impl EngineManifest {
                     built: self.plan.model.model_hash.clone(),
                     here: format!("{} in {}", m.model_hash, model_dir.display()),
                     also: String::new(),
-                    rebuild: format!(
-                        "star-export build-engine --model {} --backend {} --out {}{}",
-                        model_dir.display(),
-                        self.plan.backend.name(),
-                        engine_dir.display(),
-                        self.plan.builder.flags()
-                    ),
+                    rebuild: self.rebuild_command(engine_dir, model_dir),
                 },
             )));
         }

@@ -378,7 +378,7 @@ pub fn checked_engine_dir(
         )));
     }
     em.check_model(&dir, m, model_dir)?;
-    em.check_target(&dir, &here()?)?;
+    em.check_target(&dir, model_dir, &here()?)?;
     em.verify_files(&dir)?;
     Ok((dir, em))
 }

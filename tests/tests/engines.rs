@@ -244,8 +244,9 @@ fn engine_directories_of_other_gpus_and_versions_are_refused_with_the_rebuild_co
     let h100 = target("NVIDIA H100 80GB HBM3", "9.0", "11.4.0", None);
     let em = recorded(EngineBackend::TensorRt, h100.clone());
     let dir = Path::new("/engines/d30");
+    let model = Path::new("/models/d30-fp16");
     assert!(em.mismatches(&h100).is_empty());
-    em.check_target(dir, &h100).unwrap();
+    em.check_target(dir, model, &h100).unwrap();
     let cases = [
         (
             target("NVIDIA A100-SXM4-80GB", "8.0", "11.4.0", None),
@@ -264,7 +265,7 @@ fn engine_directories_of_other_gpus_and_versions_are_refused_with_the_rebuild_co
     for (here, what) in cases {
         let m = em.mismatches(&here);
         assert_eq!(m[0].what, what, "{here:?}");
-        let e = em.check_target(dir, &here).unwrap_err().to_string();
+        let e = em.check_target(dir, model, &here).unwrap_err().to_string();
         assert!(e.contains(&format!("built for {what} ")), "{e}");
         assert!(
             e.contains("star-export build-engine --model /models/d30-fp16 --backend tensorrt --out /engines/d30 --workspace-gb 8 --opt-level 4"),
@@ -274,10 +275,27 @@ fn engine_directories_of_other_gpus_and_versions_are_refused_with_the_rebuild_co
     }
     // An A100 differs in both name and compute capability: the first is named, the other listed.
     let e = em
-        .check_target(dir, &target("NVIDIA A100-SXM4-80GB", "8.0", "11.4.0", None))
+        .check_target(
+            dir,
+            model,
+            &target("NVIDIA A100-SXM4-80GB", "8.0", "11.4.0", None),
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("(also: GPU)"), "{e}");
+    // The model run from another place (--model): the rebuild command names that place.
+    let e = em
+        .check_target(
+            dir,
+            Path::new("/mnt/d30"),
+            &target("NVIDIA H200", "9.0", "11.4.0", None),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("build-engine --model /mnt/d30 --backend tensorrt"),
+        "{e}"
+    );
 
     // ort-trt engines also record ONNX Runtime: another minor version is refused.
     let ort = recorded(
