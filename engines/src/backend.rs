@@ -68,11 +68,14 @@ pub struct KvWrite {
 /// and the KV cache on its device. The pipeline refers to the cache by position only (`KvPast`,
 /// `kv_at`); tensors cross to the host only where the pipeline needs them (logits, the image).
 pub trait Engine {
-    /// Create every stage's session now (so that timings exclude session creation).
-    fn load_all(&mut self) -> Result<()>;
+    /// Create every stage's session now (so that timings exclude session creation). Engines that
+    /// create everything when loaded have nothing to do.
+    fn load_all(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Start creating the sessions of later stages in the background, so that a one-shot run
     /// does not create them one after another on its critical path. Idempotent.
-    fn prefetch(&mut self);
+    fn prefetch(&mut self) {}
     /// Run one stage. With `kv_at = Some(w)` the stage's `kv_new` output (`w.tokens` tokens) is
     /// written into the engine's KV cache at token `w.begin` and not returned.
     fn run(
@@ -87,13 +90,19 @@ pub trait Engine {
     fn kv_shape(&self) -> Option<[usize; 6]>;
     /// Tokens begin..begin+n of the cache as a host tensor (for observation and checks only).
     fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor>;
-    /// (values, bytes) of the weights every session shares.
-    fn shared_weights(&self) -> (usize, usize);
+    /// (values, bytes) of the weights every session shares on the host (none on GPU backends).
+    fn shared_weights(&self) -> (usize, usize) {
+        (0, 0)
+    }
     /// Sessions created since the last call, with the milliseconds each took (at first use, or
-    /// in the background after `prefetch`).
-    fn take_created(&mut self) -> Vec<(Stage, f64)>;
+    /// in the background after `prefetch`); none for engines that create everything at load.
+    fn take_created(&mut self) -> Vec<(Stage, f64)> {
+        vec![]
+    }
     /// How long the last `run` waited for its session (creating it, or for the background).
-    fn last_session_wait_ms(&self) -> f64;
+    fn last_session_wait_ms(&self) -> f64 {
+        0.0
+    }
     /// Whether `step` may be run with an empty past (scale 0); otherwise scale 0 runs on
     /// `step_first`.
     fn takes_empty_past(&self) -> bool;
@@ -185,6 +194,19 @@ pub fn backend_for_name(name: &str) -> Result<&'static dyn Backend> {
         })
 }
 
+/// The bytes of graph `g` as the manifest check verified them (sessions are created from these,
+/// never from a second read of the file).
+pub fn verified_graph(
+    verified: &[(Stage, std::sync::Arc<[u8]>)],
+    g: &crate::manifest::GraphEntry,
+) -> Result<std::sync::Arc<[u8]>> {
+    verified
+        .iter()
+        .find(|(s, _)| *s == g.stage)
+        .map(|(_, b)| b.clone())
+        .ok_or_else(|| EngineError::Unsupported(format!("graph {} was not verified", g.file)))
+}
+
 /// ONNX Runtime's CPU execution provider.
 pub struct OrtCpu;
 
@@ -206,14 +228,7 @@ impl Backend for OrtCpu {
         ort_environment()?;
         let mut graphs: Vec<(Stage, PathBuf, std::sync::Arc<[u8]>)> = vec![];
         for g in &m.graphs {
-            let bytes = verified
-                .iter()
-                .find(|(s, _)| *s == g.stage)
-                .map(|(_, b)| b.clone())
-                .ok_or_else(|| {
-                    EngineError::Unsupported(format!("graph {} was not verified", g.file))
-                })?;
-            graphs.push((g.stage, dir.join(&g.file), bytes));
+            graphs.push((g.stage, dir.join(&g.file), verified_graph(verified, g)?));
         }
         Ok(Box::new(OrtCpuEngine {
             shared: std::sync::Arc::new(Shared {

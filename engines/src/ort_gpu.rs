@@ -135,13 +135,7 @@ impl Backend for OrtCuda {
             if g.stage == Stage::StepFirst {
                 continue;
             }
-            let bytes = verified
-                .iter()
-                .find(|(s, _)| *s == g.stage)
-                .map(|(_, b)| b.clone())
-                .ok_or_else(|| {
-                    EngineError::Unsupported(format!("graph {} was not verified", g.file))
-                })?;
+            let bytes = crate::backend::verified_graph(verified, g)?;
             let s = cuda_session(env, dir, g.stage, &bytes, opts)?;
             sessions.insert(g.stage, s);
         }
@@ -240,11 +234,6 @@ pub struct OrtCudaEngine {
 }
 
 impl Engine for OrtCudaEngine {
-    fn load_all(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn prefetch(&mut self) {}
-
     fn run(
         &mut self,
         stage: Stage,
@@ -334,15 +323,6 @@ impl Engine for OrtCudaEngine {
         ))
     }
 
-    fn shared_weights(&self) -> (usize, usize) {
-        (0, 0)
-    }
-    fn take_created(&mut self) -> Vec<(Stage, f64)> {
-        vec![]
-    }
-    fn last_session_wait_ms(&self) -> f64 {
-        0.0
-    }
     fn takes_empty_past(&self) -> bool {
         self.empty_past
     }

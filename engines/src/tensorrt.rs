@@ -303,7 +303,6 @@ struct Context {
 }
 
 struct StageEngine {
-    planned: PlannedEngine,
     // Field order is drop order: contexts before their engine.
     contexts: Vec<Context>,
     _engine: trtx::CudaEngine<'static>,
@@ -404,7 +403,6 @@ impl Backend for TensorRt {
             stages.insert(
                 pe.stage,
                 StageEngine {
-                    planned: pe.clone(),
                     contexts,
                     _engine: engine,
                 },
@@ -496,11 +494,6 @@ fn host_bytes<'a>(i: &'a Input<'a>) -> (&'a [usize], &'a [u8]) {
 }
 
 impl Engine for TrtEngine {
-    fn load_all(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn prefetch(&mut self) {}
-
     fn run(
         &mut self,
         stage: Stage,
@@ -651,7 +644,9 @@ impl Engine for TrtEngine {
                 self.log.take()
             ))
         })?;
-        let mut out = HashMap::new();
+        // Every output copied to the host on the stream, then one synchronisation before any
+        // of them is read.
+        let mut downloads = vec![];
         for t in &c.profile.outputs {
             if t.name == crate::stage::io::KV_NEW {
                 continue;
@@ -661,9 +656,13 @@ impl Engine for TrtEngine {
             stream
                 .memcpy_dtoh(&buf.slice(0..*bytes), &mut host)
                 .map_err(|e| trt_err("downloading an output", e))?;
-            stream
-                .synchronize()
-                .map_err(|e| trt_err("synchronizing", e))?;
+            downloads.push((t, host));
+        }
+        stream
+            .synchronize()
+            .map_err(|e| trt_err("synchronizing", e))?;
+        let mut out = HashMap::new();
+        for (t, host) in downloads {
             let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
             let tensor = if t.dtype == "int64" {
                 Tensor::i64(
@@ -682,10 +681,6 @@ impl Engine for TrtEngine {
             };
             out.insert(t.name.clone(), tensor);
         }
-        stream
-            .synchronize()
-            .map_err(|e| trt_err("synchronizing", e))?;
-        let _ = st.planned.stage;
         Ok(out)
     }
 
@@ -731,15 +726,6 @@ impl Engine for TrtEngine {
         ))
     }
 
-    fn shared_weights(&self) -> (usize, usize) {
-        (0, 0)
-    }
-    fn take_created(&mut self) -> Vec<(Stage, f64)> {
-        vec![]
-    }
-    fn last_session_wait_ms(&self) -> f64 {
-        0.0
-    }
     fn takes_empty_past(&self) -> bool {
         false
     }
