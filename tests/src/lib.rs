@@ -72,9 +72,6 @@ pub fn export_fixture_at(
 /// `onnx.checker.check_model(full_check=True)` on every graph of a model directory, with the
 /// Python `onnx` package .ci/run installs (STAR_PYTHON or ./.venv/bin/python).
 pub fn onnx_check(dir: &Path) -> Result<String, String> {
-    let py = std::env::var("STAR_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join(".venv/bin/python"));
     let script = r#"
 import sys, glob, onnx
 files = sorted(glob.glob(sys.argv[1] + '/*.onnx'))
@@ -83,6 +80,36 @@ for f in files:
     onnx.checker.check_model(f, full_check=True)
 print(f'{len(files)} graphs pass onnx.checker (full_check)')
 "#;
+    python(script, dir)
+}
+
+/// The values of each graph of a model directory whose shape has a dimension that ONNX shape
+/// inference cannot name (`unk__*`, or neither a value nor a symbol): "graph: op value" lines.
+/// ONNX Runtime's memory planner can reuse no buffer for such a value and scans past it for
+/// every later one (`G::annotate` in the exporter).
+pub fn unnamed_dims(dir: &Path) -> Result<Vec<String>, String> {
+    let script = r#"
+import sys, glob, os, onnx
+files = sorted(glob.glob(sys.argv[1] + '/*.onnx'))
+assert files, 'no graphs'
+for f in files:
+    m = onnx.shape_inference.infer_shapes(onnx.load(f, load_external_data=False), strict_mode=True)
+    op = {o: n.op_type for n in m.graph.node for o in n.output}
+    for v in list(m.graph.value_info) + list(m.graph.output):
+        t = v.type.tensor_type
+        if not t.HasField('shape') or any(
+            (not d.HasField('dim_value') and not d.dim_param) or d.dim_param.startswith('unk__')
+            for d in t.shape.dim
+        ):
+            print(f'{os.path.basename(f)}: {op.get(v.name, "?")} {v.name}')
+"#;
+    python(script, dir).map(|out| out.lines().map(str::to_string).collect())
+}
+
+fn python(script: &str, dir: &Path) -> Result<String, String> {
+    let py = std::env::var("STAR_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".venv/bin/python"));
     let out = std::process::Command::new(&py)
         .arg("-c")
         .arg(script)

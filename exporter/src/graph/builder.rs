@@ -178,6 +178,8 @@ pub struct G<'s> {
     nodes: Vec<NodeProto>,
     inputs: Vec<ValueInfoProto>,
     outputs: Vec<ValueInfoProto>,
+    /// Shapes of intermediate values that shape inference cannot name (see `annotate`).
+    value_info: Vec<ValueInfoProto>,
     inits: Vec<TensorProto>,
     init_names: HashSet<String>,
     store: &'s mut WeightStore,
@@ -202,6 +204,7 @@ impl<'s> G<'s> {
             nodes: vec![],
             inputs: vec![],
             outputs: vec![],
+            value_info: vec![],
             inits: vec![],
             init_names: HashSet::new(),
             store,
@@ -373,6 +376,16 @@ impl<'s> G<'s> {
         self.c_f32(&[v], &[])
     }
 
+    /// State the shape of an intermediate value in symbols shape inference cannot derive (a
+    /// dynamic Slice, a Split of a symbolic axis, a Concat of two symbols). ONNX Runtime keeps
+    /// a declared symbol where its inference has none, and its memory planner reuses a dead
+    /// buffer only for a value of the same shape: a value with an unnamed dimension matches
+    /// nothing, stays on the planner's free list, and every later value scans past it. At
+    /// d30 that scan was 9 s of session creation (nearly every value of `step` was unnamed).
+    pub fn annotate(&mut self, x: &str, dtype: i32, dims: &[Dim]) {
+        self.value_info.push(ValueInfoProto::tensor(x, dtype, dims));
+    }
+
     /// Give `x` a stable tensor name (an Identity): the names calibration tables and TensorRT
     /// calibration caches refer to.
     pub fn named(&mut self, x: &str, name: &str) -> String {
@@ -446,7 +459,7 @@ impl<'s> G<'s> {
             doc_string: doc.into(),
             input: self.inputs,
             output: self.outputs,
-            value_info: vec![],
+            value_info: self.value_info,
         };
         let model = onnx::ModelProto {
             ir_version: onnx::IR_VERSION,

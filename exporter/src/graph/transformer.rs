@@ -36,7 +36,8 @@ fn head_scale(g: &mut G, src: &Src, heads: usize) -> Result<String> {
 
 /// Apply the rotary table (cos/sin of shape (n, 32, 1)) to x of shape (R, H, n, 64).
 fn apply_rope(g: &mut G, x: &str, cos: &str, sin: &str, hd: usize) -> String {
-    let x = g.reshape(x, &[0, 0, -1, (hd / 2) as i64, 2]);
+    // 0 copies a dim (its symbol survives shape inference), -1 would leave it unnamed.
+    let x = g.reshape(x, &[0, 0, 0, (hd / 2) as i64, 2]);
     let parts = g.split(&x, -1, 2);
     let (a, b) = (&parts[0], &parts[1]);
     let ac = g.mul(a, cos);
@@ -46,12 +47,20 @@ fn apply_rope(g: &mut G, x: &str, cos: &str, sin: &str, hd: usize) -> String {
     let bc = g.mul(b, cos);
     let im = g.add(&as_, &bc);
     let y = g.concat(&[&re, &im], -1);
-    g.reshape(&y, &[0, 0, -1, hd as i64])
+    g.reshape(&y, &[0, 0, 0, hd as i64])
 }
 
 struct Rope {
     cos: String,
     sin: String,
+}
+
+impl Rope {
+    fn annotate(&self, g: &mut G, rows: &Dim) {
+        for t in [&self.cos, &self.sin] {
+            g.annotate(t, dtype::FLOAT, &[rows.clone(), fx(32), fx(1)]);
+        }
+    }
 }
 
 /// The rotary tables of every scale, stacked in token order: rows [begin, end) are scale k's.
@@ -60,12 +69,14 @@ fn rope_all(g: &mut G, sch: &Schedule) -> Rope {
     rope_consts(g, &tables)
 }
 
-/// Rows [begin, end) of a stacked table.
-fn rope_rows(g: &mut G, all: &Rope, begin: &str, end: &str) -> Rope {
-    Rope {
+/// Rows [begin, end) of a stacked table: `tokens` rows.
+fn rope_rows(g: &mut G, all: &Rope, begin: &str, end: &str, tokens: &Dim) -> Rope {
+    let r = Rope {
         cos: g.slice_dyn(&all.cos, 0, begin, end),
         sin: g.slice_dyn(&all.sin, 0, begin, end),
-    }
+    };
+    r.annotate(g, tokens);
+    r
 }
 
 fn rope_consts(g: &mut G, tables: &[(Vec<f32>, Vec<f32>)]) -> Rope {
@@ -84,14 +95,14 @@ fn rope_consts(g: &mut G, tables: &[(Vec<f32>, Vec<f32>)]) -> Rope {
 
 /// (R, n, C) -> (R, H, n, hd)
 fn heads_first(g: &mut G, x: &str, h: usize, hd: usize) -> String {
-    let x = g.reshape(x, &[0, -1, h as i64, hd as i64]);
+    let x = g.reshape(x, &[0, 0, h as i64, hd as i64]);
     g.transpose(&x, &[0, 2, 1, 3])
 }
 
 /// (R, H, n, hd) -> (R, n, C)
 fn heads_last(g: &mut G, x: &str, c: usize) -> String {
     let x = g.transpose(x, &[0, 2, 1, 3]);
-    g.reshape(&x, &[0, -1, c as i64])
+    g.reshape(&x, &[0, 0, c as i64])
 }
 
 /// The number of head groups self-attention runs in, one after another: the fewest (a divisor
@@ -103,6 +114,18 @@ pub fn head_groups(heads: usize, queries: usize, keys: usize, budget: u64) -> us
         .filter(|g| heads.is_multiple_of(*g))
         .find(|g| 2 * (heads / g) as u64 * queries as u64 * keys as u64 * 4 <= budget)
         .unwrap_or(heads)
+}
+
+/// Whether `step` handles the KV cache block by block: when the past at the largest scale
+/// (FP32, batch 1) passes `budget`. Small models take the whole past in one transpose and give
+/// kv_new in one concatenation and transpose (the fewest, largest copies: the fastest at d16);
+/// block by block, each block picks its past straight from the token-major cache and gives its
+/// K/V token-major, concatenated into kv_new, so neither the transposed past (4.9 GB at
+/// d30/1024, scale 13) nor a second copy of the scale's K/V (3.8 GB) is ever alive.
+pub fn kv_per_block(cfg: &ModelConfig, sch: &Schedule, budget: u64) -> bool {
+    let last = sch.patch_nums[sch.patch_nums.len() - 1];
+    let past = (sch.total_tokens - last * last) as u64;
+    past * (cfg.depth * 2 * 2 * cfg.heads * cfg.head_dim) as u64 * 4 > budget
 }
 
 /// Self-attention of one block. Returns (output before residual, k, v) with k after RoPE and L2
@@ -141,7 +164,14 @@ fn self_attention(
     let s = head_scale(g, a, h)?;
     let q = g.mul(&q, &s);
     let (k_all, v_all) = match past {
-        Some((pk, pv)) => (g.concat(&[pk, &k], 2), g.concat(&[pv, &v], 2)),
+        Some((pk, pv)) => {
+            let (ka, va) = (g.concat(&[pk, &k], 2), g.concat(&[pv, &v], 2));
+            // past + tokens: one symbol for every block's keys.
+            for t in [&ka, &va] {
+                g.annotate(t, dtype::FLOAT, &[sym("B2"), fx(h), sym("keys"), fx(hd)]);
+            }
+            (ka, va)
+        }
         None => (k.clone(), v.clone()),
     };
     let kt = g.transpose(&k_all, &[0, 1, 3, 2]);
@@ -282,6 +312,7 @@ fn blocks_and_heads(
     past: Option<&str>,
     tokens: Dim,
     groups: usize,
+    per_block: bool,
 ) -> Result<()> {
     let (c, h, hd, v) = (cfg.width, cfg.heads, cfg.head_dim, cfg.vocab);
     let text_kv = g.input(
@@ -294,17 +325,26 @@ fn blocks_and_heads(
         dtype::FLOAT,
         &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)],
     );
-    // (P, depth, 2, B2, H, hd) -> (depth, 2, B2, H, P, hd): one transpose, then per-block picks.
-    // (Per-block picks from the token-major past instead save that copy, 2.5 GB at d30/1024, but
-    // were 5-13% slower at d16 and did not make d30/1024 FP32 fit 24 GB: benches/RESULTS.md.)
-    let past_t = past.map(|p| g.transpose(p, &[1, 2, 3, 4, 0, 5]));
+    // (P, depth, 2, B2, H, hd) -> (depth, 2, B2, H, P, hd): one transpose, then per-block picks
+    // (see `kv_per_block`).
+    let past_t = if per_block {
+        None
+    } else {
+        past.map(|p| g.transpose(p, &[1, 2, 3, 4, 0, 5]))
+    };
     let mut new_kv = vec![];
     for i in 0..cfg.depth {
         let b = t.pp(&format!("blocks.{i}"));
-        let pkv = past_t.as_ref().map(|p| {
-            let blk = g.pick(p, 0, i as i64);
-            (g.pick(&blk, 0, 0), g.pick(&blk, 0, 1))
-        });
+        let blk = match (&past_t, past) {
+            (Some(p), _) => Some(g.pick(p, 0, i as i64)),
+            // (P, 2, B2, H, hd) of this block -> (2, B2, H, P, hd).
+            (None, Some(p)) if per_block => {
+                let own = g.pick(p, 1, i as i64);
+                Some(g.transpose(&own, &[1, 2, 3, 0, 4]))
+            }
+            _ => None,
+        };
+        let pkv = blk.map(|blk| (g.pick(&blk, 0, 0), g.pick(&blk, 0, 1)));
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
         let (o, k, vv) = self_attention(
             g,
@@ -319,15 +359,25 @@ fn blocks_and_heads(
         let k1 = g.unsqueeze(&k, &[0]);
         let v1 = g.unsqueeze(&vv, &[0]);
         let kv = g.concat(&[&k1, &v1], 0);
-        new_kv.push(g.unsqueeze(&kv, &[0]));
+        new_kv.push(if per_block {
+            // (2, B2, H, n, hd) -> (n, 1, 2, B2, H, hd): this block's column of kv_new.
+            let kv = g.transpose(&kv, &[3, 0, 1, 2, 4]);
+            g.unsqueeze(&kv, &[1])
+        } else {
+            g.unsqueeze(&kv, &[0])
+        });
 
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
         let rows = g.split(&xn, 0, 2);
+        for r in &rows {
+            g.annotate(r, dtype::FLOAT, &[sym("B"), tokens.clone(), fx(c)]);
+        }
         let tkv = g.pick(&text_kv, 0, i as i64);
         let tk = g.pick(&tkv, 0, 0);
         let tv = g.pick(&tkv, 0, 1);
         let xa = cross_attention(g, &b.pp("cross_attn"), cfg, &rows[0], &tk, &tv, &text_bias)?;
         let xa = g.concat(&[&xa, &xa], 0);
+        g.annotate(&xa, dtype::FLOAT, &[sym("B2"), tokens.clone(), fx(c)]);
         x = g.add(&x, &xa);
 
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
@@ -335,9 +385,14 @@ fn blocks_and_heads(
         x = g.add(&x, &f);
     }
     let refs: Vec<&str> = new_kv.iter().map(|s| s.as_str()).collect();
-    // (depth, 2, B2, H, n, hd) -> (n, depth, 2, B2, H, hd): this scale's region of the cache.
-    let kv = g.concat(&refs, 0);
-    let kv = g.transpose(&kv, &[4, 0, 1, 2, 3, 5]);
+    // (n, depth, 2, B2, H, hd): this scale's region of the cache.
+    let kv = if per_block {
+        g.concat(&refs, 1)
+    } else {
+        // (depth, 2, B2, H, n, hd) -> (n, depth, 2, B2, H, hd)
+        let kv = g.concat(&refs, 0);
+        g.transpose(&kv, &[4, 0, 1, 2, 3, 5])
+    };
     g.output(
         &kv,
         io::KV_NEW,
@@ -373,7 +428,8 @@ fn blocks_and_heads(
 pub fn step_first(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
     let x = g.input(io::X, dtype::FLOAT, &[sym("B2"), fx(1), fx(cfg.width)]);
     let rope = rope_consts(g, &[rope_table(sch.patch_nums[0])]);
-    blocks_and_heads(g, t, cfg, x, &rope, None, fx(1), 1)
+    let per_block = kv_per_block(cfg, sch, g.attention_budget);
+    blocks_and_heads(g, t, cfg, x, &rope, None, fx(1), 1, per_block)
 }
 
 /// Any scale: x (B2, n, C), the embedded tokens (text_kv makes scale 0's, vq every later
@@ -395,11 +451,22 @@ pub fn step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()>
     let n = g.dim(&x, 1);
     let end = g.add(&begin, &n);
     let all = rope_all(g, sch);
-    let rope = rope_rows(g, &all, &begin, &end);
+    let rope = rope_rows(g, &all, &begin, &end, &sym("tokens"));
     // The largest scale attends with its own tokens over every token of the generation.
     let last = sch.patch_nums[sch.patch_nums.len() - 1];
     let groups = head_groups(h, last * last, sch.total_tokens, g.attention_budget);
-    blocks_and_heads(g, t, cfg, x, &rope, Some(&past), sym("tokens"), groups)
+    let per_block = kv_per_block(cfg, sch, g.attention_budget);
+    blocks_and_heads(
+        g,
+        t,
+        cfg,
+        x,
+        &rope,
+        Some(&past),
+        sym("tokens"),
+        groups,
+        per_block,
+    )
 }
 
 /// The stable sampler of any sampler scale (its `scale` input, shape (1,)): refiner blocks over
@@ -429,8 +496,14 @@ pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Sched
     let lvl = g.op("Gather", &[&lvl_all, &scale], vec![]);
     let e = g.add(&e, &lvl);
     let e = g.concat(&[&e, &e], 0);
+    g.annotate(&e, dtype::FLOAT, &[sym("B2"), tok(), fx(c)]);
+    // The prefix token and the scale's: "seq" = 1 + tokens.
+    let seq = sym("seq");
     let feature = g.concat(&[&p, &e], 1);
     let prior = g.concat(&[&p, &hidden], 1);
+    for t in [&feature, &prior] {
+        g.annotate(t, dtype::FLOAT, &[sym("B2"), seq.clone(), fx(c)]);
+    }
     let cat = g.concat(&[&feature, &prior], -1);
     let mut x = t.linear(g, &cat, "head_proj", 2 * c, c, true)?;
 
@@ -440,13 +513,14 @@ pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Sched
     let n = g.dim(&idx, 1);
     let end = g.add(&begin, &n);
     let all = rope_all(g, sch);
-    let rows = rope_rows(g, &all, &begin, &end);
+    let rows = rope_rows(g, &all, &begin, &end, &tok());
     let one = g.c_f32(&[1.0f32; 32], &[1, 32, 1]);
     let zero = g.c_f32(&[0.0f32; 32], &[1, 32, 1]);
     let rope = Rope {
         cos: g.concat(&[&one, &rows.cos], 0),
         sin: g.concat(&[&zero, &rows.sin], 0),
     };
+    rope.annotate(g, &seq);
     // The refiner attends over the prefix token and the scale's tokens.
     let most = (0..sn)
         .filter(|&i| sch.substeps.get(i).is_some_and(|v| !v.is_empty()))
@@ -466,6 +540,7 @@ pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Sched
     let xn = g.layer_norm_plain(&x, c, LN_EPS);
     let logits = t.linear_as(g, &xn, "head_logits2", c, v, true, Lin::Head)?;
     let logits = g.slice(&logits, 1, 1, i64::MAX);
+    g.annotate(&logits, dtype::FLOAT, &[sym("B2"), tok(), fx(v)]);
     g.output(
         &logits,
         io::LOGITS,

@@ -39,7 +39,8 @@ fn stack_cols(mats: &[(Vec<f32>, usize)], out: usize) -> (Vec<f32>, Vec<f32>, Ve
 }
 
 /// A x Aᵀ per channel with the scale's block A of per-scale matrices: each block is P x k_s
-/// (`len` = k_s at run time); A is the block itself, or its transpose with `transpose`.
+/// (`len` = k_s at run time, named `side` in the graph's shapes); A is the block itself, or its
+/// transpose with `transpose`.
 #[allow(clippy::too_many_arguments)]
 fn sandwich(
     g: &mut G,
@@ -48,6 +49,7 @@ fn sandwich(
     p: usize,
     scale: &str,
     len: &str,
+    side: &str,
     transpose: bool,
 ) -> String {
     let (m, mt, offs, total) = stack_cols(blocks, p);
@@ -57,6 +59,9 @@ fn sandwich(
     let end = g.add(&off, len);
     let b = g.slice_dyn(&m, 1, &off, &end);
     let bt = g.slice_dyn(&mt, 0, &off, &end);
+    // `len` rows or columns (see `G::annotate`).
+    g.annotate(&b, dtype::FLOAT, &[fx(p), sym(side)]);
+    g.annotate(&bt, dtype::FLOAT, &[sym(side), fx(p)]);
     let (a, at) = if transpose { (bt, b) } else { (b, bt) };
     let y = g.matmul(&a, x);
     g.matmul(&y, &at)
@@ -92,6 +97,11 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
     let h = g.transpose(&h, &[0, 2, 1]);
     let head = g.c_i64(&[0, cv as i64], &[2]);
     let h = g.reshape_dyn(&h, &[&head, &pn, &pn]);
+    g.annotate(
+        &h,
+        dtype::FLOAT,
+        &[sym("B"), fx(cv), sym("side"), sym("side")],
+    );
 
     let ups: Vec<(Vec<f32>, usize)> = sch
         .patch_nums
@@ -105,7 +115,7 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
             }
         })
         .collect();
-    let h = sandwich(g, &h, &ups, p, &scale, &pn, false);
+    let h = sandwich(g, &h, &ups, p, &scale, &pn, "side", false);
 
     // Every phi as one conv (K*Cvae outputs), then the scale's block.
     let key = "vq/quantize.quant_resi.qresi_ls.stacked";
@@ -170,9 +180,10 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
         .collect();
     let pn2 = g.lookup(&nexts, &scale);
     // The blocks are the transposed area matrices (P x next): A = blockᵀ.
-    let y = sandwich(g, &f, &downs, p, &scale, &pn2, true);
+    let y = sandwich(g, &f, &downs, p, &scale, &pn2, "next_side", true);
     let n2 = g.mul(&pn2, &pn2);
     let y = g.reshape_dyn(&y, &[&head, &n2]);
+    g.annotate(&y, dtype::FLOAT, &[sym("B"), fx(cv), sym("next_tokens")]);
     let y = g.transpose(&y, &[0, 2, 1]);
     g.output(
         &y,
@@ -190,6 +201,7 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
     let e = t.linear(g, &y, "word_embed", cv, c, true)?;
     let e = g.add(&e, &lvl);
     let x = g.concat(&[&e, &e], 0);
+    g.annotate(&x, dtype::FLOAT, &[sym("B2"), sym("next_tokens"), fx(c)]);
     g.output(
         &x,
         io::X,
@@ -317,6 +329,8 @@ pub fn decoder(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result
                 ],
             );
             side *= 2;
+            // Resize's inference drops the batch symbol (see `G::annotate`).
+            d.g.annotate(&h, dtype::FLOAT, &[sym("B"), fx(cout), fx(side), fx(side)]);
             h = d.conv(&h, &format!("up.{level}.upsample.conv"), cout, cout, 3)?;
         }
     }
