@@ -86,7 +86,9 @@ print(f'{len(files)} graphs pass onnx.checker (full_check)')
 /// The values of each graph of a model directory whose shape has a dimension that ONNX shape
 /// inference cannot name (`unk__*`, or neither a value nor a symbol): "graph: op value" lines.
 /// ONNX Runtime's memory planner can reuse no buffer for such a value and scans past it for
-/// every later one (`G::annotate` in the exporter).
+/// every later one (`G::annotate` in the exporter). A declared symbol is trusted here; a wrong one
+/// (two values named alike whose sizes differ) shows when ONNX Runtime runs the graph: reusing a
+/// buffer too small for a value is an error, which the validate and replay suites would report.
 pub fn unnamed_dims(dir: &Path) -> Result<Vec<String>, String> {
     let script = r#"
 import sys, glob, os, onnx
@@ -95,6 +97,10 @@ assert files, 'no graphs'
 for f in files:
     m = onnx.shape_inference.infer_shapes(onnx.load(f, load_external_data=False), strict_mode=True)
     op = {o: n.op_type for n in m.graph.node for o in n.output}
+    typed = {v.name for v in list(m.graph.value_info) + list(m.graph.output)}
+    for o, kind in op.items():
+        if o and o not in typed:
+            print(f'{os.path.basename(f)}: {kind} {o} (no type)')
     for v in list(m.graph.value_info) + list(m.graph.output):
         t = v.type.tensor_type
         if not t.HasField('shape') or any(
