@@ -116,8 +116,11 @@ pub trait Engine {
 /// directory onto it. Registered in `BACKENDS`; looked up with `backend_for_name`.
 pub trait Backend: Sync {
     fn name(&self) -> &'static str;
-    /// Graph precisions it runs as they are; any other is refused, never converted.
-    fn precisions(&self) -> &'static [&'static str];
+    /// Graph precisions it runs as they are; any other is refused, never converted. Every
+    /// backend so far runs all of them.
+    fn precisions(&self) -> &'static [&'static str] {
+        crate::manifest::PRECISIONS
+    }
     /// `graphs`: each stage's graph bytes as verified (never re-read from disk).
     fn load(
         &self,
@@ -213,9 +216,6 @@ pub struct OrtCpu;
 impl Backend for OrtCpu {
     fn name(&self) -> &'static str {
         "ort-cpu"
-    }
-    fn precisions(&self) -> &'static [&'static str] {
-        &["fp32", "fp16", "int8"]
     }
     fn load(
         &self,

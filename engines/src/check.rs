@@ -439,7 +439,7 @@ pub fn check_manifest(m: &Manifest, dir: &Path) -> Result<()> {
 fn check_manifest_why(m: &Manifest) -> std::result::Result<(), String> {
     let c = &m.config;
     let s = &m.schedule;
-    const PRECISIONS: &[&str] = &["fp32", "fp16", "int8"];
+    use crate::manifest::PRECISIONS;
     if !PRECISIONS.contains(&m.precision.as_str()) {
         return Err(format!(
             "precision '{}' is not one of {PRECISIONS:?}",

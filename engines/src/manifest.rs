@@ -96,6 +96,9 @@ pub struct Profile {
     pub outputs: Vec<IoSpec>,
 }
 
+/// The precisions a model directory's graphs can compute in.
+pub const PRECISIONS: &[&str] = &["fp32", "fp16", "int8"];
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GraphEntry {

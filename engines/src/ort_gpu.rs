@@ -108,9 +108,6 @@ impl Backend for OrtCuda {
     fn name(&self) -> &'static str {
         "ort-cuda"
     }
-    fn precisions(&self) -> &'static [&'static str] {
-        &["fp32", "fp16", "int8"]
-    }
     fn load(
         &self,
         dir: &Path,
@@ -376,9 +373,6 @@ impl OrtTrt {
 impl Backend for OrtTrt {
     fn name(&self) -> &'static str {
         "ort-trt"
-    }
-    fn precisions(&self) -> &'static [&'static str] {
-        &["fp32", "fp16", "int8"]
     }
     fn load(
         &self,

@@ -314,9 +314,6 @@ impl Backend for TensorRt {
     fn name(&self) -> &'static str {
         BACKEND
     }
-    fn precisions(&self) -> &'static [&'static str] {
-        &["fp32", "fp16", "int8"]
-    }
     fn load(
         &self,
         dir: &Path,

@@ -54,7 +54,7 @@ enum Cmd {
         /// decoder stay FP32. On ort-cpu, fp16 is an accuracy check, not a speed path (ONNX
         /// Runtime's CPU provider computes most FP16 nodes through casts to FP32); int8 is the
         /// CPU speed path.
-        #[arg(long, default_value = "fp32", value_parser = ["fp32", "fp16", "int8"])]
+        #[arg(long, default_value = "fp32", value_parser = clap::builder::PossibleValuesParser::new(star_engines::manifest::PRECISIONS))]
         precision: String,
         /// int8: calibration prompts, one per line (# comments); calibration/prompts/ has a
         /// shapes set for the demo and a general set.
