@@ -38,8 +38,9 @@ impl<'a> From<&'a Tensor> for Input<'a> {
     }
 }
 
-/// A stage input: a host tensor, or the first `len` tokens of the engine's own KV cache (a view
-/// of the buffer the engine owns: no copy on the CPU backend, a device pointer on GPU backends).
+/// A stage input: a host tensor, or the first `len` tokens of the engine's own KV cache: every
+/// block's `past_{i}`, a view of the prefix of that block's region of the buffer the engine owns
+/// (no copy on the CPU backend, a device pointer on GPU backends).
 pub enum Arg<'a> {
     Host(Input<'a>),
     KvPast(usize),
@@ -57,7 +58,8 @@ impl<'a> From<&'a Tensor> for Arg<'a> {
     }
 }
 
-/// Where a step's `kv_new` goes in the KV cache: `tokens` tokens from token `begin`.
+/// Where a step's `kv_new_{i}` outputs go in the KV cache: `tokens` tokens from token `begin`
+/// of each block's region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvWrite {
     pub begin: usize,
@@ -76,19 +78,22 @@ pub trait Engine {
     /// Start creating the sessions of later stages in the background, so that a one-shot run
     /// does not create them one after another on its critical path. Idempotent.
     fn prefetch(&mut self) {}
-    /// Run one stage. With `kv_at = Some(w)` the stage's `kv_new` output (`w.tokens` tokens) is
-    /// written into the engine's KV cache at token `w.begin` and not returned.
+    /// Run one stage. With `kv_at = Some(w)` the stage's `kv_new_{i}` outputs (`w.tokens` tokens
+    /// each) are written into block i's region of the engine's KV cache at token `w.begin` and
+    /// not returned.
     fn run(
         &mut self,
         stage: Stage,
         inputs: &[(&str, Arg<'_>)],
         kv_at: Option<KvWrite>,
     ) -> Result<HashMap<String, Tensor>>;
-    /// (Re)allocate the KV cache for one generation: (capacity, depth, 2, rows, heads, head_dim).
+    /// (Re)allocate the KV cache for one generation: (depth, capacity, 2, rows, heads, head_dim),
+    /// block-major and token-major within a block (`ort_bind::KvLayout`).
     fn kv_alloc(&mut self, shape: [usize; 6]) -> Result<()>;
     /// The cache's shape, once allocated.
     fn kv_shape(&self) -> Option<[usize; 6]>;
-    /// Tokens begin..begin+n of the cache as a host tensor (for observation and checks only).
+    /// Tokens begin..begin+n of every block as a host tensor (depth, n, 2, rows, heads,
+    /// head_dim), for observation and checks only.
     fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor>;
     /// (values, bytes) of the weights every session shares on the host (none on GPU backends).
     fn shared_weights(&self) -> (usize, usize) {
@@ -246,6 +251,37 @@ impl Backend for OrtCpu {
     }
 }
 
+/// Hidden states of a run (B2·n·C floats) from which its activations go back to the system
+/// after it: d30/1024 from scale 9 (441 tokens, 6.8 MB) on; never at d16/256 (2 MB at most).
+const RELEASE_ARENA_BYTES: usize = 4 << 20;
+
+/// Whether a run gives its activation memory back when it ends. ONNX Runtime's CPU arena keeps
+/// every region it ever allocated, and grows by doubling: each later scale of a large model
+/// needs larger blocks than the free ones left by the scale before, so the arena held about
+/// 4 GB of regions after d30's scale 10 and the generation was killed for memory at scale 13
+/// (benches/RESULTS.md). Shrinking after a large run bounds what it keeps to one run's peak;
+/// it costs touching that much new memory at the next run, which small runs (every scale of
+/// d16/256) are spared.
+fn releases_arena(stage: Stage, inputs: &[(&str, Arg<'_>)]) -> bool {
+    use crate::stage::io;
+    let states = match stage {
+        Stage::Step | Stage::StepFirst => io::X,
+        Stage::Sampler => io::HIDDEN,
+        _ => return false,
+    };
+    inputs.iter().any(|(n, a)| {
+        *n == states
+            && matches!(a, Arg::Host(i) if i.shape().iter().product::<usize>() * 4 >= RELEASE_ARENA_BYTES)
+    })
+}
+
+/// Run options that free the CPU arena's unused regions when the run ends.
+fn shrink_arena_after() -> std::result::Result<ort::session::RunOptions, ort::Error> {
+    let mut o = ort::session::RunOptions::new()?;
+    o.set("memory.enable_memory_arena_shrinkage", "cpu:0")?;
+    Ok(o)
+}
+
 pub struct OrtCpuEngine {
     shared: std::sync::Arc<Shared>,
     /// Creates the transformer, VQ and decoder sessions in the background (`prefetch`).
@@ -368,11 +404,11 @@ impl Engine for OrtCpuEngine {
         inputs: &[(&str, Arg<'_>)],
         kv_at: Option<KvWrite>,
     ) -> Result<HashMap<String, Tensor>> {
-        use crate::ort_bind::{KvLayout, Place};
+        use crate::ort_bind::Place;
         let cache = self
             .kv
             .as_mut()
-            .map(|c| (c.data.as_mut_ptr() as *mut u8, KvLayout { shape: c.shape }));
+            .map(|c| (c.data.as_mut_ptr() as *mut u8, c.layout));
         // SAFETY: the engine's own host cache, alive and not reallocated during the run.
         let (values, mut in_place) =
             unsafe { crate::ort_bind::stage_values(stage, inputs, kv_at, cache, Place::Host)? };
@@ -380,25 +416,39 @@ impl Engine for OrtCpuEngine {
         let session = self.shared.session(stage)?;
         self.last_wait_ms = t.elapsed().as_secs_f64() * 1e3;
         let refs: Vec<(&str, &ort::value::DynValue)> =
-            values.iter().map(|(n, v)| (*n, v)).collect();
+            values.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
         let label = s.label.clone();
-        crate::ort_bind::run_bound(&mut s.session, &label, &refs, &mut in_place, None)
+        let shrink = if releases_arena(stage, inputs) {
+            Some(shrink_arena_after().map_err(ort_err(format!("running stage {label}")))?)
+        } else {
+            None
+        };
+        crate::ort_bind::run_bound(
+            &mut s.session,
+            &label,
+            &refs,
+            &mut in_place,
+            shrink.as_ref(),
+        )
     }
 
     fn kv_alloc(&mut self, shape: [usize; 6]) -> Result<()> {
-        let [l, depth, _, rows, heads, hd] = shape;
         match &mut self.kv {
             // Same shape: reuse the buffer (no new allocation, pages already touched); the
             // stale contents are never read, every scale writes its tokens before they are used.
-            Some(c) if c.shape == shape => {}
-            _ => self.kv = Some(KvCache::new(depth, rows, heads, l, hd)),
+            Some(c) if c.layout.shape == shape => {}
+            _ => {
+                // The old cache goes before the new one is allocated: never two at once.
+                self.kv = None;
+                self.kv = Some(KvCache::new(shape));
+            }
         }
         Ok(())
     }
 
     fn kv_shape(&self) -> Option<[usize; 6]> {
-        self.kv.as_ref().map(|c| c.shape)
+        self.kv.as_ref().map(|c| c.layout.shape)
     }
 
     fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor> {
@@ -406,20 +456,10 @@ impl Engine for OrtCpuEngine {
             .kv
             .as_ref()
             .ok_or_else(|| EngineError::Unsupported("KV cache read before kv_alloc".into()))?;
-        let ts = c.token_stride();
-        if begin + n > c.capacity() {
-            return Err(EngineError::Unsupported(format!(
-                "KV cache read of tokens {begin}..{} beyond its {}",
-                begin + n,
-                c.capacity()
-            )));
-        }
-        let mut shape = c.shape.to_vec();
-        shape[0] = n;
-        Ok(Tensor::f32(
-            shape,
-            c.data[begin * ts..(begin + n) * ts].to_vec(),
-        ))
+        let data = c.read(begin, n).map_err(EngineError::Unsupported)?;
+        let mut shape = c.layout.shape.to_vec();
+        shape[1] = n;
+        Ok(Tensor::f32(shape, data))
     }
 
     fn shared_weights(&self) -> (usize, usize) {

@@ -28,13 +28,17 @@ enum Exp {
 }
 
 struct Port {
-    name: &'static str,
+    name: String,
     dtype: &'static str,
     dims: Vec<Exp>,
 }
 
-fn port(name: &'static str, dtype: &'static str, dims: Vec<Exp>) -> Port {
-    Port { name, dtype, dims }
+fn port(name: impl Into<String>, dtype: &'static str, dims: Vec<Exp>) -> Port {
+    Port {
+        name: name.into(),
+        dtype,
+        dims,
+    }
 }
 
 const F32: &str = "float32";
@@ -49,11 +53,10 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
     let side = pn(sn.saturating_sub(1));
     let tokens = S("tokens", pn(si) * pn(si), "schedule.patch_nums");
     let t77 = || F(TEXT_LEN, "77 text tokens");
-    // KV of all blocks, token-major: (tokens, depth, 2, B2, H, hd).
+    // K/V of one block, token-major within the block: (tokens, 2, B2, H, hd).
     let kv = |len: Exp| {
         vec![
             len,
-            F(c.depth, "config.depth"),
             F(2, "2 (K and V)"),
             B("B2"),
             F(c.heads, "config.heads"),
@@ -89,9 +92,12 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
             F(side, "schedule.patch_nums (last)"),
         ]
     };
+    // One K/V output per block: each is written in place into its block's region of the cache.
     let step_out = |n: Exp| {
-        vec![
-            port(io::KV_NEW, F32, kv(n.clone())),
+        let mut v: Vec<Port> = (0..c.depth)
+            .map(|i| port(io::kv_new(i), F32, kv(n.clone())))
+            .collect();
+        v.extend([
             port(
                 io::HIDDEN,
                 F32,
@@ -102,7 +108,8 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
                 F32,
                 vec![B("B2"), n, F(c.vocab, "config.vocab")],
             ),
-        ]
+        ]);
+        v
     };
     let scale_in = || port(io::SCALE, I64, vec![F(1, "1")]);
     // Scale 0's embedded start token (text_kv makes it, step_first takes it).
@@ -167,14 +174,12 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
                 s.begin_end.get(si).map(|b| b.0).unwrap_or(0),
                 "schedule.begin_end",
             );
-            let mut ins = vec![
-                port(
-                    io::X,
-                    F32,
-                    vec![B("B2"), tokens.clone(), F(c.width, "config.width")],
-                ),
-                port(io::PAST, F32, kv(past)),
-            ];
+            let mut ins = vec![port(
+                io::X,
+                F32,
+                vec![B("B2"), tokens.clone(), F(c.width, "config.width")],
+            )];
+            ins.extend((0..c.depth).map(|i| port(io::past(i), F32, kv(past.clone()))));
             ins.extend(text_kv());
             (ins, step_out(tokens))
         }
@@ -274,7 +279,7 @@ pub fn required_stages(c: &ModelConfig, s: &Schedule) -> Vec<Stage> {
 fn specs(ps: &[Port], scaled_fixed: bool) -> Vec<IoSpec> {
     ps.iter()
         .map(|p| IoSpec {
-            name: p.name.into(),
+            name: p.name.clone(),
             dtype: p.dtype.into(),
             shape: p
                 .dims
@@ -338,7 +343,7 @@ fn match_ports(
     profile: bool,
 ) -> std::result::Result<(), String> {
     let names = |v: &[IoSpec]| v.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
-    let want_names: Vec<String> = want.iter().map(|p| p.name.to_string()).collect();
+    let want_names: Vec<String> = want.iter().map(|p| p.name.clone()).collect();
     if names(got) != want_names {
         return Err(format!(
             "graphs: {what} lists {kind}s {:?}, the stage's contract is {:?}",

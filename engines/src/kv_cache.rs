@@ -1,60 +1,37 @@
-//! The self-attention KV cache: one buffer for the whole generation, allocated once, token-major:
-//! (L, depth, 2, 2B, H, hd). Each scale's new K/V (all blocks) is one contiguous region at token
-//! offset `begin`, and the past of any scale is one contiguous prefix, so a backend binds the past
-//! as a view and writes the new K/V in place; earlier scales are never re-run.
+//! The self-attention KV cache on the host: one buffer for the whole generation, allocated once,
+//! block-major and token-major within a block: (depth, L, 2, 2B, H, hd) (`ort_bind::KvLayout`).
+//! Each block's past at any scale is one contiguous prefix of its region and the scale's new K/V
+//! one contiguous range of it, so the step binds the past as views and writes the new K/V in
+//! place; earlier scales are never re-run.
+
+use crate::ort_bind::KvLayout;
 
 pub struct KvCache {
-    /// (L, depth, 2, rows, heads, head_dim)
-    pub shape: [usize; 6],
+    pub layout: KvLayout,
+    /// Zeroed lazily by the allocator: pages become resident as scales write them.
     pub data: Vec<f32>,
 }
 
 impl KvCache {
-    pub fn new(depth: usize, rows: usize, heads: usize, capacity: usize, head_dim: usize) -> Self {
-        let shape = [capacity, depth, 2, rows, heads, head_dim];
+    /// `shape`: (depth, L, 2, rows, heads, head_dim).
+    pub fn new(shape: [usize; 6]) -> Self {
         let n = shape.iter().product();
         KvCache {
-            shape,
+            layout: KvLayout { shape },
             data: vec![0.0; n],
         }
     }
 
-    /// Floats per token (all blocks, K and V, all rows and heads).
-    pub fn token_stride(&self) -> usize {
-        self.shape[1..].iter().product()
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.shape[0]
-    }
-
-    /// The first `len` tokens: shape and data, without copying.
-    pub fn past(&self, len: usize) -> ([usize; 6], &[f32]) {
-        let len = len.min(self.capacity());
-        let mut shape = self.shape;
-        shape[0] = len;
-        (shape, &self.data[..len * self.token_stride()])
-    }
-
-    /// Write one scale's K/V, shaped (n, depth, 2, rows, H, hd), at token offset `begin`.
-    pub fn write(&mut self, kv: &[f32], begin: usize) -> Result<(), String> {
-        let ts = self.token_stride();
-        if !kv.len().is_multiple_of(ts) {
-            return Err(format!(
-                "K/V of {} floats is not a whole number of tokens of {ts}",
-                kv.len()
-            ));
+    /// Tokens begin..begin+n of every block, (depth, n, 2, rows, H, hd): a copy for observers.
+    pub fn read(&self, begin: usize, n: usize) -> Result<Vec<f32>, String> {
+        let l = &self.layout;
+        let mut out = Vec::with_capacity(l.depth() * n * l.token_floats());
+        for i in 0..l.depth() {
+            let r = l.region(i, begin, n)?;
+            let f = r.byte_offset / KvLayout::ELEM_BYTES;
+            out.extend_from_slice(&self.data[f..f + r.bytes / KvLayout::ELEM_BYTES]);
         }
-        let n = kv.len() / ts;
-        if begin + n > self.capacity() {
-            return Err(format!(
-                "KV cache overflow: tokens {begin}..{} of {}",
-                begin + n,
-                self.capacity()
-            ));
-        }
-        self.data[begin * ts..(begin + n) * ts].copy_from_slice(kv);
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -63,17 +40,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scales_are_contiguous_regions_and_pasts_are_prefixes() {
-        let mut c = KvCache::new(2, 2, 1, 5, 1);
-        let ts = c.token_stride();
-        assert_eq!(ts, 2 * 2 * 2);
-        c.write(&vec![1.0; ts], 0).unwrap();
-        c.write(&vec![2.0; 2 * ts], 1).unwrap();
-        let (shape, past) = c.past(3);
-        assert_eq!(shape, [3, 2, 2, 2, 1, 1]);
-        assert_eq!(&past[..ts], &vec![1.0; ts][..]);
-        assert_eq!(&past[ts..], &vec![2.0; 2 * ts][..]);
-        assert!(c.write(&vec![0.0; 3 * ts], 3).is_err());
-        assert!(c.write(&[0.0; 3], 0).is_err());
+    fn reads_gather_each_blocks_range() {
+        // 2 blocks, 5 tokens, 2 floats per token and block.
+        let mut c = KvCache::new([2, 5, 2, 1, 1, 1]);
+        for (k, v) in c.data.iter_mut().enumerate() {
+            *v = k as f32;
+        }
+        // Tokens 1..3: floats 2..6 of block 0 and 12..16 of block 1.
+        assert_eq!(
+            c.read(1, 2).unwrap(),
+            vec![2.0, 3.0, 4.0, 5.0, 12.0, 13.0, 14.0, 15.0]
+        );
+        assert_eq!(c.read(0, 0).unwrap(), Vec::<f32>::new());
+        assert!(c.read(4, 2).is_err());
     }
 }

@@ -11,7 +11,8 @@ use std::path::Path;
 
 /// v2: one graph per stage kind with per-scale shape profiles; KV cache token-major.
 /// v3: a precision per graph; the INT8 calibration record.
-pub const SCHEMA_VERSION: u32 = 3;
+/// v4: the KV cache block-major: `step` takes `past_{i}` and gives `kv_new_{i}` per block.
+pub const SCHEMA_VERSION: u32 = 4;
 pub const MANIFEST_FILE: &str = "manifest.json";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -96,8 +96,8 @@ impl ModelDir {
     pub fn kv_alloc(&mut self, rows: usize) -> Result<()> {
         let c = &self.manifest.config;
         self.engine.kv_alloc([
-            self.manifest.schedule.total_tokens,
             c.depth,
+            self.manifest.schedule.total_tokens,
             2,
             rows,
             c.heads,
@@ -105,7 +105,7 @@ impl ModelDir {
         ])
     }
 
-    /// Tokens begin..begin+n of the KV cache, (n, depth, 2, rows, H, hd), for observation.
+    /// Tokens begin..begin+n of the KV cache, (depth, n, 2, rows, H, hd), for observation.
     pub fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor> {
         self.engine.kv_read(begin, n)
     }
@@ -120,8 +120,8 @@ impl ModelDir {
         self.run_kv(stage, scale, inputs, None)
     }
 
-    /// Run a stage; with `kv_at = Some(begin)` its `kv_new` goes into the KV cache at `begin`
-    /// (as many tokens as the scale's profile says).
+    /// Run a stage; with `kv_at = Some(begin)` its `kv_new_{i}` go into the KV cache at `begin`
+    /// of each block's region (as many tokens as the scale's profile says).
     pub fn run_kv(
         &mut self,
         stage: Stage,
@@ -154,29 +154,33 @@ impl ModelDir {
                 )))
             }
         };
+        // `Arg::KvPast` stands for every block's past view, (len, 2, rows, H, hd) each.
         let kv_shape = self.engine.kv_shape();
-        let shapes: Vec<(&str, Vec<usize>)> = inputs
-            .iter()
-            .map(|(n, a)| {
-                let s = match a {
-                    Arg::Host(i) => i.shape().to_vec(),
-                    Arg::KvPast(len) => kv_shape
-                        .map(|mut s| {
-                            s[0] = *len;
-                            s.to_vec()
-                        })
-                        .unwrap_or_default(),
-                };
-                (*n, s)
-            })
-            .collect();
+        let past_names: Vec<String> = kv_shape
+            .map(|s| (0..s[0]).map(io::past).collect())
+            .unwrap_or_default();
+        let mut shapes: Vec<(&str, Vec<usize>)> = vec![];
+        for (n, a) in inputs {
+            match a {
+                Arg::Host(i) => shapes.push((*n, i.shape().to_vec())),
+                Arg::KvPast(len) => {
+                    let Some(s) = kv_shape else {
+                        return Err(EngineError::Unsupported(
+                            "KV cache used before kv_alloc".into(),
+                        ));
+                    };
+                    let block = [*len, s[2], s[3], s[4], s[5]].to_vec();
+                    shapes.extend(past_names.iter().map(|p| (p.as_str(), block.clone())));
+                }
+            }
+        }
         let bound = check_inputs(g, ins, &shapes)?;
         let kv_at = match kv_at {
             None => None,
             Some(begin) => {
                 let tokens = outs
                     .iter()
-                    .find(|o| o.name == io::KV_NEW)
+                    .find(|o| io::kv_new_block(&o.name).is_some())
                     .and_then(|o| match o.shape.first() {
                         Some(crate::onnx::Dim::Fixed(n)) => usize::try_from(*n).ok(),
                         _ => None,
@@ -282,7 +286,7 @@ fn conform(
 ) -> Result<()> {
     use crate::onnx::Dim;
     for spec in outs {
-        if kv_written && spec.name == io::KV_NEW {
+        if kv_written && io::kv_new_block(&spec.name).is_some() {
             continue;
         }
         let t = out.get(&spec.name).ok_or_else(|| {

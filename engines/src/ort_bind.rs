@@ -1,8 +1,9 @@
 //! The engine boundary as ONNX Runtime I/O bindings, the same on every ONNX Runtime backend: a
 //! stage's inputs and outputs are values created over memory the engine owns — the host for
-//! `ort-cpu`, the GPU for `ort-cuda` — and the KV cache is one buffer whose past (a prefix) is
-//! bound as an input and whose new region is bound as the `kv_new` output, so the session reads
-//! the past and writes the scale's K/V in place. ort-cpu runs every generation through this code,
+//! `ort-cpu`, the GPU for `ort-cuda` — and the KV cache is one buffer with a region per block:
+//! each block's past (a prefix of its region) is bound as its `past_{i}` input and the scale's
+//! range of it as its `kv_new_{i}` output, so the session reads the past and writes the scale's
+//! K/V in place. ort-cpu runs every generation through this code,
 //! so the golden suites test the bookkeeping (offsets, views, in-place writes) that ort-cuda uses
 //! over device memory.
 
@@ -29,39 +30,57 @@ impl Place {
     }
 }
 
-/// The token-major layout of the KV cache, (capacity, depth, 2, rows, heads, head_dim) float32:
-/// tokens begin..begin+n are one contiguous byte range.
+/// The layout of the KV cache, (depth, capacity, 2, rows, heads, head_dim) float32: block-major,
+/// token-major within a block. Block i's tokens begin..begin+n are one contiguous byte range,
+/// so the past of a scale is a prefix of each block's region and its new K/V one range of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvLayout {
     pub shape: [usize; 6],
 }
 
-/// One region of the cache: where it starts, how long it is, and its shape as a tensor.
+/// One region of the cache: where it starts, how long it is, and its shape as a tensor
+/// (n, 2, rows, heads, head_dim).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvRegion {
     pub byte_offset: usize,
     pub bytes: usize,
-    pub shape: [usize; 6],
+    pub shape: [usize; 5],
 }
 
 impl KvLayout {
     pub const ELEM_BYTES: usize = 4;
 
-    pub fn token_floats(&self) -> usize {
-        self.shape[1..].iter().product()
-    }
-
-    pub fn capacity(&self) -> usize {
+    pub fn depth(&self) -> usize {
         self.shape[0]
     }
 
-    pub fn bytes(&self) -> usize {
-        self.capacity() * self.token_floats() * Self::ELEM_BYTES
+    pub fn capacity(&self) -> usize {
+        self.shape[1]
     }
 
-    /// Tokens `begin..begin + n`: the past of a scale is `region(0, begin)`, its new K/V
-    /// `region(begin, tokens)`.
-    pub fn region(&self, begin: usize, n: usize) -> std::result::Result<KvRegion, String> {
+    /// Floats per token of one block (K and V, all rows and heads).
+    pub fn token_floats(&self) -> usize {
+        self.shape[2..].iter().product()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.depth() * self.capacity() * self.token_floats() * Self::ELEM_BYTES
+    }
+
+    /// Tokens `begin..begin + n` of block `block`: the past of a scale is `region(i, 0, begin)`,
+    /// its new K/V `region(i, begin, tokens)`.
+    pub fn region(
+        &self,
+        block: usize,
+        begin: usize,
+        n: usize,
+    ) -> std::result::Result<KvRegion, String> {
+        if block >= self.depth() {
+            return Err(format!(
+                "KV cache block {block} is beyond its {} blocks",
+                self.depth()
+            ));
+        }
         let end = begin
             .checked_add(n)
             .filter(|&e| e <= self.capacity())
@@ -73,12 +92,11 @@ impl KvLayout {
                 )
             })?;
         let tb = self.token_floats() * Self::ELEM_BYTES;
-        let mut shape = self.shape;
-        shape[0] = end - begin;
+        let [_, _, two, rows, heads, hd] = self.shape;
         Ok(KvRegion {
-            byte_offset: begin * tb,
-            bytes: n * tb,
-            shape,
+            byte_offset: (block * self.capacity() + begin) * tb,
+            bytes: (end - begin) * tb,
+            shape: [end - begin, two, rows, heads, hd],
         })
     }
 }
@@ -129,7 +147,7 @@ pub unsafe fn value_over(
     Ok(unsafe { ort::value::Value::from_ptr(v, Some(&ort::memory::Allocator::default())) })
 }
 
-/// A float32 value over one region of a cache buffer whose first byte is at `base`.
+/// A float32 value over one block's region of a cache buffer whose first byte is at `base`.
 ///
 /// # Safety
 /// `base` must point at a live buffer of `layout.bytes()` bytes in `place` that outlives the
@@ -137,11 +155,12 @@ pub unsafe fn value_over(
 pub unsafe fn kv_value(
     base: *mut u8,
     layout: &KvLayout,
+    block: usize,
     begin: usize,
     n: usize,
     place: Place,
 ) -> std::result::Result<ort::value::DynValue, String> {
-    let r = layout.region(begin, n)?;
+    let r = layout.region(block, begin, n)?;
     let shape: Vec<i64> = r.shape.iter().map(|&d| d as i64).collect();
     // SAFETY: the region is inside the buffer (checked by `region`); the caller guarantees it.
     unsafe {
@@ -194,23 +213,24 @@ pub fn host_value(
 }
 
 /// The values one stage run binds, over the engine's memory in `place`: each input (a host
-/// tensor, or the past as a view of the cache's prefix) and, with `kv_at`, the `kv_new` output
-/// as a view of the scale's region. Shared by every ONNX Runtime engine, so `ort-cpu` runs the
-/// exact bookkeeping `ort-cuda` does over device memory.
+/// tensor, or for `Arg::KvPast` every block's `past_{i}` as a view of the prefix of its region)
+/// and, with `kv_at`, every block's `kv_new_{i}` output as a view of the scale's range of its
+/// region. Shared by every ONNX Runtime engine, so `ort-cpu` runs the exact bookkeeping
+/// `ort-cuda` does over device memory.
 ///
 /// # Safety
 /// `cache`, when given, is the engine's live cache buffer (`layout.bytes()` bytes in `place`),
 /// not reallocated or freed while the returned values live.
 #[allow(clippy::type_complexity)]
-pub unsafe fn stage_values<'a>(
+pub unsafe fn stage_values(
     stage: crate::stage::Stage,
-    inputs: &[(&'a str, crate::backend::Arg<'_>)],
+    inputs: &[(&str, crate::backend::Arg<'_>)],
     kv_at: Option<crate::backend::KvWrite>,
     cache: Option<(*mut u8, KvLayout)>,
     place: Place,
 ) -> Result<(
-    Vec<(&'a str, ort::value::DynValue)>,
-    Vec<(&'static str, ort::value::DynValue)>,
+    Vec<(String, ort::value::DynValue)>,
+    Vec<(String, ort::value::DynValue)>,
 )> {
     use crate::backend::Arg;
     let bad = |input: &str, why: String| EngineError::BadInput {
@@ -221,26 +241,38 @@ pub unsafe fn stage_values<'a>(
     let need_cache =
         || cache.ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()));
     let mut values = Vec::with_capacity(inputs.len());
+    use crate::stage::io;
     for (name, a) in inputs {
-        let v = match a {
-            Arg::Host(i) => host_value(i),
+        match a {
+            Arg::Host(i) => {
+                let v = host_value(i).map_err(|why| bad(name, why))?;
+                values.push((name.to_string(), v));
+            }
             Arg::KvPast(len) => {
                 let (base, layout) = need_cache()?;
-                // SAFETY: the caller's buffer; the past is its prefix (bounds checked).
-                unsafe { kv_value(base, &layout, 0, *len, place) }
+                for i in 0..layout.depth() {
+                    let n = io::past(i);
+                    // SAFETY: the caller's buffer; the past is a prefix of the block's region
+                    // (bounds checked).
+                    let v = unsafe { kv_value(base, &layout, i, 0, *len, place) }
+                        .map_err(|why| bad(&n, why))?;
+                    values.push((n, v));
+                }
             }
         }
-        .map_err(|why| bad(name, why))?;
-        values.push((*name, v));
     }
     let mut in_place = vec![];
     if let Some(crate::backend::KvWrite { begin, tokens }) = kv_at {
         let (base, layout) = need_cache()?;
-        // SAFETY: as above. The region starts where the past ends: the two never overlap, and
-        // a stage producing another shape is an error from ONNX Runtime, not a stray write.
-        let v = unsafe { kv_value(base, &layout, begin, tokens, place) }
-            .map_err(|why| bad(crate::stage::io::KV_NEW, format!("(output) {why}")))?;
-        in_place.push((crate::stage::io::KV_NEW, v));
+        for i in 0..layout.depth() {
+            let n = io::kv_new(i);
+            // SAFETY: as above. The range starts where the block's past ends: the two never
+            // overlap, and a stage producing another shape is an error from ONNX Runtime, not a
+            // stray write.
+            let v = unsafe { kv_value(base, &layout, i, begin, tokens, place) }
+                .map_err(|why| bad(&n, format!("(output) {why}")))?;
+            in_place.push((n, v));
+        }
     }
     Ok((values, in_place))
 }
@@ -252,7 +284,7 @@ pub fn run_bound(
     session: &mut ort::session::Session,
     label: &str,
     inputs: &[(&str, &ort::value::DynValue)],
-    outputs_in_place: &mut [(&str, ort::value::DynValue)],
+    outputs_in_place: &mut [(String, ort::value::DynValue)],
     run_options: Option<&ort::session::RunOptions>,
 ) -> Result<HashMap<String, Tensor>> {
     let err = |e: ort::Error| EngineError::Ort {
@@ -285,7 +317,7 @@ pub fn run_bound(
     .map_err(err)?;
     let mut out = HashMap::new();
     for (name, value) in outputs.iter() {
-        if outputs_in_place.iter().any(|(n, _)| *n == name) {
+        if outputs_in_place.iter().any(|(n, _)| n == name) {
             continue;
         }
         let t = if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
@@ -310,24 +342,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn regions_are_token_ranges_of_one_buffer() {
+    fn regions_are_token_ranges_of_each_block() {
         let l = KvLayout {
-            shape: [10, 2, 2, 2, 3, 4],
+            shape: [3, 10, 2, 2, 3, 4],
         };
-        assert_eq!(l.token_floats(), 2 * 2 * 2 * 3 * 4);
-        assert_eq!(l.bytes(), 10 * 96 * 4);
-        let past = l.region(0, 5).unwrap();
+        let tf = 2 * 2 * 3 * 4;
+        assert_eq!(l.token_floats(), tf);
+        assert_eq!(l.bytes(), 3 * 10 * tf * 4);
+        let past = l.region(0, 0, 5).unwrap();
         assert_eq!(past.byte_offset, 0);
-        assert_eq!(past.bytes, 5 * 96 * 4);
-        assert_eq!(past.shape, [5, 2, 2, 2, 3, 4]);
-        let new = l.region(5, 4).unwrap();
+        assert_eq!(past.bytes, 5 * tf * 4);
+        assert_eq!(past.shape, [5, 2, 2, 3, 4]);
+        let new = l.region(0, 5, 4).unwrap();
         assert_eq!(new.byte_offset, past.bytes);
         assert_eq!(new.shape[0], 4);
-        // The past of scale 0 is empty; a region may end exactly at the capacity.
-        assert_eq!(l.region(0, 0).unwrap().bytes, 0);
-        assert!(l.region(6, 4).is_ok());
-        assert!(l.region(7, 4).is_err());
-        assert!(l.region(usize::MAX, 2).is_err());
+        // Block 2 starts after two whole blocks; its past is a prefix of its own region.
+        let b2 = l.region(2, 0, 5).unwrap();
+        assert_eq!(b2.byte_offset, 2 * 10 * tf * 4);
+        assert_eq!(
+            l.region(2, 5, 4).unwrap().byte_offset,
+            b2.byte_offset + b2.bytes
+        );
+        // The past of scale 0 is empty; a region may end exactly at the capacity, and the last
+        // block's ends at the buffer's end.
+        assert_eq!(l.region(1, 0, 0).unwrap().bytes, 0);
+        let last = l.region(2, 6, 4).unwrap();
+        assert_eq!(last.byte_offset + last.bytes, l.bytes());
+        assert!(l.region(0, 7, 4).is_err());
+        assert!(l.region(0, usize::MAX, 2).is_err());
+        assert!(l.region(3, 0, 1).is_err());
     }
 }
 

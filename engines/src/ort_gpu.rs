@@ -256,7 +256,7 @@ impl Engine for OrtCudaEngine {
             .get_mut(&stage)
             .ok_or_else(|| EngineError::Unsupported(format!("this model has no {stage} graph")))?;
         let refs: Vec<(&str, &ort::value::DynValue)> =
-            values.iter().map(|(n, v)| (*n, v)).collect();
+            values.iter().map(|(n, v)| (n.as_str(), v)).collect();
         crate::ort_bind::run_bound(session, stage.name(), &refs, &mut in_place, None)
     }
 
@@ -296,28 +296,32 @@ impl Engine for OrtCudaEngine {
             .as_ref()
             .ok_or_else(|| EngineError::Unsupported("KV cache read before kv_alloc".into()))?;
         let ctx = "reading the KV cache from the device";
-        // SAFETY: the region is inside the cache (checked by kv_value); it is only read.
-        let v = unsafe {
-            kv_value(
-                t.data_ptr() as *mut u8,
-                layout,
-                begin,
-                n,
-                Place::Cuda(self.device as i32),
-            )
+        let mut data = Vec::with_capacity(layout.depth() * n * layout.token_floats());
+        for i in 0..layout.depth() {
+            // SAFETY: the region is inside the cache (checked by kv_value); it is only read.
+            let v = unsafe {
+                kv_value(
+                    t.data_ptr() as *mut u8,
+                    layout,
+                    i,
+                    begin,
+                    n,
+                    Place::Cuda(self.device as i32),
+                )
+            }
+            .map_err(|m| ort_err(ctx)(ort::Error::new(m)))?;
+            let v = v
+                .downcast::<ort::value::TensorValueType<f32>>()
+                .map_err(ort_err(ctx))?;
+            let host = v
+                .to(ort::memory::AllocationDevice::CPU, 0)
+                .map_err(ort_err(ctx))?;
+            let (_, d) = host.try_extract_tensor::<f32>().map_err(ort_err(ctx))?;
+            data.extend_from_slice(d);
         }
-        .map_err(|m| ort_err(ctx)(ort::Error::new(m)))?;
-        let v = v
-            .downcast::<ort::value::TensorValueType<f32>>()
-            .map_err(ort_err(ctx))?;
-        let host = v
-            .to(ort::memory::AllocationDevice::CPU, 0)
-            .map_err(ort_err(ctx))?;
-        let (shape, data) = host.try_extract_tensor::<f32>().map_err(ort_err(ctx))?;
-        Ok(Tensor::f32(
-            shape.iter().map(|&d| d as usize).collect(),
-            data.to_vec(),
-        ))
+        let mut shape = layout.shape.to_vec();
+        shape[1] = n;
+        Ok(Tensor::f32(shape, data))
     }
 
     fn takes_empty_past(&self) -> bool {

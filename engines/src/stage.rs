@@ -109,7 +109,11 @@ pub mod io {
     pub const NEXT_IN: &str = "next_in";
     /// Embedded tokens of a scale (B2, n, C): the step's input.
     pub const X: &str = "x";
+    /// Prefix of the per-block past inputs of `step`: `past_{block}`, (P, 2, B2, H, hd), a view
+    /// of the first P tokens of that block's region of the cache.
     pub const PAST: &str = "past";
+    /// Prefix of the per-block K/V outputs of `step` and `step_first`: `kv_new_{block}`,
+    /// (n, 2, B2, H, hd), written in place into that block's region at the scale's begin.
     pub const KV_NEW: &str = "kv_new";
     pub const LOGITS: &str = "logits";
     pub const IDX: &str = "idx";
@@ -123,6 +127,34 @@ pub mod io {
     /// input, that only the FP32 graphs star-export builds for INT8 calibration declare (listed
     /// as `probes` in their manifest entry; never in a model directory it writes).
     pub const PROBE_PREFIX: &str = "calib:";
+
+    /// Block `i`'s past input.
+    pub fn past(i: usize) -> String {
+        format!("{PAST}_{i}")
+    }
+
+    /// Block `i`'s K/V output.
+    pub fn kv_new(i: usize) -> String {
+        format!("{KV_NEW}_{i}")
+    }
+
+    fn block_of(name: &str, prefix: &str) -> Option<usize> {
+        let n = name.strip_prefix(prefix)?.strip_prefix('_')?;
+        // One spelling per block: `past_3`, never `past_03` or `past_+3`.
+        (n == "0" || (!n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit())))
+            .then(|| n.parse().ok())
+            .flatten()
+    }
+
+    /// The block of a past input name (`past_7` -> 7).
+    pub fn past_block(name: &str) -> Option<usize> {
+        block_of(name, PAST)
+    }
+
+    /// The block of a K/V output name (`kv_new_7` -> 7).
+    pub fn kv_new_block(name: &str) -> Option<usize> {
+        block_of(name, KV_NEW)
+    }
 }
 
 #[cfg(test)]
@@ -143,5 +175,19 @@ mod tests {
         assert_eq!(Stage::Vq.label(Some(12)), "vq[12]");
         assert_eq!(Stage::Decoder.label(None), "decoder");
         assert_eq!(Stage::TextKv.file(), "text_kv.onnx");
+    }
+
+    #[test]
+    fn block_io_names_round_trip() {
+        for i in [0, 7, 29] {
+            assert_eq!(io::past_block(&io::past(i)), Some(i));
+            assert_eq!(io::kv_new_block(&io::kv_new(i)), Some(i));
+        }
+        for n in [
+            "past", "past_", "past_03", "past_+3", "past_x", "kv_new_1", "pastx_1",
+        ] {
+            assert_eq!(io::past_block(n), None, "{n}");
+        }
+        assert_eq!(io::kv_new_block("past_1"), None);
     }
 }

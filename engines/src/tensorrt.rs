@@ -16,7 +16,7 @@ use crate::engine_plan::{
 use crate::error::{EngineError, Result};
 use crate::manifest::Manifest;
 use crate::ort_bind::KvLayout;
-use crate::stage::Stage;
+use crate::stage::{io, Stage};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -376,7 +376,8 @@ impl Backend for TensorRt {
                         ctx.set_input_shape(&t.name, &dims(t))
                             .map_err(|e| trt_err(&format!("input shape of {}", t.name), e))?;
                     }
-                    if t.name == crate::stage::io::PAST || t.name == crate::stage::io::KV_NEW {
+                    // The cache's views: bound per run to the engine's one KV buffer.
+                    if io::past_block(&t.name).is_some() || io::kv_new_block(&t.name).is_some() {
                         continue;
                     }
                     let bytes = t.elements().max(1) as usize * elem_bytes(&t.dtype);
@@ -501,24 +502,20 @@ impl Engine for TrtEngine {
         let st = self.stages.get_mut(&stage).ok_or_else(|| {
             EngineError::Unsupported(format!("this engine directory has no {stage} engine"))
         })?;
-        // The profile is the one whose input shapes these are (each scale has its own).
+        // The profile is the one whose input shapes these are (each scale has its own). Every
+        // block's `past_{i}` is the view `Arg::KvPast` stands for: (len, 2, rows, H, hd).
+        let kv_layout = self.kv.as_ref().map(|(_, l)| *l);
         let shape_of = |name: &str| -> Option<Vec<i64>> {
+            let past = io::past_block(name).is_some();
             inputs
                 .iter()
-                .find(|(n, _)| *n == name)
+                .find(|(n, a)| *n == name || (past && matches!(a, Arg::KvPast(_))))
                 .map(|(_, a)| match a {
                     Arg::Host(i) => i.shape().iter().map(|&d| d as i64).collect(),
-                    Arg::KvPast(len) => {
-                        let mut s: Vec<i64> = self
-                            .kv
-                            .as_ref()
-                            .map(|(_, l)| l.shape.iter().map(|&d| d as i64).collect())
-                            .unwrap_or_default();
-                        if let Some(first) = s.first_mut() {
-                            *first = *len as i64;
-                        }
-                        s
-                    }
+                    Arg::KvPast(len) => kv_layout
+                        .and_then(|l| l.region(0, 0, *len).ok())
+                        .map(|r| r.shape.iter().map(|&d| d as i64).collect())
+                        .unwrap_or_default(),
                 })
         };
         let ci = st
@@ -578,21 +575,30 @@ impl Engine for TrtEngine {
                     unsafe { c.ctx.set_tensor_address(name, p as *mut std::ffi::c_void) }
                         .map_err(|e| trt_err(name, e))?;
                 }
-                Arg::KvPast(_) => {
-                    let (base, _) = kv_base.ok_or_else(|| {
+                Arg::KvPast(len) => {
+                    let (base, layout) = kv_base.ok_or_else(|| {
                         EngineError::Unsupported("KV cache used before kv_alloc".into())
                     })?;
-                    // SAFETY: the cache outlives the run; the past is its prefix.
-                    unsafe {
-                        c.ctx
-                            .set_tensor_address(name, base as *mut std::ffi::c_void)
+                    for i in 0..layout.depth() {
+                        let r = layout
+                            .region(i, 0, *len)
+                            .map_err(EngineError::Unsupported)?;
+                        let n = io::past(i);
+                        // SAFETY: the cache outlives the run; the past is a prefix of the
+                        // block's region (checked by `region`).
+                        unsafe {
+                            c.ctx.set_tensor_address(
+                                &n,
+                                (base + r.byte_offset as u64) as *mut std::ffi::c_void,
+                            )
+                        }
+                        .map_err(|e| trt_err(&n, e))?;
                     }
-                    .map_err(|e| trt_err(name, e))?;
                 }
             }
         }
         for t in &c.profile.outputs {
-            if t.name == crate::stage::io::KV_NEW {
+            if let Some(block) = io::kv_new_block(&t.name) {
                 let (base, layout) = kv_base.ok_or_else(|| {
                     EngineError::Unsupported("KV cache used before kv_alloc".into())
                 })?;
@@ -602,10 +608,10 @@ impl Engine for TrtEngine {
                     ))
                 })?;
                 let r = layout
-                    .region(w.begin, w.tokens)
+                    .region(block, w.begin, w.tokens)
                     .map_err(EngineError::Unsupported)?;
-                // TensorRT wants tensor addresses 256-byte aligned; a token is depth·2·B2·H·64
-                // floats, a multiple of 256 bytes for every released model.
+                // TensorRT wants tensor addresses 256-byte aligned; a token of a block is
+                // 2·B2·H·64 floats, a multiple of 256 bytes for every released model.
                 if !(base + r.byte_offset as u64).is_multiple_of(256) {
                     return Err(EngineError::Unsupported(format!(
                         "tensorrt: the K/V region of tokens {}.. is not 256-byte aligned ({} bytes per token)",
@@ -645,7 +651,7 @@ impl Engine for TrtEngine {
         // of them is read.
         let mut downloads = vec![];
         for t in &c.profile.outputs {
-            if t.name == crate::stage::io::KV_NEW {
+            if io::kv_new_block(&t.name).is_some() {
                 continue;
             }
             let (buf, bytes) = &c.buffers[&t.name];
@@ -704,20 +710,27 @@ impl Engine for TrtEngine {
             .kv
             .as_ref()
             .ok_or_else(|| EngineError::Unsupported("KV cache read before kv_alloc".into()))?;
-        let r = layout.region(begin, n).map_err(EngineError::Unsupported)?;
-        let mut host = vec![0u8; r.bytes];
-        self.stream
-            .memcpy_dtoh(
-                &buf.slice(r.byte_offset..r.byte_offset + r.bytes),
-                &mut host,
-            )
-            .map_err(|e| trt_err("reading the KV cache", e))?;
+        // Every block's range on the stream, then one synchronisation.
+        let mut host = vec![];
+        for i in 0..layout.depth() {
+            let r = layout
+                .region(i, begin, n)
+                .map_err(EngineError::Unsupported)?;
+            let mut h = vec![0u8; r.bytes];
+            self.stream
+                .memcpy_dtoh(&buf.slice(r.byte_offset..r.byte_offset + r.bytes), &mut h)
+                .map_err(|e| trt_err("reading the KV cache", e))?;
+            host.push(h);
+        }
         self.stream
             .synchronize()
             .map_err(|e| trt_err("synchronizing", e))?;
+        let mut shape = layout.shape.to_vec();
+        shape[1] = n;
         Ok(Tensor::f32(
-            r.shape.to_vec(),
-            host.chunks_exact(4)
+            shape,
+            host.iter()
+                .flat_map(|h| h.chunks_exact(4))
                 .map(|b| f32::from_le_bytes(b.try_into().unwrap_or([0; 4])))
                 .collect(),
         ))

@@ -117,17 +117,17 @@ fn f32s<'a>(t: &'a Tensor, name: &str) -> Result<&'a [f32]> {
         .ok_or_else(|| RunError::Invalid(format!("stage output '{name}' is not float32")))
 }
 
-/// Block i's K (j = 0) or V (j = 1) of a token-major cache region (n, depth, 2, B2, H, hd), as
+/// Block i's K (j = 0) or V (j = 1) of a cache region (depth, n, 2, B2, H, hd), as
 /// the release's (B2, H, n, hd).
 pub fn kv_block(kv: &Tensor, i: usize, j: usize) -> Tensor {
     let s = &kv.shape;
-    let (n, depth, rows, h, hd) = (s[0], s[1], s[3], s[4], s[5]);
+    let (n, rows, h, hd) = (s[1], s[3], s[4], s[5]);
     let d = kv.as_f32().unwrap_or(&[]);
     let mut out = vec![0f32; rows * h * n * hd];
     for t in 0..n {
         for r in 0..rows {
             for hh in 0..h {
-                let src = ((((t * depth + i) * 2 + j) * rows + r) * h + hh) * hd;
+                let src = ((((i * n + t) * 2 + j) * rows + r) * h + hh) * hd;
                 let dst = ((r * h + hh) * n + t) * hd;
                 out[dst..dst + hd].copy_from_slice(&d[src..src + hd]);
             }
@@ -450,7 +450,7 @@ impl Pipeline {
             }
             if hooks.observing() {
                 let begin = sch.begin_end[si].0;
-                // (n, depth, 2, B2, H, hd) -> per block and K/V: (B2, H, n, hd), the release's layout.
+                // (depth, n, 2, B2, H, hd) -> per block and K/V: (B2, H, n, hd), the release's layout.
                 let kv = self.md.kv_read(begin, n)?;
                 for i in 0..cfg.depth {
                     for (j, name) in ["k", "v"].iter().enumerate() {

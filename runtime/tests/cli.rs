@@ -103,7 +103,7 @@ fn partial_model_directory() {
 fn manifest_schema_mismatch() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
-    edit_manifest(&m, "\"schema_version\": 3", "\"schema_version\": 99");
+    edit_manifest(&m, "\"schema_version\": 4", "\"schema_version\": 99");
     expect_error(&m, &[], &[], "schema version 99");
 }
 
@@ -113,27 +113,33 @@ fn manifest_schema_mismatch() {
 fn schema_v1_directory_is_refused_with_a_re_export_hint() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
-    edit_manifest(&m, "\"schema_version\": 3", "\"schema_version\": 1");
+    edit_manifest(&m, "\"schema_version\": 4", "\"schema_version\": 1");
     expect_error(
         &m,
         &[],
         &[],
-        "schema version 1, this build reads version 3; re-export the model",
+        "schema version 1, this build reads version 4; re-export the model",
     );
 }
 
-/// Schema v2 (before per-graph precisions) likewise.
+/// Schema v2 (before per-graph precisions) and v3 (before the block-major KV cache) likewise.
 #[test]
-fn schema_v2_directory_is_refused_with_a_re_export_hint() {
-    let t = tempfile::tempdir().unwrap();
-    let m = copy_demo(t.path());
-    edit_manifest(&m, "\"schema_version\": 3", "\"schema_version\": 2");
-    expect_error(
-        &m,
-        &[],
-        &[],
-        "schema version 2, this build reads version 3; re-export the model",
-    );
+fn schema_v2_and_v3_directories_are_refused_with_a_re_export_hint() {
+    for v in [2, 3] {
+        let t = tempfile::tempdir().unwrap();
+        let m = copy_demo(t.path());
+        edit_manifest(
+            &m,
+            "\"schema_version\": 4",
+            &format!("\"schema_version\": {v}"),
+        );
+        expect_error(
+            &m,
+            &[],
+            &[],
+            &format!("schema version {v}, this build reads version 4; re-export the model"),
+        );
+    }
 }
 
 #[test]
@@ -265,7 +271,7 @@ fn engine_directories_are_checked_before_loading() {
     let em = |backend: &str| {
         format!(
             r#"{{"schema_version": 1, "producer": "t", "target": {{"gpu": {{"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_bytes": 85899345920}}, "tensorrt": "11.4.0"}},
-               "plan": {{"schema_version": 1, "backend": "{backend}", "model": {{"path": "{}", "model_hash": "{hash}", "precision": "fp32", "schema_version": 3, "depth": 4, "image_size": 64, "scales": 4, "sampler": false}},
+               "plan": {{"schema_version": 1, "backend": "{backend}", "model": {{"path": "{}", "model_hash": "{hash}", "precision": "fp32", "schema_version": 4, "depth": 4, "image_size": 64, "scales": 4, "sampler": false}},
                "builder": {{"batch": 1, "workspace_gb": null, "opt_level": 3}}, "engines": []}}, "built": []}}"#,
             demo().display()
         )

@@ -76,7 +76,7 @@ fn ort_trt_plan_carries_the_provider_profile_strings() {
     // One group per profile (scales 1..3), each naming every input once.
     assert_eq!(shapes.matches("x:").count(), 3);
     assert!(
-        shapes.starts_with("x:2x4x192,past:1x4x2x2x3x64,"),
+        shapes.starts_with("x:2x4x192,past_0:1x2x2x3x64,past_1:1x2x2x3x64,"),
         "{shapes}"
     );
     insta::assert_snapshot!("demo_ort_trt_step_shapes", shapes);
@@ -169,8 +169,17 @@ fn d30_1024_key_list_snapshot() {
     // The largest profile: scale 13 (64x64 tokens) after a past of 5,355 tokens (9,451 in all).
     let last = step.profiles.last().unwrap();
     assert_eq!(last.scale, Some(13));
-    let past = last.inputs.iter().find(|t| t.name == "past").unwrap();
-    assert_eq!(past.dims, vec![5355, 30, 2, 2, 30, 64]);
+    // One past view per block, (past, 2, B2, H, hd), and one K/V output per block.
+    for i in [0, 29] {
+        let past = last.inputs.iter().find(|t| t.name == format!("past_{i}"));
+        assert_eq!(past.unwrap().dims, vec![5355, 2, 2, 30, 64]);
+        let new = last
+            .outputs
+            .iter()
+            .find(|t| t.name == format!("kv_new_{i}"));
+        assert_eq!(new.unwrap().dims, vec![4096, 2, 2, 30, 64]);
+    }
+    assert!(!last.inputs.iter().any(|t| t.name == "past_30"));
     insta::assert_snapshot!("d30_1024_fp16_plan", p.summary());
 }
 

@@ -2,7 +2,8 @@
 //! text as the only token, no past) and `step` (every later scale: token count and past length
 //! are dynamic, the scale's RoPE rows and level embedding are selected by the past length); and
 //! the stable-sampler step (every sampler scale, selected by its `scale` input). The KV cache is
-//! token-major: past (P, depth, 2, B2, H, hd) in, kv_new (n, depth, 2, B2, H, hd) out.
+//! block-major, token-major within a block: per block i, `past_{i}` (P, 2, B2, H, hd) in and
+//! `kv_new_{i}` (n, 2, B2, H, hd) out.
 
 use super::builder::{Lin, G};
 use super::Src;
@@ -116,20 +117,27 @@ pub fn head_groups(heads: usize, queries: usize, keys: usize, budget: u64) -> us
         .unwrap_or(heads)
 }
 
-/// Whether `step` handles the KV cache block by block: when the past at the largest scale
-/// (FP32, batch 1) passes `budget`. Small models take the whole past in one transpose and give
-/// kv_new in one concatenation and transpose (the fewest, largest copies: the fastest at d16);
-/// block by block, each block picks its past straight from the token-major cache and gives its
-/// K/V token-major, concatenated into kv_new, so neither the transposed past (4.9 GB at
-/// d30/1024, scale 13) nor a second copy of the scale's K/V (3.8 GB) is ever alive.
-pub fn kv_per_block(cfg: &ModelConfig, sch: &Schedule, budget: u64) -> bool {
-    let last = sch.patch_nums[sch.patch_nums.len() - 1];
-    let past = (sch.total_tokens - last * last) as u64;
-    past * (cfg.depth * 2 * 2 * cfg.heads * cfg.head_dim) as u64 * 4 > budget
+/// What a self-attention block does with the KV cache.
+#[derive(Clone, Copy)]
+enum Kv<'a> {
+    /// No cache (the stable sampler's refiner blocks).
+    None,
+    /// Give this scale's K/V (scale 0 on `step_first`: there is no past).
+    Give,
+    /// Attend over the block's past (P, 2, B2, H, hd) and this scale's tokens, and give this
+    /// scale's K/V.
+    Past(&'a str),
 }
 
-/// Self-attention of one block. Returns (output before residual, k, v) with k after RoPE and L2
-/// normalisation (what the cache stores) and v raw.
+/// Self-attention of one block. Returns the output before the residual and, unless `Kv::None`,
+/// the block's new K/V token-major (n, 2, B2, H, hd): k after RoPE and L2 normalisation (what the
+/// cache stores), v raw.
+///
+/// The past is concatenated with the new K/V before anything else is done with it, so every op
+/// on it depends on this block's computation: ONNX Runtime's execution order runs a node as soon
+/// as its inputs exist, and a transpose of `past_{i}` alone would run for every block at the
+/// start of the step, keeping a transposed copy of the whole past alive (4.9 GB at d30/1024,
+/// scale 13; measured in its profile's node order).
 #[allow(clippy::too_many_arguments)]
 fn self_attention(
     g: &mut G,
@@ -137,9 +145,9 @@ fn self_attention(
     cfg: &ModelConfig,
     x: &str,
     rope: &Rope,
-    past: Option<(&str, &str)>,
+    kv: Kv<'_>,
     groups: usize,
-) -> Result<(String, String, String)> {
+) -> Result<(String, Option<String>)> {
     let (c, h, hd) = (cfg.width, cfg.heads, cfg.head_dim);
     let qkv = a.linear_as(g, x, "mat_qkv", c, 3 * c, false, Lin::Block)?;
     let bias_key = format!("{}^qkv_bias", a.key("q_bias"));
@@ -163,16 +171,36 @@ fn self_attention(
     let k = g.l2_normalize(&k);
     let s = head_scale(g, a, h)?;
     let q = g.mul(&q, &s);
-    let (k_all, v_all) = match past {
-        Some((pk, pv)) => {
-            let (ka, va) = (g.concat(&[pk, &k], 2), g.concat(&[pv, &v], 2));
-            // past + tokens: one symbol for every block's keys.
+    // (2, B2, H, n, hd) -> (n, 2, B2, H, hd): the block's range of the cache.
+    let new_kv = match kv {
+        Kv::None => None,
+        Kv::Give | Kv::Past(_) => {
+            let k1 = g.unsqueeze(&k, &[0]);
+            let v1 = g.unsqueeze(&v, &[0]);
+            let both = g.concat(&[&k1, &v1], 0);
+            Some(g.transpose(&both, &[3, 0, 1, 2, 4]))
+        }
+    };
+    let (k_all, v_all) = match (kv, &new_kv) {
+        (Kv::Past(past), Some(new)) => {
+            // (past + tokens, 2, B2, H, hd) -> (2, B2, H, keys, hd); "keys" = past + tokens,
+            // one symbol for every block.
+            let all = g.concat(&[past, new], 0);
+            g.annotate(
+                &all,
+                dtype::FLOAT,
+                &[sym("keys"), fx(2), sym("B2"), fx(h), fx(hd)],
+            );
+            let all = g.transpose(&all, &[1, 2, 3, 0, 4]);
+            let kv = g.split(&all, 0, 2);
+            let ka = g.squeeze(&kv[0], &[0]);
+            let va = g.squeeze(&kv[1], &[0]);
             for t in [&ka, &va] {
                 g.annotate(t, dtype::FLOAT, &[sym("B2"), fx(h), sym("keys"), fx(hd)]);
             }
             (ka, va)
         }
-        None => (k.clone(), v.clone()),
+        _ => (k.clone(), v.clone()),
     };
     let kt = g.transpose(&k_all, &[0, 1, 3, 2]);
     let o = if groups <= 1 {
@@ -180,7 +208,8 @@ fn self_attention(
         let att = g.softmax(&att, -1);
         g.matmul_act(&att, &v_all)
     } else {
-        // One group of heads at a time: only one group's scores are alive at once.
+        // One group of heads at a time: only one group's scores are alive at once (ONNX
+        // Runtime runs each group's chain through before the next; its profile shows it).
         let qs = g.split(&q, 1, groups);
         let ks = g.split(&kt, 1, groups);
         let vs = g.split(&v_all, 1, groups);
@@ -195,7 +224,7 @@ fn self_attention(
     };
     let o = heads_last(g, &o, c);
     let o = a.linear_as(g, &o, "proj", c, c, true, Lin::Block)?;
-    Ok((o, k, v))
+    Ok((o, new_kv))
 }
 
 /// Cross-attention of one block for the conditional rows only (the release adds row 0's
@@ -299,9 +328,15 @@ pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<
 }
 
 /// The blocks and heads shared by `step_first` and `step`: x (B2, n, C) through every block
-/// (self-attention over [past ; this scale], cross-attention, FFN), then the outputs: kv_new
-/// token-major (n, depth, 2, B2, H, hd), the last block's hidden states (the stable sampler's
-/// prior) and the main head's logits.
+/// (self-attention over [past ; this scale], cross-attention, FFN), then the outputs: each
+/// block's K/V `kv_new_{i}` (n, 2, B2, H, hd), the last block's hidden states (the stable
+/// sampler's prior) and the main head's logits.
+///
+/// The cache is block-major and token-major within a block, so block i's past is one prefix of
+/// its region (`past_{i}`, bound as a view) and its new K/V one contiguous range (`kv_new_{i}`,
+/// written in place). Each block's K/V leaves the graph as soon as it is made: no concatenation
+/// keeps every block's K/V of the scale alive at once (3.8 GB at d30/1024, scale 13), and no
+/// transposed copy of the whole past is made.
 #[allow(clippy::too_many_arguments)]
 fn blocks_and_heads(
     g: &mut G,
@@ -309,10 +344,9 @@ fn blocks_and_heads(
     cfg: &ModelConfig,
     mut x: String,
     rope: &Rope,
-    past: Option<&str>,
+    past: Option<&[String]>,
     tokens: Dim,
     groups: usize,
-    per_block: bool,
 ) -> Result<()> {
     let (c, h, hd, v) = (cfg.width, cfg.heads, cfg.head_dim, cfg.vocab);
     let text_kv = g.input(
@@ -325,47 +359,22 @@ fn blocks_and_heads(
         dtype::FLOAT,
         &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)],
     );
-    // (P, depth, 2, B2, H, hd) -> (depth, 2, B2, H, P, hd): one transpose, then per-block picks
-    // (see `kv_per_block`).
-    let past_t = if per_block {
-        None
-    } else {
-        past.map(|p| g.transpose(p, &[1, 2, 3, 4, 0, 5]))
-    };
-    let mut new_kv = vec![];
     for i in 0..cfg.depth {
         let b = t.pp(&format!("blocks.{i}"));
-        let blk = match (&past_t, past) {
-            (Some(p), _) => Some(g.pick(p, 0, i as i64)),
-            // (P, 2, B2, H, hd) of this block -> (2, B2, H, P, hd).
-            (None, Some(p)) if per_block => {
-                let own = g.pick(p, 1, i as i64);
-                Some(g.transpose(&own, &[1, 2, 3, 0, 4]))
-            }
-            _ => None,
-        };
-        let pkv = blk.map(|blk| (g.pick(&blk, 0, 0), g.pick(&blk, 0, 1)));
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
-        let (o, k, vv) = self_attention(
-            g,
-            &b.pp("attn"),
-            cfg,
-            &xn,
-            rope,
-            pkv.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
-            groups,
-        )?;
+        let mode = match past {
+            Some(p) => Kv::Past(&p[i]),
+            None => Kv::Give,
+        };
+        let (o, kv) = self_attention(g, &b.pp("attn"), cfg, &xn, rope, mode, groups)?;
+        let kv = kv.expect("a step block gives its K/V");
         x = g.add(&x, &o);
-        let k1 = g.unsqueeze(&k, &[0]);
-        let v1 = g.unsqueeze(&vv, &[0]);
-        let kv = g.concat(&[&k1, &v1], 0);
-        new_kv.push(if per_block {
-            // (2, B2, H, n, hd) -> (n, 1, 2, B2, H, hd): this block's column of kv_new.
-            let kv = g.transpose(&kv, &[3, 0, 1, 2, 4]);
-            g.unsqueeze(&kv, &[1])
-        } else {
-            g.unsqueeze(&kv, &[0])
-        });
+        g.output_in_place(
+            &kv,
+            &io::kv_new(i),
+            dtype::FLOAT,
+            &[tokens.clone(), fx(2), sym("B2"), fx(h), fx(hd)],
+        );
 
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
         let rows = g.split(&xn, 0, 2);
@@ -384,28 +393,6 @@ fn blocks_and_heads(
         let f = ffn(g, &b.pp("ffn"), c, &xn)?;
         x = g.add(&x, &f);
     }
-    let refs: Vec<&str> = new_kv.iter().map(|s| s.as_str()).collect();
-    // (n, depth, 2, B2, H, hd): this scale's region of the cache.
-    let kv = if per_block {
-        g.concat(&refs, 1)
-    } else {
-        // (depth, 2, B2, H, n, hd) -> (n, depth, 2, B2, H, hd)
-        let kv = g.concat(&refs, 0);
-        g.transpose(&kv, &[4, 0, 1, 2, 3, 5])
-    };
-    g.output(
-        &kv,
-        io::KV_NEW,
-        dtype::FLOAT,
-        &[
-            tokens.clone(),
-            fx(cfg.depth),
-            fx(2),
-            sym("B2"),
-            fx(h),
-            fx(hd),
-        ],
-    );
     g.output(
         &x,
         io::HIDDEN,
@@ -428,12 +415,12 @@ fn blocks_and_heads(
 pub fn step_first(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
     let x = g.input(io::X, dtype::FLOAT, &[sym("B2"), fx(1), fx(cfg.width)]);
     let rope = rope_consts(g, &[rope_table(sch.patch_nums[0])]);
-    let per_block = kv_per_block(cfg, sch, g.attention_budget);
-    blocks_and_heads(g, t, cfg, x, &rope, None, fx(1), 1, per_block)
+    blocks_and_heads(g, t, cfg, x, &rope, None, fx(1), 1)
 }
 
 /// Any scale: x (B2, n, C), the embedded tokens (text_kv makes scale 0's, vq every later
-/// one's), and the past (P, depth, 2, B2, H, hd), P = the scale's first token (0 at scale 0).
+/// one's), and each block's past `past_{i}` (P, 2, B2, H, hd), P = the scale's first token (0 at
+/// scale 0).
 /// The scale's RoPE rows are rows [P, P+n) of the stacked tables.
 pub fn step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
     let (h, hd) = (cfg.heads, cfg.head_dim);
@@ -442,12 +429,16 @@ pub fn step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()>
         dtype::FLOAT,
         &[sym("B2"), sym("tokens"), fx(cfg.width)],
     );
-    let past = g.input(
-        io::PAST,
-        dtype::FLOAT,
-        &[sym("past"), fx(cfg.depth), fx(2), sym("B2"), fx(h), fx(hd)],
-    );
-    let begin = g.dim(&past, 0);
+    let past: Vec<String> = (0..cfg.depth)
+        .map(|i| {
+            g.input(
+                &io::past(i),
+                dtype::FLOAT,
+                &[sym("past"), fx(2), sym("B2"), fx(h), fx(hd)],
+            )
+        })
+        .collect();
+    let begin = g.dim(&past[0], 0);
     let n = g.dim(&x, 1);
     let end = g.add(&begin, &n);
     let all = rope_all(g, sch);
@@ -455,18 +446,7 @@ pub fn step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()>
     // The largest scale attends with its own tokens over every token of the generation.
     let last = sch.patch_nums[sch.patch_nums.len() - 1];
     let groups = head_groups(h, last * last, sch.total_tokens, g.attention_budget);
-    let per_block = kv_per_block(cfg, sch, g.attention_budget);
-    blocks_and_heads(
-        g,
-        t,
-        cfg,
-        x,
-        &rope,
-        Some(&past),
-        sym("tokens"),
-        groups,
-        per_block,
-    )
+    blocks_and_heads(g, t, cfg, x, &rope, Some(&past), sym("tokens"), groups)
 }
 
 /// The stable sampler of any sampler scale (its `scale` input, shape (1,)): refiner blocks over
@@ -531,7 +511,7 @@ pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Sched
     for j in 0..cfg.sampler_blocks {
         let b = t.pp(&format!("feat_extract_blocks.{j}"));
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
-        let (o, _, _) = self_attention(g, &b.pp("attn"), cfg, &xn, &rope, None, groups)?;
+        let (o, _) = self_attention(g, &b.pp("attn"), cfg, &xn, &rope, Kv::None, groups)?;
         x = g.add(&x, &o);
         let xn = g.layer_norm_plain(&x, c, LN_EPS);
         let f = ffn(g, &b.pp("ffn"), c, &xn)?;
