@@ -252,7 +252,8 @@ impl Backend for OrtCpu {
 }
 
 /// Hidden states of a run (B2·n·C floats) from which its activations go back to the system
-/// after it: d30/1024 from scale 9 (441 tokens, 6.8 MB) on; never at d16/256 (2 MB at most).
+/// after it: d30/1024 from scale 9 (441 tokens, 6.8 MB) on; at d16/256 only with two images or
+/// more (2 MB per image at the last scale).
 const RELEASE_ARENA_BYTES: usize = 4 << 20;
 
 /// Whether a run gives its activation memory back when it ends. ONNX Runtime's CPU arena keeps
@@ -265,7 +266,7 @@ const RELEASE_ARENA_BYTES: usize = 4 << 20;
 fn releases_arena(stage: Stage, inputs: &[(&str, Arg<'_>)]) -> bool {
     use crate::stage::io;
     let states = match stage {
-        Stage::Step | Stage::StepFirst => io::X,
+        Stage::Step => io::X,
         Stage::Sampler => io::HIDDEN,
         _ => return false,
     };
@@ -439,6 +440,7 @@ impl Engine for OrtCpuEngine {
             // stale contents are never read, every scale writes its tokens before they are used.
             Some(c) if c.layout.shape == shape => {}
             _ => {
+                crate::ort_bind::KvLayout::checked(shape).map_err(EngineError::Unsupported)?;
                 // The old cache goes before the new one is allocated: never two at once.
                 self.kv = None;
                 self.kv = Some(KvCache::new(shape));

@@ -67,6 +67,16 @@ impl KvLayout {
         self.depth() * self.capacity() * self.token_floats() * Self::ELEM_BYTES
     }
 
+    /// The layout of `shape`, refused when its size does not fit the address space (a shape
+    /// from a damaged manifest would otherwise wrap and defeat the region checks).
+    pub fn checked(shape: [usize; 6]) -> std::result::Result<Self, String> {
+        shape
+            .iter()
+            .try_fold(Self::ELEM_BYTES, |a, &d| a.checked_mul(d))
+            .map(|_| KvLayout { shape })
+            .ok_or_else(|| format!("a KV cache of shape {shape:?} is too large to allocate"))
+    }
+
     /// Tokens `begin..begin + n` of block `block`: the past of a scale is `region(i, 0, begin)`,
     /// its new K/V `region(i, begin, tokens)`.
     pub fn region(
@@ -242,6 +252,24 @@ pub unsafe fn stage_values(
         || cache.ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()));
     let mut values = Vec::with_capacity(inputs.len());
     use crate::stage::io;
+    // The past views and the new K/V ranges of one run must not overlap: a past of `len`
+    // tokens ends at or before the range written at `begin`.
+    if let Some(w) = kv_at {
+        if let Some(len) = inputs.iter().find_map(|(_, a)| match a {
+            Arg::KvPast(len) => Some(*len),
+            _ => None,
+        }) {
+            if len > w.begin {
+                return Err(bad(
+                    io::PAST,
+                    format!(
+                        "a past of {len} tokens overlaps the K/V written at {}",
+                        w.begin
+                    ),
+                ));
+            }
+        }
+    }
     for (name, a) in inputs {
         match a {
             Arg::Host(i) => {
@@ -303,6 +331,13 @@ pub fn run_bound(
         .iter()
         .map(|o| o.name().to_string())
         .collect();
+    // An in-place output the graph does not declare would leave its region stale.
+    if let Some((n, _)) = outputs_in_place.iter().find(|(n, _)| !names.contains(n)) {
+        return Err(EngineError::Ort {
+            context: format!("running stage {label}"),
+            message: format!("the graph has no output {n} to write in place"),
+        });
+    }
     for name in &names {
         if let Some((_, v)) = outputs_in_place.iter_mut().find(|(n, _)| n == name) {
             b.bind_output(name.as_str(), v).map_err(err)?;
@@ -371,6 +406,9 @@ mod tests {
         assert!(l.region(0, 7, 4).is_err());
         assert!(l.region(0, usize::MAX, 2).is_err());
         assert!(l.region(3, 0, 1).is_err());
+        // A shape whose size wraps is refused before anything is allocated.
+        assert!(KvLayout::checked([3, 10, 2, 2, 3, 4]).is_ok());
+        assert!(KvLayout::checked([1 << 40, 1 << 30, 2, 2, 3, 4]).is_err());
     }
 }
 

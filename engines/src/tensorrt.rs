@@ -579,6 +579,12 @@ impl Engine for TrtEngine {
                     let (base, layout) = kv_base.ok_or_else(|| {
                         EngineError::Unsupported("KV cache used before kv_alloc".into())
                     })?;
+                    // The past views must end where this run's K/V writes begin.
+                    if kv_at.is_some_and(|w| *len > w.begin) {
+                        return Err(EngineError::Unsupported(format!(
+                            "tensorrt: a past of {len} tokens overlaps the K/V written this run"
+                        )));
+                    }
                     for i in 0..layout.depth() {
                         let r = layout
                             .region(i, 0, *len)
@@ -610,11 +616,23 @@ impl Engine for TrtEngine {
                 let r = layout
                     .region(block, w.begin, w.tokens)
                     .map_err(EngineError::Unsupported)?;
+                // TensorRT writes the profile's shape: it must be the region's, or the write
+                // would spill into the next block's past.
+                if t.dims
+                    .iter()
+                    .map(|&d| d as usize)
+                    .ne(r.shape.iter().copied())
+                {
+                    return Err(EngineError::Unsupported(format!(
+                        "tensorrt: {stage} profile gives {} as {:?}, the cache region is {:?}",
+                        t.name, t.dims, r.shape
+                    )));
+                }
                 // TensorRT wants tensor addresses 256-byte aligned; a token of a block is
-                // 2·B2·H·64 floats, a multiple of 256 bytes for every released model.
+                // 2·B2·H·64 floats (any model with 64-wide heads: a multiple of 256 bytes).
                 if !(base + r.byte_offset as u64).is_multiple_of(256) {
                     return Err(EngineError::Unsupported(format!(
-                        "tensorrt: the K/V region of tokens {}.. is not 256-byte aligned ({} bytes per token)",
+                        "tensorrt: the K/V region of block {block}, tokens {}.., is not 256-byte aligned ({} bytes per token)",
                         w.begin,
                         layout.token_floats() * 4
                     )));
@@ -691,8 +709,8 @@ impl Engine for TrtEngine {
         if matches!(&self.kv, Some((_, l)) if l.shape == shape) {
             return Ok(());
         }
+        let layout = KvLayout::checked(shape).map_err(EngineError::Unsupported)?;
         self.kv = None;
-        let layout = KvLayout { shape };
         let buf = self
             .stream
             .alloc_zeros::<u8>(layout.bytes())

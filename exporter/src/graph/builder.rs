@@ -252,6 +252,19 @@ impl<'s> G<'s> {
     /// copies alive until then: for the per-block K/V outputs that was every block's K/V of the
     /// scale at once (3.8 GB at d30/1024's last scale; measured). `value` is renamed everywhere.
     pub fn output_in_place(&mut self, value: &str, name: &str, dtype: i32, dims: &[Dim]) {
+        debug_assert!(
+            self.nodes
+                .iter()
+                .any(|n| n.output.iter().any(|o| o == value)),
+            "{value} is not a node output"
+        );
+        debug_assert!(
+            !self
+                .nodes
+                .iter()
+                .any(|n| n.output.iter().any(|o| o == name)),
+            "{name} is already a value"
+        );
         for n in &mut self.nodes {
             for x in n.input.iter_mut().chain(n.output.iter_mut()) {
                 if x == value {
