@@ -440,7 +440,6 @@ impl Engine for OrtCpuEngine {
             // stale contents are never read, every scale writes its tokens before they are used.
             Some(c) if c.layout.shape == shape => {}
             _ => {
-                crate::ort_bind::KvLayout::checked(shape).map_err(EngineError::Unsupported)?;
                 // The old cache goes before the new one is allocated: never two at once.
                 self.kv = None;
                 self.kv = Some(KvCache::new(shape));

@@ -95,14 +95,17 @@ impl ModelDir {
     /// Allocate the KV cache of one generation with `rows` (2B) guidance rows.
     pub fn kv_alloc(&mut self, rows: usize) -> Result<()> {
         let c = &self.manifest.config;
-        self.engine.kv_alloc([
+        let shape = [
             c.depth,
             self.manifest.schedule.total_tokens,
             2,
             rows,
             c.heads,
             c.head_dim,
-        ])
+        ];
+        // Checked once here, for every backend: the shape comes from the manifest.
+        crate::ort_bind::KvLayout::checked(shape).map_err(EngineError::Unsupported)?;
+        self.engine.kv_alloc(shape)
     }
 
     /// Tokens begin..begin+n of the KV cache, (depth, n, 2, rows, H, hd), for observation.

@@ -264,7 +264,6 @@ impl Engine for OrtCudaEngine {
         if matches!(&self.kv, Some((_, l)) if l.shape == shape) {
             return Ok(());
         }
-        KvLayout::checked(shape).map_err(EngineError::Unsupported)?;
         self.kv = None;
         let session = self
             .sessions

@@ -709,8 +709,8 @@ impl Engine for TrtEngine {
         if matches!(&self.kv, Some((_, l)) if l.shape == shape) {
             return Ok(());
         }
-        let layout = KvLayout::checked(shape).map_err(EngineError::Unsupported)?;
         self.kv = None;
+        let layout = KvLayout { shape };
         let buf = self
             .stream
             .alloc_zeros::<u8>(layout.bytes())

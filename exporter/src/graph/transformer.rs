@@ -137,8 +137,7 @@ enum Kv<'a> {
 /// on it depends on this block's computation: ONNX Runtime's execution order runs a node as soon
 /// as its inputs exist, and a transpose of `past_{i}` alone would run for every block at the
 /// start of the step, keeping a transposed copy of the whole past alive (4.9 GB at d30/1024,
-/// scale 13; measured in its profile's node order).
-#[allow(clippy::too_many_arguments)]
+/// scale 13; the early transposes are what the demo's profile shows).
 fn self_attention(
     g: &mut G,
     a: &Src,
