@@ -90,6 +90,8 @@ pub trait Engine {
     /// (Re)allocate the KV cache for one generation: (depth, capacity, 2, rows, heads, head_dim),
     /// block-major and token-major within a block (`ort_bind::KvLayout`).
     fn kv_alloc(&mut self, shape: [usize; 6]) -> Result<()>;
+    /// Give the cache's memory back; the next `kv_alloc` allocates it anew.
+    fn kv_release(&mut self);
     /// The cache's shape, once allocated.
     fn kv_shape(&self) -> Option<[usize; 6]>;
     /// Tokens begin..begin+n of every block as a host tensor (depth, n, 2, rows, heads,
@@ -446,6 +448,10 @@ impl Engine for OrtCpuEngine {
             }
         }
         Ok(())
+    }
+
+    fn kv_release(&mut self) {
+        self.kv = None;
     }
 
     fn kv_shape(&self) -> Option<[usize; 6]> {

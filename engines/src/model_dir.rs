@@ -108,6 +108,24 @@ impl ModelDir {
         self.engine.kv_alloc(shape)
     }
 
+    /// The KV cache's shape, while one is allocated.
+    pub fn kv_shape(&self) -> Option<[usize; 6]> {
+        self.engine.kv_shape()
+    }
+
+    /// Give the KV cache's memory back if it is at least `min_bytes`; returns whether it did.
+    pub fn kv_release_if_over(&mut self, min_bytes: usize) -> bool {
+        let bytes = self
+            .engine
+            .kv_shape()
+            .map_or(0, |shape| crate::ort_bind::KvLayout { shape }.bytes());
+        let release = bytes > 0 && bytes >= min_bytes;
+        if release {
+            self.engine.kv_release();
+        }
+        release
+    }
+
     /// Tokens begin..begin+n of the KV cache, (depth, n, 2, rows, H, hd), for observation.
     pub fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor> {
         self.engine.kv_read(begin, n)

@@ -286,6 +286,10 @@ impl Engine for OrtCudaEngine {
         Ok(())
     }
 
+    fn kv_release(&mut self) {
+        self.kv = None;
+    }
+
     fn kv_shape(&self) -> Option<[usize; 6]> {
         self.kv.as_ref().map(|(_, l)| l.shape)
     }

@@ -719,6 +719,10 @@ impl Engine for TrtEngine {
         Ok(())
     }
 
+    fn kv_release(&mut self) {
+        self.kv = None;
+    }
+
     fn kv_shape(&self) -> Option<[usize; 6]> {
         self.kv.as_ref().map(|(_, l)| l.shape)
     }

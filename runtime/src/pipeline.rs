@@ -117,6 +117,10 @@ fn f32s<'a>(t: &'a Tensor, name: &str) -> Result<&'a [f32]> {
         .ok_or_else(|| RunError::Invalid(format!("stage output '{name}' is not float32")))
 }
 
+/// A KV cache of at least this size is given back before the decoder runs (and allocated anew
+/// by the next generation); a smaller one is kept for reuse.
+pub const KV_RELEASE_BYTES: usize = 1 << 30;
+
 /// Block i's K (j = 0) or V (j = 1) of a cache region (depth, n, 2, B2, H, hd), as
 /// the release's (B2, H, n, hd).
 pub fn kv_block(kv: &Tensor, i: usize, j: usize) -> Tensor {
@@ -163,6 +167,9 @@ pub struct Pipeline {
     pub timings: Timings,
     /// Wall time of `open`: manifest and graph checks, integrity, tokenizer, backend load.
     pub open_ms: f64,
+    /// A KV cache of at least this many bytes is given back before the decoder runs
+    /// (`KV_RELEASE_BYTES` unless changed).
+    pub kv_release_bytes: usize,
 }
 
 pub struct Generated {
@@ -198,6 +205,7 @@ impl Pipeline {
             tok,
             timings: Timings::default(),
             open_ms: started.elapsed().as_secs_f64() * 1e3,
+            kv_release_bytes: KV_RELEASE_BYTES,
         })
     }
 
@@ -529,6 +537,10 @@ impl Pipeline {
             let waited = self.timings.get("session_wait") - wait0;
             hooks.scale_done(si, pn, t_scale.elapsed().as_secs_f64() * 1e3, waited);
         }
+        // The decoder's activations (3.7 GB at 1024 px) would otherwise sit on top of a cache
+        // that no later stage of this generation reads (8.7 GB at d30/1024). A small cache is
+        // kept: the next generation reuses its pages instead of touching new ones.
+        self.md.kv_release_if_over(self.kv_release_bytes);
         let mut dec = self.run(
             &Stage::Decoder.label(None),
             Stage::Decoder,

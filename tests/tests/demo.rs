@@ -114,6 +114,38 @@ fn demo_defaults_are_the_documented_ones() {
     assert_eq!((d.cfg, d.top_k, d.top_p), (3.0, 64, 0.9));
 }
 
+/// A KV cache given back before the decoder (as a large one is, at d30/1024) changes nothing:
+/// the next generation allocates it anew and both images are the ones of a pipeline that keeps
+/// its cache, bit for bit. The demo's cache is small, so by default it is kept.
+#[test]
+fn released_kv_cache_is_allocated_anew_by_the_next_generation() {
+    let prompts = ["a red circle on a blue background".to_string()];
+    let mut keep = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
+    let mut release = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
+    release.kv_release_bytes = 0;
+    for seed in [1, 2] {
+        let a = keep
+            .generate(&prompts, "", &params(&keep, seed), &mut NoHooks)
+            .unwrap();
+        assert!(
+            keep.md.kv_shape().is_some(),
+            "the demo's small cache is kept"
+        );
+        let b = release
+            .generate(&prompts, "", &params(&release, seed), &mut NoHooks)
+            .unwrap();
+        assert!(
+            release.md.kv_shape().is_none(),
+            "seed {seed}: the cache was not given back"
+        );
+        assert_eq!(a.image.shape, b.image.shape);
+        assert!(
+            a.image.as_f32().unwrap() == b.image.as_f32().unwrap(),
+            "seed {seed}: the image differs after the cache was released"
+        );
+    }
+}
+
 /// (both right, shape right, background right, images) over the 12 prompts x seeds 1..4.
 fn adherence(p: &mut Pipeline) -> (usize, usize, usize, usize) {
     let (mut both, mut shape_ok, mut bg_ok, mut total) = (0, 0, 0, 0);
