@@ -115,11 +115,10 @@ impl ModelDir {
 
     /// Give the KV cache's memory back if it is at least `min_bytes`; returns whether it did.
     pub fn kv_release_if_over(&mut self, min_bytes: usize) -> bool {
-        let bytes = self
+        let release = self
             .engine
             .kv_shape()
-            .map_or(0, |shape| crate::ort_bind::KvLayout { shape }.bytes());
-        let release = bytes > 0 && bytes >= min_bytes;
+            .is_some_and(|shape| crate::ort_bind::KvLayout { shape }.bytes() >= min_bytes);
         if release {
             self.engine.kv_release();
         }
