@@ -94,6 +94,10 @@ pub trait Engine {
     fn kv_release(&mut self);
     /// The cache's shape, once allocated.
     fn kv_shape(&self) -> Option<[usize; 6]>;
+    /// Give back the host memory of `stage`'s session, for a caller that will not run it again
+    /// (a one-shot run's text stages: 1.6 GB of packed weights at d30). Running the stage after
+    /// this is an error naming it. Engines whose sessions hold no host weights keep them.
+    fn release_stage(&mut self, _stage: Stage) {}
     /// Tokens begin..begin+n of every block as a host tensor (depth, n, 2, rows, heads,
     /// head_dim), for observation and checks only.
     fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor>;
@@ -294,8 +298,9 @@ pub struct OrtCpuEngine {
     last_wait_ms: f64,
 }
 
-/// One slot per graph: created once, by whichever thread asks first (the other waits).
-type Slot = std::sync::OnceLock<std::result::Result<std::sync::Mutex<OrtSession>, String>>;
+/// One slot per graph: created once, by whichever thread asks first (the other waits); `None`
+/// once given back with `release_stage`.
+type Slot = std::sync::OnceLock<std::result::Result<std::sync::Mutex<Option<OrtSession>>, String>>;
 
 struct Shared {
     /// Each stage's graph: path (for messages and to find its external data) and the bytes
@@ -312,7 +317,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn session(&self, stage: Stage) -> Result<&std::sync::Mutex<OrtSession>> {
+    fn session(&self, stage: Stage) -> Result<&std::sync::Mutex<Option<OrtSession>>> {
         let slot = self
             .slots
             .get(&stage)
@@ -339,7 +344,7 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((stage, t.elapsed().as_secs_f64() * 1e3));
-            Ok(std::sync::Mutex::new(s))
+            Ok(std::sync::Mutex::new(Some(s)))
         });
         r.as_ref().map_err(|why| EngineError::SessionCreate {
             stage: stage.name().into(),
@@ -420,7 +425,12 @@ impl Engine for OrtCpuEngine {
         self.last_wait_ms = t.elapsed().as_secs_f64() * 1e3;
         let refs: Vec<(&str, &ort::value::DynValue)> =
             values.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
+        let s = guard.as_mut().ok_or_else(|| {
+            EngineError::Unsupported(format!(
+                "stage {stage}: its session was given back (release_stage) and is not created again"
+            ))
+        })?;
         let label = s.label.clone();
         let shrink = if releases_arena(stage, inputs) {
             Some(shrink_arena_after().map_err(ort_err(format!("running stage {label}")))?)
@@ -456,6 +466,12 @@ impl Engine for OrtCpuEngine {
 
     fn kv_shape(&self) -> Option<[usize; 6]> {
         self.kv.as_ref().map(|c| c.layout.shape)
+    }
+
+    fn release_stage(&mut self, stage: Stage) {
+        if let Some(Ok(m)) = self.shared.slots.get(&stage).and_then(|s| s.get()) {
+            *m.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 
     fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor> {

@@ -125,6 +125,11 @@ impl ModelDir {
         release
     }
 
+    /// Give back `stage`'s session (see `Engine::release_stage`).
+    pub fn release_stage(&mut self, stage: Stage) {
+        self.engine.release_stage(stage)
+    }
+
     /// Tokens begin..begin+n of the KV cache, (depth, n, 2, rows, H, hd), for observation.
     pub fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor> {
         self.engine.kv_read(begin, n)

@@ -498,6 +498,8 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
         (None, None) => anyhow::bail!("{} images requested: use --out-dir", prompts.len()),
     };
     let (mut p, dir) = open(&a.model)?;
+    // One generate call makes every image of this run.
+    p.one_shot = true;
     let gp = params(&p, &a.sampling);
     p.check_params(prompts.len(), &gp)?;
     if !a.quiet {

@@ -170,6 +170,12 @@ pub struct Pipeline {
     /// A KV cache of at least this many bytes is given back before the decoder runs
     /// (`KV_RELEASE_BYTES` unless changed).
     pub kv_release_bytes: usize,
+    /// This pipeline generates once (a one-shot `star-run`): the text stages' sessions are given
+    /// back as soon as the prompts are encoded, instead of staying resident under the scale
+    /// steps. A later `generate` is then refused.
+    pub one_shot: bool,
+    /// Whether the text stages were given back (`one_shot`).
+    text_released: bool,
 }
 
 pub struct Generated {
@@ -206,6 +212,8 @@ impl Pipeline {
             timings: Timings::default(),
             open_ms: started.elapsed().as_secs_f64() * 1e3,
             kv_release_bytes: KV_RELEASE_BYTES,
+            one_shot: false,
+            text_released: false,
         })
     }
 
@@ -356,6 +364,11 @@ impl Pipeline {
         if b == 0 {
             return Err(RunError::Invalid("no prompt given".into()));
         }
+        if self.text_released {
+            return Err(RunError::Invalid(
+                "this pipeline was opened one-shot and has generated once: its text stages were given back; open it again (or leave one_shot off) to generate more".into(),
+            ));
+        }
         self.check_params(b, p)?;
         if !p.image_seeds.is_empty() && p.image_seeds.len() != b {
             return Err(RunError::Invalid(format!(
@@ -426,6 +439,12 @@ impl Pipeline {
         let text_kv = take(&mut tkv, io::TEXT_KV)?;
         let text_bias = take(&mut tkv, io::TEXT_BIAS)?;
         let mut x = Some(take(&mut tkv, io::X)?);
+        if self.one_shot {
+            // d30: 1.6 GB of packed text weights that no later stage reads.
+            self.md.release_stage(Stage::TextEncoder);
+            self.md.release_stage(Stage::TextKv);
+            self.text_released = true;
+        }
 
         let t_alloc = Instant::now();
         self.md.kv_alloc(2 * b)?;
@@ -465,6 +484,12 @@ impl Pipeline {
                         hooks.observe(&format!("s{si:02}.b{i}.{name}"), &kv_block(&kv, i, j));
                     }
                 }
+            }
+            if si + 1 == sn {
+                // No stage after the last step reads the cache: the sampler's sub-steps and the
+                // decoder run without it (8.7 GB at d30/1024). A small cache is kept: the next
+                // generation reuses its pages instead of touching new ones.
+                self.md.kv_release_if_over(self.kv_release_bytes);
             }
             let hidden_s = take(&mut out, io::HIDDEN)?;
             let logits_t = take(&mut out, io::LOGITS)?;
@@ -537,10 +562,6 @@ impl Pipeline {
             let waited = self.timings.get("session_wait") - wait0;
             hooks.scale_done(si, pn, t_scale.elapsed().as_secs_f64() * 1e3, waited);
         }
-        // The decoder's activations (3.7 GB at 1024 px) would otherwise sit on top of a cache
-        // that no later stage of this generation reads (8.7 GB at d30/1024). A small cache is
-        // kept: the next generation reuses its pages instead of touching new ones.
-        self.md.kv_release_if_over(self.kv_release_bytes);
         let mut dec = self.run(
             &Stage::Decoder.label(None),
             Stage::Decoder,

@@ -146,6 +146,54 @@ fn released_kv_cache_is_allocated_anew_by_the_next_generation() {
     }
 }
 
+/// A one-shot pipeline (`star-run`) gives its text stages back once the prompts are encoded:
+/// the image is the one of a pipeline that keeps them, bit for bit; running a text stage
+/// afterwards is an error naming it, and a second generation is refused, not attempted.
+#[test]
+fn one_shot_pipeline_gives_its_text_stages_back() {
+    use star_engines::stage::{io, Stage};
+    use star_engines::tensor::Tensor;
+    let prompts = ["a green square on a white background".to_string()];
+    let mut keep = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
+    let mut once = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
+    once.one_shot = true;
+    let a = keep
+        .generate(&prompts, "", &params(&keep, 3), &mut NoHooks)
+        .unwrap();
+    let b = once
+        .generate(&prompts, "", &params(&once, 3), &mut NoHooks)
+        .unwrap();
+    assert_eq!(a.image.shape, b.image.shape);
+    assert!(
+        a.image.as_f32().unwrap() == b.image.as_f32().unwrap(),
+        "the one-shot image differs"
+    );
+    let ids = Tensor::i64(vec![1, 77], vec![0; 77]);
+    let mask = Tensor::i64(vec![1, 77], vec![1; 77]);
+    let inputs = [
+        (io::INPUT_IDS, (&ids).into()),
+        (io::ATTENTION_MASK, (&mask).into()),
+    ];
+    keep.md
+        .run(Stage::TextEncoder, None, &inputs)
+        .expect("the kept text encoder runs");
+    let e = once
+        .md
+        .run(Stage::TextEncoder, None, &inputs)
+        .expect_err("the text encoder was given back")
+        .to_string();
+    assert!(
+        e.contains("text_encoder") && e.contains("given back"),
+        "{e}"
+    );
+    let e = once
+        .generate(&prompts, "", &params(&once, 4), &mut NoHooks)
+        .err()
+        .expect("a second one-shot generation is refused")
+        .to_string();
+    assert!(e.contains("one-shot"), "{e}");
+}
+
 /// (both right, shape right, background right, images) over the 12 prompts x seeds 1..4.
 fn adherence(p: &mut Pipeline) -> (usize, usize, usize, usize) {
     let (mut both, mut shape_ok, mut bg_ok, mut total) = (0, 0, 0, 0);

@@ -72,6 +72,20 @@ fn cycle_on(variant: &str, resolution: usize, backend: &str, precision: &str) {
             "replay did not compare {must}"
         );
     }
+    if m.config.sampler_blocks > 0 {
+        // As a one-shot d30/1024 run does it: the text stages given back once the prompt is
+        // encoded, and the cache right after the last step, before the sampler's sub-steps.
+        let mut q = Pipeline::open(&out, opts()).unwrap();
+        q.kv_release_bytes = 0;
+        q.one_shot = true;
+        let rep = star_runtime::replay::replay(&mut q, &golden).expect("one-shot replay");
+        assert!(
+            rep.all_pass(),
+            "one-shot replay, cache released before the sampler: {} failures",
+            rep.failures()
+        );
+        assert!(q.md.kv_shape().is_none(), "the cache was not given back");
+    }
 }
 
 /// Every value of every graph has a shape in values and symbols: ONNX Runtime's memory planner
