@@ -169,6 +169,7 @@ const TENSORRT_PARSER_OPS: &[&str] = &[
     "MatMul",
     "Max",
     "Mul",
+    "Pow",
     "QuantizeLinear",
     "DequantizeLinear",
     "ReduceL2",
