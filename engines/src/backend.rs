@@ -94,9 +94,9 @@ pub trait Engine {
     fn kv_release(&mut self);
     /// The cache's shape, once allocated.
     fn kv_shape(&self) -> Option<[usize; 6]>;
-    /// Give back the host memory of `stage`'s session, for a caller that will not run it again
-    /// (a one-shot run's text stages: 1.6 GB of packed weights at d30). Running the stage after
-    /// this is an error naming it. Engines whose sessions hold no host weights keep them.
+    /// Give back the host memory of `stage`'s session until it is next run, when it is created
+    /// again: for a caller that runs it rarely, or not again (a one-shot run's text stages hold
+    /// 1.6 GB of packed weights at d30). Engines whose sessions hold no host weights keep them.
     fn release_stage(&mut self, _stage: Stage) {}
     /// Tokens begin..begin+n of every block as a host tensor (depth, n, 2, rows, heads,
     /// head_dim), for observation and checks only.
@@ -251,6 +251,7 @@ impl Backend for OrtCpu {
                 cancel: std::sync::atomic::AtomicBool::new(false),
             }),
             worker: None,
+            prefetched: false,
             kv: None,
             last_wait_ms: 0.0,
         }))
@@ -293,13 +294,19 @@ pub struct OrtCpuEngine {
     shared: std::sync::Arc<Shared>,
     /// Creates the transformer, VQ and decoder sessions in the background (`prefetch`).
     worker: Option<std::thread::JoinHandle<()>>,
+    /// The worker ran and was joined: `prefetch` does not start another.
+    prefetched: bool,
     kv: Option<KvCache>,
     /// Time the last `run` spent getting its session (creating it, or waiting for the worker).
     last_wait_ms: f64,
 }
 
-/// One slot per graph: created once, by whichever thread asks first (the other waits); `None`
-/// once given back with `release_stage`.
+/// The stages the background thread creates (`prefetch`), in the order a generation needs them
+/// (step_first is not used here: scale 0 runs on step). The text stages are the caller's.
+const PREFETCH_ORDER: [Stage; 4] = [Stage::Step, Stage::Vq, Stage::Sampler, Stage::Decoder];
+
+/// One slot per graph: created by whichever thread asks first (the other waits); `None` once
+/// given back with `release_stage`, and created again by the next `run` of the stage.
 type Slot = std::sync::OnceLock<std::result::Result<std::sync::Mutex<Option<OrtSession>>, String>>;
 
 struct Shared {
@@ -322,34 +329,38 @@ impl Shared {
             .slots
             .get(&stage)
             .ok_or_else(|| EngineError::Unsupported(format!("this model has no {stage} graph")))?;
-        let r = slot.get_or_init(|| {
-            let (path, bytes) = self
-                .graphs
-                .iter()
-                .find(|(s, _, _)| *s == stage)
-                .map(|(_, p, b)| (p.clone(), b.clone()))
-                .ok_or_else(|| format!("this model has no {stage} graph"))?;
-            let t = std::time::Instant::now();
-            let shares = matches!(stage, Stage::StepFirst | Stage::Step);
-            let s = OrtSession::load(
-                &path,
-                &bytes,
-                stage.name(),
-                self.threads,
-                &self.pool,
-                shares,
-            )
-            .map_err(|e| e.to_string())?;
-            self.created
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((stage, t.elapsed().as_secs_f64() * 1e3));
-            Ok(std::sync::Mutex::new(Some(s)))
-        });
+        let r = slot.get_or_init(|| self.create(stage).map(|s| std::sync::Mutex::new(Some(s))));
         r.as_ref().map_err(|why| EngineError::SessionCreate {
             stage: stage.name().into(),
             why: why.clone(),
         })
+    }
+
+    /// Create `stage`'s session (first use, the background thread, or again after
+    /// `release_stage`), recording how long it took.
+    fn create(&self, stage: Stage) -> std::result::Result<OrtSession, String> {
+        let (path, bytes) = self
+            .graphs
+            .iter()
+            .find(|(s, _, _)| *s == stage)
+            .map(|(_, p, b)| (p.clone(), b.clone()))
+            .ok_or_else(|| format!("this model has no {stage} graph"))?;
+        let t = std::time::Instant::now();
+        let shares = matches!(stage, Stage::StepFirst | Stage::Step);
+        let s = OrtSession::load(
+            &path,
+            &bytes,
+            stage.name(),
+            self.threads,
+            &self.pool,
+            shares,
+        )
+        .map_err(|e| e.to_string())?;
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((stage, t.elapsed().as_secs_f64() * 1e3));
+        Ok(s)
     }
 }
 
@@ -382,14 +393,13 @@ impl Engine for OrtCpuEngine {
     }
 
     fn prefetch(&mut self) {
-        if self.worker.is_some() {
+        if self.worker.is_some() || self.prefetched {
             return;
         }
         let shared = self.shared.clone();
         // The caller creates the text stages itself as it reaches them; meanwhile this thread
-        // creates the rest in the order a generation needs them (step_first is not used here:
-        // scale 0 runs on step).
-        let order = [Stage::Step, Stage::Vq, Stage::Sampler, Stage::Decoder];
+        // creates the rest.
+        let order = PREFETCH_ORDER;
         self.worker = std::thread::Builder::new()
             .name("star-sessions".into())
             .spawn(move || {
@@ -422,15 +432,20 @@ impl Engine for OrtCpuEngine {
             unsafe { crate::ort_bind::stage_values(stage, inputs, kv_at, cache, Place::Host)? };
         let t = std::time::Instant::now();
         let session = self.shared.session(stage)?;
+        let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
+        let s = match guard.take() {
+            Some(s) => guard.insert(s),
+            // Given back with `release_stage`: created again, from the same verified bytes.
+            None => guard.insert(self.shared.create(stage).map_err(|why| {
+                EngineError::SessionCreate {
+                    stage: stage.name().into(),
+                    why,
+                }
+            })?),
+        };
         self.last_wait_ms = t.elapsed().as_secs_f64() * 1e3;
         let refs: Vec<(&str, &ort::value::DynValue)> =
             values.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
-        let s = guard.as_mut().ok_or_else(|| {
-            EngineError::Unsupported(format!(
-                "stage {stage}: its session was given back (release_stage) and is not created again"
-            ))
-        })?;
         let label = s.label.clone();
         let shrink = if releases_arena(stage, inputs) {
             Some(shrink_arena_after().map_err(ort_err(format!("running stage {label}")))?)
@@ -469,6 +484,14 @@ impl Engine for OrtCpuEngine {
     }
 
     fn release_stage(&mut self, stage: Stage) {
+        // A session the background thread may still be creating is waited for, so that it is
+        // given back rather than left resident after this returns.
+        if PREFETCH_ORDER.contains(&stage) {
+            if let Some(w) = self.worker.take() {
+                let _ = w.join();
+                self.prefetched = true;
+            }
+        }
         if let Some(Ok(m)) = self.shared.slots.get(&stage).and_then(|s| s.get()) {
             *m.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }

@@ -113,12 +113,16 @@ impl ModelDir {
         self.engine.kv_shape()
     }
 
+    /// Bytes of the KV cache (0 when none is allocated).
+    pub fn kv_bytes(&self) -> usize {
+        self.engine
+            .kv_shape()
+            .map_or(0, |shape| crate::ort_bind::KvLayout { shape }.bytes())
+    }
+
     /// Give the KV cache's memory back if it is at least `min_bytes`; returns whether it did.
     pub fn kv_release_if_over(&mut self, min_bytes: usize) -> bool {
-        let release = self
-            .engine
-            .kv_shape()
-            .is_some_and(|shape| crate::ort_bind::KvLayout { shape }.bytes() >= min_bytes);
+        let release = self.engine.kv_shape().is_some() && self.kv_bytes() >= min_bytes;
         if release {
             self.engine.kv_release();
         }

@@ -167,15 +167,16 @@ pub struct Pipeline {
     pub timings: Timings,
     /// Wall time of `open`: manifest and graph checks, integrity, tokenizer, backend load.
     pub open_ms: f64,
-    /// A KV cache of at least this many bytes is given back before the decoder runs
-    /// (`KV_RELEASE_BYTES` unless changed).
+    /// A KV cache of at least this many bytes is given back right after the last step
+    /// (`KV_RELEASE_BYTES` unless changed); with `one_shot`, the same size marks the large
+    /// generations whose sampler and decoder sessions are given back during the last step.
     pub kv_release_bytes: usize,
-    /// This pipeline generates once (a one-shot `star-run`): the text stages' sessions are given
-    /// back as soon as the prompts are encoded, instead of staying resident under the scale
-    /// steps. A later `generate` is then refused.
+    /// This pipeline generates once (a one-shot `star-run`), so sessions are resident only
+    /// while they are needed: the text stages' are given back as soon as the prompts are
+    /// encoded, and in a generation whose cache is `kv_release_bytes` or more the sampler's and
+    /// the decoder's are given back during the last step (the peak of a large generation) and
+    /// created again after it. A later `generate` creates what it needs again.
     pub one_shot: bool,
-    /// Whether the text stages were given back (`one_shot`).
-    text_released: bool,
 }
 
 pub struct Generated {
@@ -213,7 +214,6 @@ impl Pipeline {
             open_ms: started.elapsed().as_secs_f64() * 1e3,
             kv_release_bytes: KV_RELEASE_BYTES,
             one_shot: false,
-            text_released: false,
         })
     }
 
@@ -364,11 +364,6 @@ impl Pipeline {
         if b == 0 {
             return Err(RunError::Invalid("no prompt given".into()));
         }
-        if self.text_released {
-            return Err(RunError::Invalid(
-                "this pipeline was opened one-shot and has generated once: its text stages were given back; open it again (or leave one_shot off) to generate more".into(),
-            ));
-        }
         self.check_params(b, p)?;
         if !p.image_seeds.is_empty() && p.image_seeds.len() != b {
             return Err(RunError::Invalid(format!(
@@ -443,7 +438,6 @@ impl Pipeline {
             // d30: 1.6 GB of packed text weights that no later stage reads.
             self.md.release_stage(Stage::TextEncoder);
             self.md.release_stage(Stage::TextKv);
-            self.text_released = true;
         }
 
         let t_alloc = Instant::now();
@@ -470,6 +464,14 @@ impl Pipeline {
             let xs = x.take().ok_or_else(|| {
                 RunError::Invalid(format!("scale {si}: no input from scale {}", si.max(1) - 1))
             })?;
+            if self.one_shot && si + 1 == sn && self.md.kv_bytes() >= self.kv_release_bytes {
+                // The last step is a large generation's peak (cache full, the largest scale's
+                // activations): d30/1024 holds 0.9 GB of sampler and decoder weights that it
+                // does not read. They are created again after it (about 8 s, against a
+                // generation of 10+ minutes on the CPU).
+                self.md.release_stage(Stage::Sampler);
+                self.md.release_stage(Stage::Decoder);
+            }
             let mut out = self.step(&label, si, &xs, &text_kv, &text_bias)?;
             forward_probes(&out, hooks);
             if p.recompute_past {

@@ -74,7 +74,8 @@ fn cycle_on(variant: &str, resolution: usize, backend: &str, precision: &str) {
     }
     if m.config.sampler_blocks > 0 {
         // As a one-shot d30/1024 run does it: the text stages given back once the prompt is
-        // encoded, and the cache right after the last step, before the sampler's sub-steps.
+        // encoded, the sampler's and decoder's sessions during the last step (created again
+        // after it), and the cache right after the last step, before the sampler's sub-steps.
         let mut q = Pipeline::open(&out, opts()).unwrap();
         q.kv_release_bytes = 0;
         q.one_shot = true;
