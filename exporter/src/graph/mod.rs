@@ -191,7 +191,10 @@ pub fn transpose2(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-/// Attention scores of one group of heads at the largest scale, batch 1, FP32: 1 GiB. At d30 /
+/// Attention scores of one group of heads at the largest scale, batch 1, FP32: 800 MiB. At d30 /
 /// 1024 px all 30 heads at once would be (2, 30, 4096, 9451) floats, 9.3 GB per block — more
-/// than a 24 GB machine has beside the weights — so self-attention runs over groups of heads.
-pub const DEFAULT_ATTENTION_BUDGET: u64 = 1 << 30;
+/// than a 24 GB machine has beside the weights — so self-attention runs over groups of heads:
+/// 2 heads (620 MB) in the step, 6 (806 MB) in the stable sampler. With 1 GiB the step's groups
+/// of 3 (929 MB) left a one-shot run's last step 0.24 GB above the memory target of issue 7;
+/// one head per group made session creation slower (benches/RESULTS.md).
+pub const DEFAULT_ATTENTION_BUDGET: u64 = 800 << 20;
