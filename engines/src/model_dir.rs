@@ -122,7 +122,7 @@ impl ModelDir {
 
     /// Give the KV cache's memory back if it is at least `min_bytes`; returns whether it did.
     pub fn kv_release_if_over(&mut self, min_bytes: usize) -> bool {
-        let release = self.engine.kv_shape().is_some() && self.kv_bytes() >= min_bytes;
+        let release = self.kv_shape().is_some() && self.kv_bytes() >= min_bytes;
         if release {
             self.engine.kv_release();
         }

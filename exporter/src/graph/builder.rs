@@ -646,9 +646,9 @@ impl<'s> G<'s> {
 
     /// GELU with the tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). Written
     /// with `Pow(x, 3)` in exactly this order because that is a form ONNX Runtime's optimizer
-    /// fuses into one in-place FastGelu kernel; spelt x·x·x it stayed nine element-wise nodes,
-    /// and its memory planner kept four (B2, tokens, 4C) buffers for them, 1 GB at d30/1024's
-    /// last scale (benches/RESULTS.md). TensorRT parses Pow natively.
+    /// fuses (with the fc1 bias) into one in-place FastGelu kernel; spelt x·x·x it stayed nine
+    /// element-wise nodes with buffers of their own: fused, d30/1024's last step holds 0.23 GB
+    /// less (benches/RESULTS.md). TensorRT parses Pow natively.
     pub fn gelu_tanh(&mut self, x: &str) -> String {
         let kappa = self.scalar(0.044715);
         let beta =
