@@ -155,6 +155,10 @@ pub struct BackendOptions {
     pub verbose: bool,
     /// An engine directory (star-export build-engine) for the engine backends.
     pub engine_dir: Option<PathBuf>,
+    /// ort-cpu: every run gives its activation memory back when it ends, not only the large
+    /// ones. The server sets it, so that a run's peak depends on its batch, not on what the
+    /// runs before it left in the arena (its memory admission relies on that).
+    pub release_activations: bool,
 }
 
 impl Default for BackendOptions {
@@ -166,6 +170,7 @@ impl Default for BackendOptions {
             allow_cpu_fallback: false,
             verbose: false,
             engine_dir: None,
+            release_activations: false,
         }
     }
 }
@@ -254,6 +259,7 @@ impl Backend for OrtCpu {
             prefetched: false,
             kv: None,
             last_wait_ms: 0.0,
+            release_activations: opts.release_activations,
         }))
     }
 }
@@ -299,6 +305,8 @@ pub struct OrtCpuEngine {
     kv: Option<KvCache>,
     /// Time the last `run` spent getting its session (creating it, or waiting for the worker).
     last_wait_ms: f64,
+    /// `BackendOptions::release_activations`.
+    release_activations: bool,
 }
 
 /// The stages the background thread creates (`prefetch`), in the order a generation needs them
@@ -447,7 +455,7 @@ impl Engine for OrtCpuEngine {
         let refs: Vec<(&str, &ort::value::DynValue)> =
             values.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let label = s.label.clone();
-        let shrink = if releases_arena(stage, inputs) {
+        let shrink = if self.release_activations || releases_arena(stage, inputs) {
             Some(shrink_arena_after().map_err(ort_err(format!("running stage {label}")))?)
         } else {
             None
@@ -469,7 +477,7 @@ impl Engine for OrtCpuEngine {
             _ => {
                 // The old cache goes before the new one is allocated: never two at once.
                 self.kv = None;
-                self.kv = Some(KvCache::new(shape));
+                self.kv = Some(KvCache::new(shape).map_err(EngineError::OutOfMemory)?);
             }
         }
         Ok(())

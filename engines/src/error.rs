@@ -40,6 +40,9 @@ pub enum EngineError {
     UnknownBackend { name: String, available: String },
     #[error("{0}")]
     Unsupported(String),
+    /// The system refused an allocation: the run fails, the process lives on.
+    #[error("{0}")]
+    OutOfMemory(String),
     #[error("{}: built for {} {}, this machine has {}{}; rebuild it here with: {}", .0.dir.display(), .0.what, .0.built, .0.here, .0.also, .0.rebuild)]
     EngineMismatch(Box<Mismatch>),
     #[error("{backend}no usable NVIDIA GPU: {why}")]

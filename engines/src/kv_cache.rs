@@ -13,13 +13,20 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// `shape`: (depth, L, 2, rows, heads, head_dim).
-    pub fn new(shape: [usize; 6]) -> Self {
-        let n = shape.iter().product();
-        KvCache {
+    /// `shape`: (depth, L, 2, rows, heads, head_dim). An allocation the system refuses is an
+    /// error, not an abort, so that a server fails that one generation only.
+    pub fn new(shape: [usize; 6]) -> Result<Self, String> {
+        let n: usize = shape.iter().product();
+        let data = zeroed_f32(n).ok_or_else(|| {
+            format!(
+                "out of memory: cannot allocate {:.2} GB for the KV cache {shape:?}",
+                n as f64 * KvLayout::ELEM_BYTES as f64 / 1e9
+            )
+        })?;
+        Ok(KvCache {
             layout: KvLayout { shape },
-            data: vec![0.0; n],
-        }
+            data,
+        })
     }
 
     /// Tokens begin..begin+n of every block, (depth, n, 2, rows, H, hd): a copy for observers.
@@ -35,14 +42,45 @@ impl KvCache {
     }
 }
 
+/// `vec![0.0; n]` that returns None when the allocator refuses instead of aborting the process.
+/// The block comes from `alloc_zeroed` (calloc), so its pages stay untouched until written.
+fn zeroed_f32(n: usize) -> Option<Vec<f32>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n).ok()?;
+    // SAFETY: the layout's size is non-zero; a non-null block is n zeroed f32 (0.0 is all-zero
+    // bits) from the global allocator with f32's layout, which is how a Vec<f32> of capacity n
+    // is allocated and how it will be freed.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<f32>();
+        if p.is_null() {
+            return None;
+        }
+        Some(Vec::from_raw_parts(p, n, n))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn a_cache_the_system_cannot_give_is_an_error_not_an_abort() {
+        // 2^58 floats: 1 EiB, refused by the allocator under any overcommit policy. black_box:
+        // an allocation whose result is never used may be elided by the optimiser, as if it
+        // had succeeded.
+        let e = std::hint::black_box(KvCache::new([1 << 20, 1 << 20, 2, 1 << 17, 1, 1]))
+            .err()
+            .expect("1 EiB allocated");
+        assert!(e.starts_with("out of memory"), "{e}");
+        assert!(KvCache::new([0, 5, 2, 1, 1, 1]).unwrap().data.is_empty());
+    }
+
+    #[test]
     fn reads_gather_each_blocks_range() {
         // 2 blocks, 5 tokens, 2 floats per token and block.
-        let mut c = KvCache::new([2, 5, 2, 1, 1, 1]);
+        let mut c = KvCache::new([2, 5, 2, 1, 1, 1]).unwrap();
         for (k, v) in c.data.iter_mut().enumerate() {
             *v = k as f32;
         }

@@ -135,14 +135,6 @@ pub fn usage_error(e: clap::Error) -> std::process::ExitCode {
     std::process::ExitCode::from(2)
 }
 
-/// Bytes of memory the system can still give us (MemAvailable), if the kernel says.
-pub fn available_memory() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// A prompts file: UTF-8, one prompt per line; blank lines and lines starting with `#` are
 /// skipped. Returns the prompts and the file's bytes (for hashing).
 pub fn read_prompts_file(path: &Path) -> Result<(Vec<String>, Vec<u8>), String> {

@@ -4,6 +4,7 @@ pub mod args;
 pub mod bench;
 pub mod compare;
 pub mod image;
+pub mod memory;
 pub mod pipeline;
 pub mod replay;
 pub mod rng;

@@ -67,6 +67,7 @@ impl ModelArgs {
             allow_cpu_fallback: self.allow_cpu_fallback,
             verbose: self.verbose,
             engine_dir: None,
+            release_activations: false,
         };
         let Some(e) = &self.engine else {
             let dir = self
@@ -232,6 +233,13 @@ enum Cmd {
         /// After SIGTERM, how long in-flight requests may take before the process exits.
         #[arg(long, default_value_t = 30)]
         drain_s: u64,
+        /// The most resident memory the server should reach (e.g. 6Gi, 8G, bytes). Warm-up
+        /// measures what each image adds; batches are cut so that their estimate stays within
+        /// 95% of this, an `n` that cannot fit is refused with 422, and a request that needs more
+        /// than the system has left fails alone with 500. Default: 90% of the machine's memory
+        /// or of the container's (cgroup) limit.
+        #[arg(long, value_parser = star_runtime::memory::parse_size)]
+        max_memory: Option<u64>,
     },
     /// Latency benchmark: per-stage median/p90/min over repeated generations.
     #[command(allow_negative_numbers = true)]
@@ -425,6 +433,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_delay_ms,
             request_timeout_s,
             drain_s,
+            max_memory,
         }) => {
             let (dir, backend) = model.resolve()?;
             star_runtime::serve::serve(star_runtime::serve::ServeOptions {
@@ -438,6 +447,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_delay: std::time::Duration::from_millis(max_delay_ms),
                 request_timeout: std::time::Duration::from_secs(request_timeout_s),
                 drain: std::time::Duration::from_secs(drain_s),
+                max_memory,
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -31,6 +31,29 @@ pub enum RunError {
 
 pub type Result<T> = std::result::Result<T, RunError>;
 
+impl RunError {
+    /// The system refused memory: one of our allocations, or ONNX Runtime's (its allocators
+    /// throw, and its C API returns the message: "Failed to allocate memory …" from the arena,
+    /// "bad allocation" from the CPU allocator, "out of memory" from CUDA).
+    pub fn is_out_of_memory(&self) -> bool {
+        let text = match self {
+            RunError::Engine(EngineError::OutOfMemory(_)) => return true,
+            RunError::Engine(EngineError::Ort { message, .. }) => message,
+            RunError::Engine(EngineError::SessionCreate { why, .. }) => why,
+            _ => return false,
+        };
+        let t = text.to_ascii_lowercase();
+        [
+            "failed to allocate",
+            "bad allocation",
+            "bad_alloc",
+            "out of memory",
+        ]
+        .iter()
+        .any(|k| t.contains(k))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct GenParams {
     pub cfg: f64,
@@ -249,7 +272,7 @@ impl Pipeline {
             * (2 * images) as f64
             * ((cfg.depth * 2 * cfg.heads * sch.total_tokens * cfg.head_dim) as f64
                 + (last * cfg.vocab) as f64);
-        if let Some(avail) = crate::args::available_memory() {
+        if let Some(avail) = crate::memory::available() {
             if need > avail as f64 {
                 return Err(RunError::Invalid(format!(
                     "{images} images need about {:.1} GB for the KV cache and logits alone, more than the {:.1} GB of memory available: use a smaller --batch or fewer prompts",
@@ -754,5 +777,32 @@ impl Pipeline {
             }
         }
         Ok(tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunError;
+    use star_engines::EngineError;
+
+    #[test]
+    fn allocation_failures_are_recognised_as_out_of_memory() {
+        let ort = |m: &str| {
+            RunError::Engine(EngineError::Ort {
+                context: "running stage step".into(),
+                message: m.into(),
+            })
+        };
+        for m in [
+            "Failed to allocate memory for requested buffer of size 1073741824",
+            "bad allocation",
+            "std::bad_alloc",
+            "CUDA failure 2: out of memory",
+        ] {
+            assert!(ort(m).is_out_of_memory(), "{m}");
+        }
+        assert!(RunError::Engine(EngineError::OutOfMemory("x".into())).is_out_of_memory());
+        assert!(!ort("Invalid input name: x").is_out_of_memory());
+        assert!(!RunError::Invalid("--cfg".into()).is_out_of_memory());
     }
 }

@@ -7,7 +7,9 @@
 //! after which in-flight requests get `--drain-s` to finish and the process exits 0. Requests
 //! with the same sampling settings are batched into one model run at scale 0 (batch invariance
 //! keeps each request's images byte-identical). Async jobs (`/star/v1/jobs`) and `stream: true`
-//! report per-scale Server-Sent Events.
+//! report per-scale Server-Sent Events. Host memory is admitted, not hoped for: warm-up measures
+//! what a generation adds per image; batches are cut to what the limit holds, and a request
+//! fails alone when the system has not the memory it needs (`MemoryModel`).
 
 // Handlers return a finished HTTP response early as their error: moved once per request, its
 // size does not matter.
@@ -43,6 +45,9 @@ pub struct ServeOptions {
     pub max_images: usize,
     pub request_timeout: Duration,
     pub drain: Duration,
+    /// The most resident memory the process may reach (`--max-memory`); None: 90% of the
+    /// machine's or the container's limit.
+    pub max_memory: Option<u64>,
 }
 
 /// What a request asks the model for, validated.
@@ -66,6 +71,98 @@ enum JobError {
     Cancelled,
     Timeout,
     Failed(String),
+    /// The run would not fit in memory, or an allocation was refused.
+    OutOfMemory(String),
+}
+
+/// Host memory: what a run of b images adds to the process, estimated as b × `per_image`, and
+/// the limit it must stay under. `per_image` is measured at warm-up by a calibration
+/// generation of `images` images (2, or 1 when the server never runs more) after the 1-image
+/// warm-up, and raised whenever a run grows the process by more (`learn`).
+///
+/// The estimate holds because every run starts without what earlier runs used: the engine gives
+/// its activations back when it ends (`BackendOptions::release_activations`), the KV cache is
+/// given back after the last step (`Pipeline::kv_release_bytes` 0) and the heap's free pages
+/// after each run (`memory::trim_heap`). Without them ONNX Runtime's arena and glibc kept what
+/// earlier runs had used, and 7-image batches of the demo peaked at 184 MB after a first one at
+/// 146 MB (benches/RESULTS.md). It is an estimate: with the kernel's overcommit an allocation
+/// rarely fails, the kill comes when pages are touched, so what protects the process is the
+/// estimate's margin (it errs high) and the 5% kept back.
+#[derive(Clone, Copy, Debug)]
+struct MemoryModel {
+    images: usize,
+    /// Resident size at rest, before the calibration.
+    base: u64,
+    /// Peak resident size during the calibration.
+    peak: u64,
+    /// What a run adds to the resident size per image, at most.
+    per_image: u64,
+    /// The highest resident size any run reached since warm-up (the calibration's included).
+    highest: u64,
+    /// The most the process may reach: `--max-memory`, else 90% of the machine's or container's.
+    limit: u64,
+}
+
+impl MemoryModel {
+    /// The limit less 5% for what is not a run's: HTTP buffers, queued requests and results,
+    /// the allocator's fragmentation over many runs.
+    fn usable(&self) -> u64 {
+        self.limit - self.limit / 20
+    }
+
+    /// Estimated peak of a run of `images` starting from `resident` bytes.
+    fn peak_of(&self, resident: u64, images: usize) -> u64 {
+        resident.saturating_add((images as u64).saturating_mul(self.per_image))
+    }
+
+    /// Most images one run may hold under the limit from the resident size at rest (0: not
+    /// even one): the largest `n` and batch the server accepts.
+    fn fit(&self) -> usize {
+        let room = self.usable().saturating_sub(self.base);
+        (room / self.per_image.max(1)).min(1 << 20) as usize
+    }
+
+    /// Whether a run of `images` may start now from `resident` bytes: `soft` is the limit
+    /// (a batch gives back requests until it holds), `hard` is what the system (the machine or
+    /// the container) has available: a request that alone does not fit in that fails.
+    fn admits(
+        &self,
+        resident: u64,
+        images: usize,
+        available: Option<u64>,
+    ) -> (bool, Result<(), String>) {
+        let soft = self.peak_of(resident, images) <= self.usable();
+        let more = (images as u64).saturating_mul(self.per_image);
+        let hard = match available {
+            Some(avail) if more > avail => Err(format!(
+                "out of memory: {images} images need about {} MB more, and the system has {} MB available now",
+                more >> 20,
+                avail >> 20
+            )),
+            _ => Ok(()),
+        };
+        (soft, hard)
+    }
+
+    /// A run of `images` grew the process from `before` to a peak of `peak`: where that is
+    /// more than 5% over the estimate, raise `per_image` to cover it. Returns the old estimate
+    /// when raised. Runs smaller than the calibration teach nothing: what a run costs besides
+    /// its images (tokenizing, a PNG, a page here and there) weighs more per image in them,
+    /// and the estimate would only ratchet up.
+    fn learn(&mut self, images: usize, before: u64, peak: u64) -> Option<u64> {
+        self.highest = self.highest.max(peak);
+        if images < self.images {
+            return None;
+        }
+        let grown = peak.saturating_sub(before);
+        let per = grown.div_ceil(images.max(1) as u64);
+        if per <= self.per_image + self.per_image / 20 {
+            return None;
+        }
+        let old = self.per_image;
+        self.per_image = per;
+        Some(old)
+    }
 }
 
 struct Job {
@@ -203,6 +300,8 @@ struct AppState {
     max_images: usize,
     request_timeout: Duration,
     jobs: Mutex<JobTable>,
+    /// Set by the worker after calibration, before readiness; None where /proc cannot tell.
+    memory: Mutex<Option<MemoryModel>>,
     /// Test aid: STAR_SERVE_SCALE_DELAY_MS=N sleeps N ms after each scale of a request (not the
     /// warm-up), so that tests can act on a request that is reliably running.
     scale_delay: Option<Duration>,
@@ -268,6 +367,10 @@ impl AppState {
             .filter(|j| j.seq < tr.seq && j.status() == "queued")
             .count()
     }
+    fn memory_model(&self) -> Option<MemoryModel> {
+        *self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn metrics(&self) -> std::sync::MutexGuard<'_, Metrics> {
         self.metrics.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -361,6 +464,21 @@ fn parse_request(state: &AppState, body: &[u8]) -> Result<(GenRequest, bool), Fi
             format!("n must be between 1 and {}", state.max_images),
             "n",
         ));
+    }
+    if let Some(m) = state.memory_model() {
+        // At least one image: the warm-up showed that one fits, and what the system has left is
+        // checked before every run anyway.
+        if n > m.fit().max(1) {
+            return Err(fe(
+                format!(
+                    "n={n} needs about {} MB of memory, over the {} MB this server gives runs (95% of its limit): at most {} images per request here",
+                    m.peak_of(m.base, n) >> 20,
+                    m.usable() >> 20,
+                    m.fit().max(1)
+                ),
+                "n",
+            ));
+        }
     }
     if let Some(s) = obj.get("size") {
         if s.as_str() != Some(state.size.as_str()) {
@@ -600,7 +718,9 @@ fn failure(st: &AppState, e: Option<JobError>) -> (StatusCode, &'static str, Str
             "cancelled",
             "the request was cancelled".into(),
         ),
-        Some(JobError::Failed(m)) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", m),
+        Some(JobError::Failed(m) | JobError::OutOfMemory(m)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "server_error", m)
+        }
         None => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -876,6 +996,55 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     }
     s.push_str("# HELP star_requests_cancelled_total Requests stopped by their client or deadline.\n# TYPE star_requests_cancelled_total counter\n");
     s.push_str(&format!("star_requests_cancelled_total {}\n", m.cancelled));
+    if let Some(mm) = st.memory_model() {
+        let resident = crate::memory::resident().map_or(0, |r| r.now);
+        for (name, help, v) in [
+            (
+                "star_memory_limit_bytes",
+                "The most resident memory the server admits runs up to.",
+                mm.limit,
+            ),
+            (
+                "star_memory_resident_bytes",
+                "The process's resident memory now.",
+                resident,
+            ),
+            (
+                "star_memory_base_bytes",
+                "Resident memory at rest after the warm-up calibration.",
+                mm.base,
+            ),
+            (
+                "star_memory_calibration_peak_bytes",
+                "Peak resident memory of the warm-up calibration run.",
+                mm.peak,
+            ),
+            (
+                "star_memory_peak_bytes",
+                "Highest resident memory of any run since warm-up.",
+                mm.highest,
+            ),
+            (
+                "star_memory_calibration_images",
+                "Images in the warm-up calibration run.",
+                mm.images as u64,
+            ),
+            (
+                "star_memory_image_bytes",
+                "Estimated growth of a run per image (calibration, raised by runs that grew more).",
+                mm.per_image,
+            ),
+            (
+                "star_memory_images_fit",
+                "Most images one run may hold under the limit.",
+                mm.fit() as u64,
+            ),
+        ] {
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+            ));
+        }
+    }
     s.push_str("# HELP star_model_ready Whether the model serves requests.\n# TYPE star_model_ready gauge\n");
     let ready = st.ready.load(Ordering::SeqCst) && !st.draining.load(Ordering::SeqCst);
     s.push_str(&format!("star_model_ready {}\n", ready as u8));
@@ -981,9 +1150,16 @@ fn run_batch(p: &mut Pipeline, state: &AppState, jobs: &[Job]) -> Vec<JobResult>
         }
         Err(e) => {
             let m = e.to_string();
+            let oom = e.is_out_of_memory();
             return jobs
                 .iter()
-                .map(|_| Err(JobError::Failed(m.clone())))
+                .map(|_| {
+                    Err(if oom {
+                        JobError::OutOfMemory(m.clone())
+                    } else {
+                        JobError::Failed(m.clone())
+                    })
+                })
                 .collect();
         }
     };
@@ -1023,7 +1199,7 @@ fn run_isolated(p: &mut Pipeline, state: &AppState, jobs: &[Job]) -> Vec<JobResu
     if jobs.len() > 1
         && results
             .iter()
-            .all(|r| matches!(r, Err(JobError::Failed(_))))
+            .all(|r| matches!(r, Err(JobError::Failed(_) | JobError::OutOfMemory(_))))
     {
         return jobs
             .iter()
@@ -1045,7 +1221,11 @@ fn worker(
     jobs: mpsc::Receiver<Job>,
     max_batch: usize,
     max_delay: Duration,
+    max_memory: Option<u64>,
 ) {
+    // Every run allocates its KV cache and gives it back after its last step: a run's peak is
+    // then the same whatever ran before it (MemoryModel), and an idle server holds no cache.
+    p.kv_release_bytes = 0;
     let gp = GenParams::defaults(&p, 0);
     if let Err(e) = p.generate(
         &["warm-up".to_string()],
@@ -1055,6 +1235,41 @@ fn worker(
     ) {
         eprintln!("error: warm-up generation failed: {e}");
         std::process::exit(2);
+    }
+    let most = state.max_images.max(max_batch);
+    match calibrate(&mut p, most.min(2), max_memory) {
+        Ok(Some(m)) => {
+            eprintln!(
+                "memory: {} MB at rest, {} MB at the calibration's peak ({} images): {:.1} MB per image; limit {} MB: at most {} images per run",
+                m.base >> 20,
+                m.peak >> 20,
+                m.images,
+                m.per_image as f64 / 1048576.0,
+                m.limit >> 20,
+                m.fit()
+            );
+            if m.fit() == 0 {
+                eprintln!(
+                    "error: one image needs about {} MB, over the memory limit of {} MB{}",
+                    m.peak_of(m.base, 1) >> 20,
+                    m.limit >> 20,
+                    if max_memory.is_some() {
+                        ": raise --max-memory"
+                    } else {
+                        ": give the machine or container more memory"
+                    }
+                );
+                std::process::exit(2);
+            }
+            *state.memory.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+        }
+        Ok(None) => eprintln!(
+            "memory: this system does not report the process's memory or its peak (/proc/self/status, /proc/self/clear_refs); runs are not admitted by memory"
+        ),
+        Err(e) => {
+            eprintln!("error: calibration generation failed: {e}");
+            std::process::exit(2);
+        }
     }
     state.ready.store(true, Ordering::SeqCst);
     eprintln!("ready");
@@ -1089,6 +1304,10 @@ fn worker(
                 Err(_) => return,
             },
         };
+        // Batches never exceed what memory admits (which runs may lower, see `learn`).
+        let max_batch = state
+            .memory_model()
+            .map_or(max_batch, |m| max_batch.min(m.fit()).max(1));
         let mut batch = vec![first];
         let mut images = batch[0].req.n;
         // Compatible requests already held back, then whatever arrives within max_delay.
@@ -1120,11 +1339,63 @@ fn worker(
                 Err(_) => break,
             }
         }
+        // From the resident size now: the batch gives back its last requests until it fits
+        // the limit; a request that alone does not fit in what the system has left fails.
+        let model = state.memory_model();
+        if let Some(m) = model {
+            let resident = crate::memory::resident().map_or(m.base, |r| r.now);
+            let available = crate::memory::available();
+            while batch.len() > 1 {
+                let (soft, hard) = m.admits(resident, images, available);
+                if soft && hard.is_ok() {
+                    break;
+                }
+                if let Some(j) = batch.pop() {
+                    images -= j.req.n;
+                    // Back in arrival order, not ahead of older held requests.
+                    let at = held.partition_point(|h| h.enqueued <= j.enqueued);
+                    held.insert(at, j);
+                }
+            }
+            if let (_, Err(why)) = m.admits(resident, images, available) {
+                eprintln!("request failed: {why}");
+                for j in batch {
+                    let _ = j.reply.send(Err(JobError::OutOfMemory(why.clone())));
+                }
+                continue;
+            }
+        }
         for t in batch.iter().filter_map(|j| j.tracked.as_ref()) {
             t.set("running", None);
         }
         state.running.store(batch.len(), Ordering::SeqCst);
+        // The peak is restarted from the resident size now: a run that does not grow the
+        // process past it (the allocator keeps what earlier runs freed) teaches nothing.
+        let before = model
+            .is_some()
+            .then(|| {
+                crate::memory::reset_peak()
+                    .then(crate::memory::resident)
+                    .flatten()
+            })
+            .flatten();
         let results = run_isolated(&mut p, &state, &batch);
+        let after = crate::memory::resident();
+        crate::memory::trim_heap();
+        if let (Some(b), Some(r)) = (before, after) {
+            let mut mm = state.memory.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(m) = mm.as_mut() {
+                if let Some(old) = m.learn(images, b.now, r.peak) {
+                    eprintln!(
+                        "memory: a run of {images} images grew the process by {} MB, more than {images} x {:.1} MB: {:.1} MB per image from now on, at most {} images per run",
+                        (r.peak - b.now) >> 20,
+                        old as f64 / 1048576.0,
+                        m.per_image as f64 / 1048576.0,
+                        m.fit()
+                    );
+                }
+            }
+        }
         for (j, r) in batch.into_iter().zip(results) {
             if matches!(r, Err(JobError::Cancelled | JobError::Timeout)) {
                 state.metrics().cancelled += 1;
@@ -1133,6 +1404,43 @@ fn worker(
         }
         state.running.store(0, Ordering::SeqCst);
     }
+}
+
+/// Measure what a generation of `images` images adds to the resident memory (see `MemoryModel`).
+/// None where /proc does not say.
+fn calibrate(
+    p: &mut Pipeline,
+    images: usize,
+    max_memory: Option<u64>,
+) -> Result<Option<MemoryModel>, RunError> {
+    let Some(limit) = max_memory.or_else(|| crate::memory::limit().map(|l| l / 10 * 9)) else {
+        return Ok(None);
+    };
+    crate::memory::trim_heap();
+    let Some(before) = crate::memory::resident() else {
+        return Ok(None);
+    };
+    // Without a reset the peak would be the warm-up's, session creation included.
+    if !crate::memory::reset_peak() {
+        return Ok(None);
+    }
+    let prompts = vec!["calibration".to_string(); images];
+    let gp = GenParams::defaults(p, 0);
+    p.generate(&prompts, "", &gp, &mut crate::pipeline::NoHooks)?;
+    let Some(after) = crate::memory::resident() else {
+        return Ok(None);
+    };
+    crate::memory::trim_heap();
+    let rest = crate::memory::resident().map_or(after.now, |r| r.now);
+    let peak = after.peak.max(before.now);
+    Ok(Some(MemoryModel {
+        images,
+        base: rest.max(before.now),
+        peak,
+        per_image: ((peak - before.now) / images as u64).max(1),
+        highest: peak,
+        limit,
+    }))
 }
 
 /// Open the model (errors here are the caller's, before anything listens), bind, serve until
@@ -1144,8 +1452,10 @@ pub fn serve(o: ServeOptions) -> anyhow::Result<()> {
     let (opened_tx, opened_rx) =
         mpsc::channel::<Result<star_engines::manifest::Manifest, String>>();
     let (state_tx, state_rx) = mpsc::channel::<(Arc<AppState>, mpsc::Receiver<Job>)>();
-    let (model, backend) = (o.model.clone(), o.backend.clone());
-    let (max_batch, max_delay) = (o.max_batch, o.max_delay);
+    let (model, mut backend) = (o.model.clone(), o.backend.clone());
+    // Memory admission needs a run's peak to depend on its batch only (see MemoryModel).
+    backend.release_activations = true;
+    let (max_batch, max_delay, max_memory) = (o.max_batch, o.max_delay, o.max_memory);
     std::thread::Builder::new()
         .name("star-model".into())
         .spawn(move || {
@@ -1158,7 +1468,7 @@ pub fn serve(o: ServeOptions) -> anyhow::Result<()> {
             };
             let _ = opened_tx.send(Ok(p.md.manifest.clone()));
             if let Ok((state, jobs)) = state_rx.recv() {
-                worker(p, state, jobs, max_batch, max_delay);
+                worker(p, state, jobs, max_batch, max_delay, max_memory);
             }
         })?;
     let manifest = opened_rx
@@ -1181,6 +1491,7 @@ pub fn serve(o: ServeOptions) -> anyhow::Result<()> {
         max_images: o.max_images,
         request_timeout: o.request_timeout,
         jobs: Mutex::new(JobTable::default()),
+        memory: Mutex::new(None),
         scale_delay: std::env::var("STAR_SERVE_SCALE_DELAY_MS")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -1256,5 +1567,44 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryModel;
+
+    #[test]
+    fn memory_model_admits_under_the_limit_and_learns() {
+        let m = MemoryModel {
+            images: 2,
+            base: 100,
+            peak: 120,
+            per_image: 10,
+            highest: 120,
+            limit: 200,
+        };
+        assert_eq!(m.usable(), 190);
+        assert_eq!(m.peak_of(100, 8), 180);
+        assert_eq!(m.fit(), 9);
+        assert_eq!(MemoryModel { limit: 105, ..m }.fit(), 0);
+        assert_eq!(MemoryModel { limit: 116, ..m }.fit(), 1);
+        // Over the limit from a higher resident size: the batch must shrink; the system still
+        // has room, so one request alone would run.
+        let (soft, hard) = m.admits(150, 5, Some(1000));
+        assert!(!soft && hard.is_ok());
+        assert!(m.admits(100, 9, None).0);
+        // What the system has left is the hard line.
+        assert!(m.admits(100, 2, Some(15)).1.is_err());
+        assert!(m.admits(100, 1, Some(15)).1.is_ok());
+        // A run that grew more than 5% over the estimate raises it; one within that, or smaller
+        // than the calibration, changes nothing (but its peak is kept).
+        let mut l = m;
+        assert_eq!(l.learn(8, 100, 170), None);
+        assert_eq!(l.learn(8, 100, 180), None);
+        assert_eq!(l.learn(8, 100, 196), Some(10));
+        assert_eq!((l.per_image, l.fit()), (12, 7));
+        assert_eq!(l.learn(1, 100, 160), None);
+        assert_eq!((l.per_image, l.highest), (12, 196));
     }
 }

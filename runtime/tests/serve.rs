@@ -486,3 +486,93 @@ fn running_cancel_deadline_and_sigterm_with_a_request_in_flight() {
     let err = stderr_of(&mut s);
     assert!(err.contains("draining") && err.contains("stopped"), "{err}");
 }
+
+/// A gauge or counter of the server's /metrics.
+fn metric(port: u16, key: &str) -> u64 {
+    let (_, _, m) = http(port, "GET", "/metrics", "");
+    let m = String::from_utf8(m).unwrap();
+    m.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{key} not in {m}"))
+}
+
+#[test]
+fn memory_limit_caps_batches_refuses_what_cannot_fit_and_is_never_passed() {
+    // What the demo's warm-up calibration measures, on this machine, from a first server.
+    let (base, per_image) = {
+        let a = start(&[]);
+        (
+            metric(a.port, "star_memory_base_bytes"),
+            metric(a.port, "star_memory_image_bytes"),
+        )
+    };
+    assert!(base > 0 && per_image > 0);
+    // A limit for about 8 images per run (runs get 95% of it).
+    let limit = (base + 8 * per_image) * 20 / 19;
+    let lim = limit.to_string();
+    let s = start(&[
+        "--max-memory",
+        &lim,
+        "--max-images",
+        "64",
+        "--max-batch",
+        "64",
+        "--max-queue",
+        "64",
+        "--max-delay-ms",
+        "500",
+    ]);
+    let port = s.port;
+    assert_eq!(metric(port, "star_memory_limit_bytes"), limit);
+    let fit = metric(port, "star_memory_images_fit") as usize;
+    assert!(
+        (6..=10).contains(&fit),
+        "{fit} images fit in {limit} bytes, expected about 8"
+    );
+    // More than fits: 422 on n, naming what does.
+    let (st, _, b) = http(
+        port,
+        "POST",
+        "/v1/images/generations",
+        &format!(r#"{{"prompt": "a red circle", "n": {}}}"#, fit + 1),
+    );
+    assert_eq!(st, 422, "{}", String::from_utf8_lossy(&b));
+    let e = &json(&b)["error"];
+    assert_eq!(e["param"], "n");
+    let m = e["message"].as_str().unwrap();
+    assert!(m.contains(&format!("at most {fit} images")), "{m}");
+    // Exactly what fits: served.
+    let (st, _, b) = http(
+        port,
+        "POST",
+        "/v1/images/generations",
+        &format!(r#"{{"prompt": "a red circle", "n": {fit}}}"#),
+    );
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["data"].as_array().unwrap().len(), fit);
+    // More concurrent images than fit in one run: every request served, in runs that fit.
+    let runs_before = metric(port, "star_batch_size_count");
+    let requests = 2 * fit + 1;
+    let handles: Vec<_> = (0..requests)
+        .map(|i| {
+            let b = format!(r#"{{"prompt": "a blue square", "seed": {i}}}"#);
+            std::thread::spawn(move || http(port, "POST", "/v1/images/generations", &b))
+        })
+        .collect();
+    for h in handles {
+        let (st, _, b) = h.join().unwrap();
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    }
+    let runs = metric(port, "star_batch_size_count") - runs_before;
+    assert!(
+        runs >= 3,
+        "{requests} images in {runs} runs: more than {fit} in one"
+    );
+    // The point of it all: no run took the process over the limit (the server restarts the
+    // kernel's peak, VmHWM, before each run and keeps the highest; the calibration's included).
+    let highest = metric(port, "star_memory_peak_bytes");
+    assert!(
+        highest >= base && highest <= limit,
+        "highest run peak {highest} bytes, limit {limit}"
+    );
+}
