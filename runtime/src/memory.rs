@@ -59,52 +59,57 @@ pub fn cgroup_memory() -> Option<CgroupMemory> {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let (v2, v1) = cgroup_paths(&own);
     let read = |p: PathBuf| std::fs::read_to_string(p).ok();
+    // The cgroup and its ancestors up to the mount root: any of them may hold the limit.
     let candidates = |root: &str, path: Option<String>| -> Vec<PathBuf> {
         let mut dirs = vec![];
-        if let Some(p) = path {
-            // The cgroup and its ancestors: any of them may hold the limit.
-            // A path with `..` (the process outside its cgroup namespace) names nothing here.
-            if p.split('/').any(|c| c == "..") {
-                return vec![PathBuf::from(root)];
-            }
+        // A path with `..` (the process outside its cgroup namespace) names nothing here.
+        if let Some(p) = path.filter(|p| !p.split('/').any(|c| c == "..")) {
             let mut d = Path::new(root).join(p.trim_start_matches('/'));
-            while d.starts_with(root) {
+            while d.starts_with(root) && d != Path::new(root) {
                 dirs.push(d.clone());
-                if !d.pop() {
-                    break;
-                }
+                d.pop();
             }
         }
         dirs.push(PathBuf::from(root));
         dirs
     };
+    // (mount, cgroup path, limit file, usage file, memory.stat key of reclaimable file cache)
+    let hierarchies = [
+        (
+            "/sys/fs/cgroup",
+            v2,
+            "memory.max",
+            "memory.current",
+            "inactive_file",
+        ),
+        (
+            "/sys/fs/cgroup/memory",
+            v1,
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            "total_inactive_file",
+        ),
+    ];
     let mut best: Option<CgroupMemory> = None;
-    let mut consider = |limit: u64, usage: u64| {
-        let headroom = limit.saturating_sub(usage);
-        best = Some(match best {
-            None => CgroupMemory { limit, headroom },
-            Some(b) => CgroupMemory {
-                limit: b.limit.min(limit),
-                headroom: b.headroom.min(headroom),
-            },
-        });
-    };
-    for d in candidates("/sys/fs/cgroup", v2) {
-        if let Some(limit) = read(d.join("memory.max")).and_then(|t| cgroup_limit(&t)) {
-            let current = read(d.join("memory.current")).and_then(|t| t.trim().parse().ok());
-            let inactive = read(d.join("memory.stat"))
-                .and_then(|t| stat_field(&t, "inactive_file"))
+    for (root, path, limit_file, usage_file, inactive_key) in hierarchies {
+        for d in candidates(root, path) {
+            let Some(limit) = read(d.join(limit_file)).and_then(|t| cgroup_limit(&t)) else {
+                continue;
+            };
+            let usage: u64 = read(d.join(usage_file))
+                .and_then(|t| t.trim().parse().ok())
                 .unwrap_or(0);
-            consider(limit, current.unwrap_or(0u64).saturating_sub(inactive));
-        }
-    }
-    for d in candidates("/sys/fs/cgroup/memory", v1) {
-        if let Some(limit) = read(d.join("memory.limit_in_bytes")).and_then(|t| cgroup_limit(&t)) {
-            let usage = read(d.join("memory.usage_in_bytes")).and_then(|t| t.trim().parse().ok());
             let inactive = read(d.join("memory.stat"))
-                .and_then(|t| stat_field(&t, "total_inactive_file"))
+                .and_then(|t| stat_field(&t, inactive_key))
                 .unwrap_or(0);
-            consider(limit, usage.unwrap_or(0u64).saturating_sub(inactive));
+            let headroom = limit.saturating_sub(usage.saturating_sub(inactive));
+            best = Some(match best {
+                None => CgroupMemory { limit, headroom },
+                Some(b) => CgroupMemory {
+                    limit: b.limit.min(limit),
+                    headroom: b.headroom.min(headroom),
+                },
+            });
         }
     }
     best

@@ -1371,14 +1371,11 @@ fn worker(
         state.running.store(batch.len(), Ordering::SeqCst);
         // The peak is restarted from the resident size now: a run that does not grow the
         // process past it (the allocator keeps what earlier runs freed) teaches nothing.
-        let before = model
-            .is_some()
-            .then(|| {
-                crate::memory::reset_peak()
-                    .then(crate::memory::resident)
-                    .flatten()
-            })
-            .flatten();
+        let before = if model.is_some() && crate::memory::reset_peak() {
+            crate::memory::resident()
+        } else {
+            None
+        };
         let results = run_isolated(&mut p, &state, &batch);
         let after = crate::memory::resident();
         crate::memory::trim_heap();
