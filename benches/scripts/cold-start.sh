@@ -13,7 +13,8 @@ start=$(date +%s.%N)
   --out "$(mktemp -d)/cold.png" 2>&1 | while IFS= read -r line; do
   printf '%7.2f s  %s\n' "$(echo "$(date +%s.%N) - $start" | bc)" "$line"
   case "$line" in "scale $(printf '%2d' "$stop")"*)
-    pid=$(pgrep -f "star-run --model $model" | head -1)
+    # By its arguments: STAR_RUN may name a binary of any name.
+    pid=$(pgrep -f -- "--model $model --prompt" | head -1)
     grep -E "VmHWM" "/proc/$pid/status"
     kill -TERM "$pid";;
   esac
