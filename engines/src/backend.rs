@@ -75,9 +75,9 @@ pub trait Engine {
     fn load_all(&mut self) -> Result<()> {
         Ok(())
     }
-    /// Start creating the sessions of later stages in the background, so that a one-shot run
-    /// does not create them one after another on its critical path. Idempotent.
-    fn prefetch(&mut self) {}
+    /// Start creating the sessions of `stages`, in that order, in the background, so that a
+    /// one-shot run does not create them one after another on its critical path. Idempotent.
+    fn prefetch(&mut self, _stages: &[Stage]) {}
     /// Run one stage. With `kv_at = Some(w)` the stage's `kv_new_{i}` outputs (`w.tokens` tokens
     /// each) are written into block i's region of the engine's KV cache at token `w.begin` and
     /// not returned.
@@ -107,7 +107,7 @@ pub trait Engine {
     }
     /// Sessions created since the last call, with the milliseconds each took (at first use, or
     /// in the background after `prefetch`); none for engines that create everything at load.
-    fn take_created(&mut self) -> Vec<(Stage, f64)> {
+    fn take_created(&mut self) -> Vec<Created> {
         vec![]
     }
     /// How long the last `run` waited for its session (creating it, or for the background).
@@ -120,6 +120,27 @@ pub trait Engine {
     /// GPU backends: the device, driver and the device memory in use now (for bench reports).
     fn device(&self) -> Option<String> {
         None
+    }
+}
+
+/// A session an engine created (`Engine::take_created`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Created {
+    pub stage: Stage,
+    /// A large `step`'s session for its early scales, not pre-packed (`LARGE_STEP_BYTES`).
+    pub unpacked: bool,
+    /// How long creating it took.
+    pub ms: f64,
+}
+
+impl Created {
+    /// Its row in the timings: the stage, `step.unpacked` for the early scales' session.
+    pub fn label(&self) -> String {
+        if self.unpacked {
+            format!("{}.unpacked", self.stage)
+        } else {
+            self.stage.to_string()
+        }
     }
 }
 
@@ -159,6 +180,10 @@ pub struct BackendOptions {
     /// ones. The server sets it, so that a run's peak depends on its batch, not on what the
     /// runs before it left in the arena (its memory admission relies on that).
     pub release_activations: bool,
+    /// ort-cpu: the weight bytes of a `step` graph above which pre-packing it at start would
+    /// hold up the first scales (`LARGE_STEP_BYTES`); tests lower it to run the fixtures the way
+    /// d30 runs.
+    pub large_step_bytes: usize,
 }
 
 impl Default for BackendOptions {
@@ -171,9 +196,31 @@ impl Default for BackendOptions {
             verbose: false,
             engine_dir: None,
             release_activations: false,
+            large_step_bytes: LARGE_STEP_BYTES,
         }
     }
 }
+
+/// A `step` graph with more weight bytes than this (d30: 6.2 GB in FP32, 3.1 GB in FP16; d16:
+/// 1.1 GB) is pre-packed in the background while its small scales, those of at most
+/// `EARLY_TOKENS` tokens per image, run on a second session that is not pre-packed and reads
+/// the weights through the mapping. Pre-packing 6.2 GB before scale 0 held it up by 5-18 s on a
+/// 2-core VM (ONNX Runtime packs on one thread into memory never touched before); packing on the
+/// fly costs a small scale a few tenths of a second and a large one 6-12% of its MatMul time
+/// (benches/RESULTS.md). Which session runs a scale depends on the schedule alone, never on
+/// timing, because the two round differently: the same seed gives the same logits in a one-shot
+/// run, `bench` and `serve`.
+pub const LARGE_STEP_BYTES: usize = 2 << 30;
+
+/// The small scales of a large `step` (`LARGE_STEP_BYTES`): tokens per image (d30/1024: scales
+/// 0-6, 1 to 81 tokens, about 15 s of a one-shot run on 2 cores, the time the packing takes).
+pub const EARLY_TOKENS: usize = 100;
+
+/// Scales of a large `step` that run before its background packing starts. Packing on one core
+/// while a scale runs on two slowed scale 1 from 0.7 s to 1.0-1.3 s (d30/1024, 2 cores); the
+/// first two scales are the ones a user waits on before the progress moves, and the packing,
+/// started after them, still ends before the first scale that needs it (RESULTS.md).
+const EARLY_ALONE: usize = 2;
 
 impl BackendOptions {
     pub fn named(name: &str, threads: usize) -> Self {
@@ -243,20 +290,31 @@ impl Backend for OrtCpu {
         // Fail now, not at the first stage, when the library is missing.
         ort_environment()?;
         let mut graphs: Vec<(Stage, PathBuf, std::sync::Arc<[u8]>)> = vec![];
+        let mut large_step = false;
         for g in &m.graphs {
-            graphs.push((g.stage, dir.join(&g.file), verified_graph(verified, g)?));
+            let bytes = verified_graph(verified, g)?;
+            if g.stage == Stage::Step {
+                large_step = external_bytes(&dir.join(&g.file), &bytes)? > opts.large_step_bytes;
+            }
+            graphs.push((g.stage, dir.join(&g.file), bytes));
         }
         Ok(Box::new(OrtCpuEngine {
             shared: std::sync::Arc::new(Shared {
                 slots: graphs.iter().map(|(s, _, _)| (*s, Slot::new())).collect(),
                 graphs,
                 threads: opts.threads,
+                large_step,
+                early: Slot::new(),
+                step_pages: std::sync::atomic::AtomicBool::new(false),
+                gate: (std::sync::Mutex::new(false), std::sync::Condvar::new()),
                 pool: std::sync::Mutex::new(WeightPool::default()),
                 created: std::sync::Mutex::new(vec![]),
                 cancel: std::sync::atomic::AtomicBool::new(false),
             }),
             worker: None,
             prefetched: false,
+            prefetching: vec![],
+            early_runs: 0,
             kv: None,
             last_wait_ms: 0.0,
             release_activations: opts.release_activations,
@@ -302,16 +360,16 @@ pub struct OrtCpuEngine {
     worker: Option<std::thread::JoinHandle<()>>,
     /// The worker ran and was joined: `prefetch` does not start another.
     prefetched: bool,
+    /// The stages the worker creates.
+    prefetching: Vec<Stage>,
+    /// Runs of a large step's early session (`EARLY_ALONE`).
+    early_runs: usize,
     kv: Option<KvCache>,
     /// Time the last `run` spent getting its session (creating it, or waiting for the worker).
     last_wait_ms: f64,
     /// `BackendOptions::release_activations`.
     release_activations: bool,
 }
-
-/// The stages the background thread creates (`prefetch`), in the order a generation needs them
-/// (step_first is not used here: scale 0 runs on step). The text stages are the caller's.
-const PREFETCH_ORDER: [Stage; 4] = [Stage::Step, Stage::Vq, Stage::Sampler, Stage::Decoder];
 
 /// One slot per graph: created by whichever thread asks first (the other waits); `None` once
 /// given back with `release_stage`, and created again by the next `run` of the stage.
@@ -322,11 +380,22 @@ struct Shared {
     /// that were verified.
     graphs: Vec<(Stage, PathBuf, std::sync::Arc<[u8]>)>,
     threads: usize,
+    /// `step`'s weights pass `BackendOptions::large_step_bytes`: its scales of at most
+    /// `EARLY_TOKENS` tokens run on `early` while the pre-packed session is created.
+    large_step: bool,
     // Field order is drop order: the sessions before the pool whose mapping they read.
     slots: HashMap<Stage, Slot>,
+    /// `step` without pre-packing, for the early scales of a large step.
+    early: Slot,
+    /// A large step's weights may be resident in the mapping: the early session read them, or
+    /// its packing left them for the early session. Released at the next pre-packed scale.
+    step_pages: std::sync::atomic::AtomicBool,
+    /// Whether the background thread may start packing a large step (`EARLY_ALONE`); opened
+    /// by the run that ends the first scales, or before anything waits for that thread.
+    gate: (std::sync::Mutex<bool>, std::sync::Condvar),
     /// One copy of the weights (a mapping), shared by every session.
     pool: std::sync::Mutex<WeightPool>,
-    created: std::sync::Mutex<Vec<(Stage, f64)>>,
+    created: std::sync::Mutex<Vec<Created>>,
     /// Set when the engine is dropped: the background thread stops after its current session.
     cancel: std::sync::atomic::AtomicBool,
 }
@@ -337,7 +406,20 @@ impl Shared {
             .slots
             .get(&stage)
             .ok_or_else(|| EngineError::Unsupported(format!("this model has no {stage} graph")))?;
-        let r = slot.get_or_init(|| self.create(stage).map(|s| std::sync::Mutex::new(Some(s))));
+        self.session_in(slot, stage, false)
+    }
+
+    /// The session of `slot`, created by the first caller; `early`: `step` not pre-packed.
+    fn session_in<'s>(
+        &self,
+        slot: &'s Slot,
+        stage: Stage,
+        early: bool,
+    ) -> Result<&'s std::sync::Mutex<Option<OrtSession>>> {
+        let r = slot.get_or_init(|| {
+            self.create(stage, early)
+                .map(|s| std::sync::Mutex::new(Some(s)))
+        });
         r.as_ref().map_err(|why| EngineError::SessionCreate {
             stage: stage.name().into(),
             why: why.clone(),
@@ -345,8 +427,8 @@ impl Shared {
     }
 
     /// Create `stage`'s session (first use, the background thread, or again after
-    /// `release_stage`), recording how long it took.
-    fn create(&self, stage: Stage) -> std::result::Result<OrtSession, String> {
+    /// `release_stage`), recording how long it took. `early`: without pre-packing.
+    fn create(&self, stage: Stage, early: bool) -> std::result::Result<OrtSession, String> {
         let (path, bytes) = self
             .graphs
             .iter()
@@ -354,21 +436,57 @@ impl Shared {
             .map(|(_, p, b)| (p.clone(), b.clone()))
             .ok_or_else(|| format!("this model has no {stage} graph"))?;
         let t = std::time::Instant::now();
-        let shares = matches!(stage, Stage::StepFirst | Stage::Step);
+        let packing = if early {
+            Packing::Off
+        } else if matches!(stage, Stage::StepFirst | Stage::Step) {
+            Packing::Shared
+        } else {
+            Packing::Own
+        };
+        // A large step's pages stay while the early session reads them (released at the first
+        // pre-packed scale): dropping them here, when the packing ends in the middle of the
+        // early scales, made the next scale fault 6.2 GB back in.
+        let release = !(stage == Stage::Step && self.large_step);
+        if !release {
+            self.step_pages
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let s = OrtSession::load(
             &path,
             &bytes,
             stage.name(),
             self.threads,
             &self.pool,
-            shares,
+            packing,
+            release,
         )
         .map_err(|e| e.to_string())?;
         self.created
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((stage, t.elapsed().as_secs_f64() * 1e3));
+            .push(Created {
+                stage,
+                unpacked: early,
+                ms: t.elapsed().as_secs_f64() * 1e3,
+            });
         Ok(s)
+    }
+}
+
+impl Shared {
+    /// Let the background thread pack a large step.
+    fn open_gate(&self) {
+        let (m, c) = &self.gate;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        c.notify_all();
+    }
+
+    fn wait_gate(&self) {
+        let (m, c) = &self.gate;
+        let mut open = m.lock().unwrap_or_else(|e| e.into_inner());
+        while !*open {
+            open = c.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 
@@ -379,6 +497,7 @@ impl Drop for OrtCpuEngine {
         self.shared
             .cancel
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.open_gate();
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
@@ -397,21 +516,29 @@ impl Engine for OrtCpuEngine {
         for s in stages {
             self.shared.session(s)?;
         }
+        if self.shared.large_step {
+            self.shared
+                .session_in(&self.shared.early, Stage::Step, true)?;
+        }
         Ok(())
     }
 
-    fn prefetch(&mut self) {
+    fn prefetch(&mut self, stages: &[Stage]) {
         if self.worker.is_some() || self.prefetched {
             return;
         }
         let shared = self.shared.clone();
         // The caller creates the text stages itself as it reaches them; meanwhile this thread
         // creates the rest.
-        let order = PREFETCH_ORDER;
+        self.prefetching = stages.to_vec();
+        let order = self.prefetching.clone();
         self.worker = std::thread::Builder::new()
             .name("star-sessions".into())
             .spawn(move || {
                 for st in order {
+                    if st == Stage::Step && shared.large_step {
+                        shared.wait_gate();
+                    }
                     if shared.cancel.load(std::sync::atomic::Ordering::Relaxed) {
                         break;
                     }
@@ -439,12 +566,23 @@ impl Engine for OrtCpuEngine {
         let (values, mut in_place) =
             unsafe { crate::ort_bind::stage_values(stage, inputs, kv_at, cache, Place::Host)? };
         let t = std::time::Instant::now();
-        let session = self.shared.session(stage)?;
+        // By the schedule alone (`LARGE_STEP_BYTES`): a scale always runs on the same session.
+        let early = stage == Stage::Step
+            && self.shared.large_step
+            && kv_at.is_some_and(|w| w.tokens <= EARLY_TOKENS);
+        let session = if early {
+            self.shared
+                .step_pages
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.shared.session_in(&self.shared.early, stage, true)?
+        } else {
+            self.shared.session(stage)?
+        };
         let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
         let s = match guard.take() {
             Some(s) => guard.insert(s),
             // Given back with `release_stage`: created again, from the same verified bytes.
-            None => guard.insert(self.shared.create(stage).map_err(|why| {
+            None => guard.insert(self.shared.create(stage, early).map_err(|why| {
                 EngineError::SessionCreate {
                     stage: stage.name().into(),
                     why,
@@ -452,6 +590,22 @@ impl Engine for OrtCpuEngine {
             })?),
         };
         self.last_wait_ms = t.elapsed().as_secs_f64() * 1e3;
+        if stage == Stage::Step
+            && !early
+            && self
+                .shared
+                .step_pages
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            // From the first pre-packed scale on only the packed copy is read: the mapped pages
+            // go (they stay in the page cache; the next generation's early scales fault them
+            // back in), or both copies would be resident at the last scale's peak.
+            self.shared
+                .pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release_pages(&s.weights);
+        }
         let refs: Vec<(&str, &ort::value::DynValue)> =
             values.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let label = s.label.clone();
@@ -460,13 +614,20 @@ impl Engine for OrtCpuEngine {
         } else {
             None
         };
-        crate::ort_bind::run_bound(
+        let out = crate::ort_bind::run_bound(
             &mut s.session,
             &label,
             &refs,
             &mut in_place,
             shrink.as_ref(),
-        )
+        );
+        if early {
+            self.early_runs += 1;
+            if self.early_runs == EARLY_ALONE {
+                self.shared.open_gate();
+            }
+        }
+        out
     }
 
     fn kv_alloc(&mut self, shape: [usize; 6]) -> Result<()> {
@@ -494,7 +655,8 @@ impl Engine for OrtCpuEngine {
     fn release_stage(&mut self, stage: Stage) {
         // A session the background thread may still be creating is waited for, so that it is
         // given back rather than left resident after this returns.
-        if PREFETCH_ORDER.contains(&stage) {
+        if self.prefetching.contains(&stage) {
+            self.shared.open_gate();
             if let Some(w) = self.worker.take() {
                 let _ = w.join();
                 self.prefetched = true;
@@ -502,6 +664,17 @@ impl Engine for OrtCpuEngine {
         }
         if let Some(Ok(m)) = self.shared.slots.get(&stage).and_then(|s| s.get()) {
             *m.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        if stage == Stage::Step {
+            if let Some(Ok(m)) = self.shared.early.get() {
+                if let Some(early) = m.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    self.shared
+                        .pool
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .release_pages(&early.weights);
+                }
+            }
         }
     }
 
@@ -534,7 +707,7 @@ impl Engine for OrtCpuEngine {
         true
     }
 
-    fn take_created(&mut self) -> Vec<(Stage, f64)> {
+    fn take_created(&mut self) -> Vec<Created> {
         std::mem::take(
             &mut *self
                 .shared
@@ -582,12 +755,29 @@ impl WeightPool {
         (self.values.len(), self.bytes)
     }
 
-    /// Drop the mapped pages from this process (they stay in the page cache and fault back in
-    /// if read again): called once a session has pre-packed what it needs.
-    fn release_pages(&self) {
-        for m in self.maps.values() {
-            // SAFETY: a read-only file mapping: dropped pages are re-read from the file.
-            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+    /// Drop the mapped pages of these weights from this process (they stay in the page cache
+    /// and fault back in if read again): called once a session has pre-packed them. Only the
+    /// pages wholly inside each weight go, so a session that reads its weights through the
+    /// mapping (not pre-packed) keeps its pages resident.
+    fn release_pages(&self, names: &[String]) {
+        // A granule every page size divides (4 KiB to 64 KiB); large weights are 64 KiB-aligned
+        // in the file, and the few smaller ones are not worth a system call.
+        const GRANULE: usize = 64 << 10;
+        for n in names {
+            let Some((file, offset, length, _, _)) = self.origin.get(n) else {
+                continue;
+            };
+            let Some(m) = self.maps.get(file) else {
+                continue;
+            };
+            let begin = offset.next_multiple_of(GRANULE);
+            let end = (offset + length) / GRANULE * GRANULE;
+            if end > begin {
+                // SAFETY: a read-only file mapping: dropped pages are re-read from the file.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, begin, end - begin)
+                };
+            }
         }
     }
 
@@ -805,41 +995,75 @@ pub fn ort_environment_at(
 pub struct OrtSession {
     label: String,
     session: ort::session::Session,
+    /// The pool's weights it was given.
+    weights: Vec<String>,
+}
+
+/// How a session holds its MatMul weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Packing {
+    /// Pre-packed into the pool's container, which `step_first` and `step` share.
+    Shared,
+    /// Pre-packed into a container of its own, so that it is created in parallel with others
+    /// (ONNX Runtime holds a container's lock for a session's whole pre-packing).
+    Own,
+    /// Not pre-packed: MLAS packs each weight while it multiplies, reading the mapping.
+    Off,
+}
+
+/// Bytes of a graph's external initializers (its share of `weights.bin`).
+fn external_bytes(graph: &Path, bytes: &[u8]) -> Result<usize> {
+    let model = crate::onnx::decode_model(bytes).map_err(|e| EngineError::Manifest {
+        path: graph.to_path_buf(),
+        why: format!("not an ONNX model: {e}"),
+    })?;
+    Ok(model
+        .graph
+        .map(|g| g.initializer)
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| t.data_location == 1)
+        .filter_map(|t| t.external_data.iter().find(|e| e.key == "length"))
+        .filter_map(|e| e.value.parse::<usize>().ok())
+        .sum())
 }
 
 impl OrtSession {
     /// Create a session with the pool's shared values as initializers. The pool is locked only
     /// while the values are looked up, not while ONNX Runtime optimizes and pre-packs.
-    ///
-    /// `share_packing`: pre-pack into the pool's shared container (for the graphs that share
-    /// weights: step_first and step). ONNX Runtime holds a container's lock for a session's
-    /// whole pre-packing, so the other graphs get a container of their own and are created in
-    /// parallel with them.
+    /// `release`: drop the mapped pages of what was pre-packed once the session exists.
     pub fn load(
         graph: &Path,
         bytes: &[u8],
         label: &str,
         threads: usize,
         pool: &std::sync::Mutex<WeightPool>,
-        share_packing: bool,
+        packing: Packing,
+        release: bool,
     ) -> Result<Self> {
         let env = ort_environment()?;
         let ctx = format!("loading {}", graph.display());
         let (inits, prepacked) = {
             let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
-            let c = if share_packing {
-                p.prepacked.clone()
-            } else {
-                ort::session::builder::PrepackedWeights::new()
+            let c = match packing {
+                Packing::Shared => Some(p.prepacked.clone()),
+                Packing::Own => Some(ort::session::builder::PrepackedWeights::new()),
+                Packing::Off => None,
             };
             (p.for_graph(graph, bytes)?, c)
         };
+        let weights: Vec<String> = inits.iter().map(|(n, _)| n.clone()).collect();
         let mut b = ort::session::Session::builder(env).map_err(ort_err(ctx.clone()))?;
         // Weights come from the shared pool; their pre-packed forms go into the pool's shared
         // container, so two graphs naming the same weight pack it once.
-        b = b
-            .with_prepacked_weights(&prepacked)
-            .map_err(|e| ort_err(ctx.clone())(e.into()))?;
+        b = match &prepacked {
+            Some(c) => b
+                .with_prepacked_weights(c)
+                .map_err(|e| ort_err(ctx.clone())(e.into()))?,
+            None => b
+                .with_config_entry("session.disable_prepacking", "1")
+                .map_err(|e| ort_err(ctx.clone())(e.into()))?,
+        };
         for (name, value) in inits {
             b = b
                 .with_initializer(&name, value)
@@ -867,12 +1091,17 @@ impl OrtSession {
             )
             .map_err(|e| ort_err(ctx.clone())(e.into()))?;
         let session = b.commit_from_memory(bytes).map_err(ort_err(ctx))?;
-        pool.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .release_pages();
+        // What was pre-packed is never read through the mapping again; an unpacked session
+        // reads its weights there at every run, so its pages stay.
+        if prepacked.is_some() && release {
+            pool.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release_pages(&weights);
+        }
         Ok(OrtSession {
             label: label.to_string(),
             session,
+            weights,
         })
     }
 }

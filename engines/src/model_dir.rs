@@ -67,9 +67,9 @@ impl ModelDir {
         self.engine.shared_weights()
     }
 
-    /// Start creating later stages' sessions in the background (see `Engine::prefetch`).
-    pub fn prefetch(&mut self) {
-        self.engine.prefetch()
+    /// Start creating these stages' sessions in the background (see `Engine::prefetch`).
+    pub fn prefetch(&mut self, stages: &[Stage]) {
+        self.engine.prefetch(stages)
     }
 
     /// Whether the backend runs scale 0 on `step` (empty past) rather than `step_first`.
@@ -88,24 +88,39 @@ impl ModelDir {
     }
 
     /// Sessions created since the last call and how long each took.
-    pub fn take_created(&mut self) -> Vec<(Stage, f64)> {
+    pub fn take_created(&mut self) -> Vec<crate::backend::Created> {
         self.engine.take_created()
     }
 
-    /// Allocate the KV cache of one generation with `rows` (2B) guidance rows.
-    pub fn kv_alloc(&mut self, rows: usize) -> Result<()> {
+    /// The KV cache's shape for `rows` (2B) guidance rows.
+    fn kv_shape_for(&self, rows: usize) -> [usize; 6] {
         let c = &self.manifest.config;
-        let shape = [
+        [
             c.depth,
             self.manifest.schedule.total_tokens,
             2,
             rows,
             c.heads,
             c.head_dim,
-        ];
+        ]
+    }
+
+    /// Allocate the KV cache of one generation with `rows` (2B) guidance rows.
+    pub fn kv_alloc(&mut self, rows: usize) -> Result<()> {
+        let shape = self.kv_shape_for(rows);
         // Checked once here, for every backend: the shape comes from the manifest.
         crate::ort_bind::KvLayout::checked(shape).map_err(EngineError::Unsupported)?;
         self.engine.kv_alloc(shape)
+    }
+
+    /// Bytes the KV cache of `rows` guidance rows would take (saturating: `kv_alloc` refuses a
+    /// size that overflows).
+    pub fn kv_bytes_for(&self, rows: usize) -> usize {
+        self.kv_shape_for(rows)
+            .iter()
+            .fold(crate::ort_bind::KvLayout::ELEM_BYTES, |a, &d| {
+                a.saturating_mul(d)
+            })
     }
 
     /// The KV cache's shape, while one is allocated.

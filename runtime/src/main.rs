@@ -67,7 +67,7 @@ impl ModelArgs {
             allow_cpu_fallback: self.allow_cpu_fallback,
             verbose: self.verbose,
             engine_dir: None,
-            release_activations: false,
+            ..BackendOptions::default()
         };
         let Some(e) = &self.engine else {
             let dir = self

@@ -302,9 +302,9 @@ impl Pipeline {
         if wait > 0.05 {
             self.timings.add("session_wait", wait, false);
         }
-        for (st, ms) in self.md.take_created() {
+        for c in self.md.take_created() {
             self.timings
-                .add(&format!("session_create[{st}]"), ms, false);
+                .add(&format!("session_create[{}]", c.label()), c.ms, false);
         }
         self.timings.add(label, ms - wait, true);
         Ok(out)
@@ -394,7 +394,17 @@ impl Pipeline {
                 p.image_seeds.len()
             )));
         }
-        self.md.prefetch();
+        // A one-shot generation whose cache is given back also gives the decoder's session
+        // back during its last step and creates it after it: creating it now as well would
+        // pack its weights twice, on the cores the first scales run on. (The sampler's is
+        // needed before that, from the first sampler scale.)
+        let decoder_later = self.one_shot && self.md.kv_bytes_for(2 * b) >= self.kv_release_bytes;
+        let ahead: &[Stage] = if decoder_later {
+            &[Stage::Step, Stage::Vq, Stage::Sampler]
+        } else {
+            &[Stage::Step, Stage::Vq, Stage::Sampler, Stage::Decoder]
+        };
+        self.md.prefetch(ahead);
         let (v, cv, sn) = (cfg.vocab, cfg.cvae, sch.patch_nums.len());
         let pside = sch.patch_nums[sn - 1];
 

@@ -190,7 +190,7 @@ fn one_shot_pipeline_gives_sessions_back_and_creates_them_again() {
         once.md
             .take_created()
             .iter()
-            .any(|(s, _)| *s == Stage::TextEncoder),
+            .any(|c| c.stage == Stage::TextEncoder),
         "the text encoder was not given back after encoding"
     );
     for name in [io::HIDDEN, io::POOLED] {

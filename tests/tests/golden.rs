@@ -72,6 +72,27 @@ fn cycle_on(variant: &str, resolution: usize, backend: &str, precision: &str) {
             "replay did not compare {must}"
         );
     }
+    // As a model whose `step` passes LARGE_STEP_BYTES (d30) runs: the scales of at most
+    // EARLY_TOKENS tokens on a session that is not pre-packed, the larger ones (169 and 256
+    // tokens at 256 px, up to 4096 at 1024) on the pre-packed one.
+    let large = || BackendOptions {
+        large_step_bytes: 0,
+        ..opts()
+    };
+    let mut p = Pipeline::open(&out, large()).unwrap();
+    let rep = star_runtime::replay::replay(&mut p, &golden).expect("replay, large step");
+    assert!(
+        rep.all_pass(),
+        "replay with the early scales unpacked: {} failures\n{}",
+        rep.failures(),
+        rep.table()
+    );
+    for session in ["step.unpacked", "step"] {
+        assert!(
+            p.timings.get(&format!("session_create[{session}]")) > 0.0,
+            "the {session} session was not created"
+        );
+    }
     if m.config.sampler_blocks > 0 {
         // As a one-shot d30/1024 run does it: the text stages given back once the prompt is
         // encoded, the sampler's and decoder's sessions during the last step (created again
@@ -459,6 +480,79 @@ fn sessions_share_one_copy_of_the_weights() {
     );
     assert_eq!(bytes, names.values().sum::<usize>());
     assert!(bytes as u64 <= std::fs::metadata(out.join("weights.bin")).unwrap().len());
+}
+
+/// Every scale's logits of a generation.
+#[derive(Default)]
+struct Logits(std::collections::BTreeMap<String, Vec<f32>>);
+
+impl star_runtime::pipeline::Hooks for Logits {
+    fn observing(&self) -> bool {
+        true
+    }
+    fn observe(&mut self, name: &str, t: &star_engines::tensor::Tensor) {
+        if name.ends_with(".logits") {
+            self.0.insert(name.into(), t.as_f32().unwrap().to_vec());
+        }
+    }
+}
+
+/// A large `step` (LARGE_STEP_BYTES) runs each scale on the session its token count names, never
+/// on the one that happens to be ready: a one-shot pipeline (sessions created in the background)
+/// and a warm one (every session created first, as `bench` and `serve` do) give the same logits
+/// at every scale and the same images, bit for bit, generation after generation (the second
+/// faults the early session's released pages back in). The two GEMM paths do round differently
+/// (the early scales' logits differ from those of a pipeline that pre-packs every scale), so a
+/// choice by readiness would show. The fixture at 256 px switches sessions at scale 8 (169
+/// tokens).
+#[test]
+fn large_step_sessions_are_chosen_by_the_schedule_alone() {
+    use star_engines::backend::EARLY_TOKENS;
+    use star_runtime::pipeline::GenParams;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let m = export_fixture("tiny-256", 256, &out);
+    let early: Vec<usize> = (0..m.schedule.patch_nums.len())
+        .filter(|&i| m.schedule.patch_nums[i].pow(2) <= EARLY_TOKENS)
+        .collect();
+    assert!(!early.is_empty() && early.len() < m.schedule.patch_nums.len());
+    let large = || BackendOptions {
+        large_step_bytes: 0,
+        ..BackendOptions::default()
+    };
+    let prompts = ["a red circle".to_string(), "a blue square".to_string()];
+    let mut warm = Pipeline::open(&out, large()).unwrap();
+    warm.md.load_all().unwrap();
+    let mut once = Pipeline::open(&out, large()).unwrap();
+    once.one_shot = true;
+    once.kv_release_bytes = 0;
+    let mut packed = Pipeline::open(&out, BackendOptions::default()).unwrap();
+    let mut rounding_differs = false;
+    for seed in [5, 6] {
+        let p = GenParams::defaults(&warm, seed);
+        let (mut lw, mut lo, mut lp) = (Logits::default(), Logits::default(), Logits::default());
+        let a = warm.generate(&prompts, "", &p, &mut lw).unwrap();
+        let b = once.generate(&prompts, "", &p, &mut lo).unwrap();
+        packed.generate(&prompts, "", &p, &mut lp).unwrap();
+        assert_eq!(lw.0.len(), m.schedule.patch_nums.len());
+        assert!(
+            lw.0 == lo.0,
+            "seed {seed}: one-shot logits differ from the warm pipeline's"
+        );
+        assert!(
+            a.image.as_f32().unwrap() == b.image.as_f32().unwrap(),
+            "seed {seed}: the one-shot image differs from the warm pipeline's"
+        );
+        rounding_differs |= early
+            .iter()
+            .any(|si| lw.0[&format!("s{si:02}.logits")] != lp.0[&format!("s{si:02}.logits")]);
+    }
+    assert!(
+        rounding_differs,
+        "the unpacked and pre-packed sessions gave identical early logits: this test cannot tell them apart"
+    );
+    assert!(warm.timings.get("session_create[step.unpacked]") > 0.0);
+    assert_eq!(packed.timings.get("session_create[step.unpacked]"), 0.0);
 }
 
 /// Overwrite the first element of an f32 tensor of a .safetensors file in place.
