@@ -117,6 +117,10 @@ pub trait Engine {
     /// Whether `step` may be run with an empty past (scale 0); otherwise scale 0 runs on
     /// `step_first`.
     fn takes_empty_past(&self) -> bool;
+    /// Runs of a large `step` on its unpacked session so far (`LARGE_STEP_BYTES`; ort-cpu only).
+    fn unpacked_step_runs(&self) -> usize {
+        0
+    }
     /// GPU backends: the device, driver and the device memory in use now (for bench reports).
     fn device(&self) -> Option<String> {
         None
@@ -218,8 +222,9 @@ pub const EARLY_TOKENS: usize = 100;
 
 /// Scales of a large `step` that run before its background packing starts. Packing on one core
 /// while a scale runs on two slowed scale 1 from 0.7 s to 1.0-1.3 s (d30/1024, 2 cores); the
-/// first two scales are the ones a user waits on before the progress moves, and the packing,
-/// started after them, still ends before the first scale that needs it (RESULTS.md).
+/// first two scales are the ones a user waits on before the progress moves. The price: the
+/// packing, started after them, ended 1.5-2.6 s after the first scale that needs it
+/// (RESULTS.md).
 const EARLY_ALONE: usize = 2;
 
 impl BackendOptions {
@@ -362,7 +367,7 @@ pub struct OrtCpuEngine {
     prefetched: bool,
     /// The stages the worker creates.
     prefetching: Vec<Stage>,
-    /// Runs of a large step's early session (`EARLY_ALONE`).
+    /// Runs of a large step's early session (`EARLY_ALONE`, `unpacked_step_runs`).
     early_runs: usize,
     kv: Option<KvCache>,
     /// Time the last `run` spent getting its session (creating it, or waiting for the worker).
@@ -567,6 +572,8 @@ impl Engine for OrtCpuEngine {
             unsafe { crate::ort_bind::stage_values(stage, inputs, kv_at, cache, Place::Host)? };
         let t = std::time::Instant::now();
         // By the schedule alone (`LARGE_STEP_BYTES`): a scale always runs on the same session.
+        // Every step the pipeline runs writes the cache (`kv_at`); one that did not would run on
+        // the pre-packed session.
         let early = stage == Stage::Step
             && self.shared.large_step
             && kv_at.is_some_and(|w| w.tokens <= EARLY_TOKENS);
@@ -705,6 +712,10 @@ impl Engine for OrtCpuEngine {
         // ONNX Runtime handles zero-length dims: scale 0 runs on `step`, whose pre-packed
         // weights then serve every scale (step_first would pack the same weights again).
         true
+    }
+
+    fn unpacked_step_runs(&self) -> usize {
+        self.early_runs
     }
 
     fn take_created(&mut self) -> Vec<Created> {

@@ -87,6 +87,11 @@ impl ModelDir {
         self.engine.last_session_wait_ms()
     }
 
+    /// Runs of a large `step` on its unpacked session so far (see `Engine::unpacked_step_runs`).
+    pub fn unpacked_step_runs(&self) -> usize {
+        self.engine.unpacked_step_runs()
+    }
+
     /// Sessions created since the last call and how long each took.
     pub fn take_created(&mut self) -> Vec<crate::backend::Created> {
         self.engine.take_created()

@@ -87,6 +87,19 @@ fn cycle_on(variant: &str, resolution: usize, backend: &str, precision: &str) {
         rep.failures(),
         rep.table()
     );
+    // Each recorded generation ran its early scales, and only those, unpacked; the others
+    // on the pre-packed session.
+    let early = m
+        .schedule
+        .patch_nums
+        .iter()
+        .filter(|&&p| p * p <= star_engines::backend::EARLY_TOKENS)
+        .count();
+    let records = star_engines::golden::generation_records(&golden)
+        .unwrap()
+        .len();
+    assert!(early > 0 && early < m.schedule.patch_nums.len());
+    assert_eq!(p.md.unpacked_step_runs(), early * records);
     for session in ["step.unpacked", "step"] {
         assert!(
             p.timings.get(&format!("session_create[{session}]")) > 0.0,
@@ -551,7 +564,11 @@ fn large_step_sessions_are_chosen_by_the_schedule_alone() {
         rounding_differs,
         "the unpacked and pre-packed sessions gave identical early logits: this test cannot tell them apart"
     );
+    // Exactly the early scales of each generation ran unpacked (the others pre-packed).
+    assert_eq!(warm.md.unpacked_step_runs(), 2 * early.len());
+    assert_eq!(once.md.unpacked_step_runs(), 2 * early.len());
     assert!(warm.timings.get("session_create[step.unpacked]") > 0.0);
+    assert_eq!(packed.md.unpacked_step_runs(), 0);
     assert_eq!(packed.timings.get("session_create[step.unpacked]"), 0.0);
 }
 
