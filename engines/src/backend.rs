@@ -450,9 +450,15 @@ impl Shared {
         };
         // A large step's pages stay while the early session reads them (released at the first
         // pre-packed scale): dropping them here, when the packing ends in the middle of the
-        // early scales, made the next scale fault 6.2 GB back in.
-        let release = !(stage == Stage::Step && self.large_step);
-        if !release {
+        // early scales, made the next scale fault 6.2 GB back in. Other sessions then release
+        // only their own weights' pages; without a large step nothing reads through the
+        // mapping for long, and the whole of it goes, as measured for the serve's memory model.
+        let release = match (self.large_step, stage) {
+            (false, _) => Release::All,
+            (true, Stage::Step) => Release::None,
+            (true, _) => Release::Own,
+        };
+        if release == Release::None {
             self.step_pages
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -766,6 +772,15 @@ impl WeightPool {
         (self.values.len(), self.bytes)
     }
 
+    /// Drop every mapped page from this process (they stay in the page cache and fault back in
+    /// if read again).
+    fn release_all(&self) {
+        for m in self.maps.values() {
+            // SAFETY: a read-only file mapping: dropped pages are re-read from the file.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// Drop the mapped pages of these weights from this process (they stay in the page cache
     /// and fault back in if read again): called once a session has pre-packed them. Only the
     /// pages wholly inside each weight go, so a session that reads its weights through the
@@ -1022,6 +1037,16 @@ pub enum Packing {
     Off,
 }
 
+/// What a session that pre-packed its weights drops from the mapping once it exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Every page of the mapping (it faults back in where read directly).
+    All,
+    /// The pages of its own weights: another session reads its own through the mapping.
+    Own,
+    None,
+}
+
 /// Bytes of a graph's external initializers (its share of `weights.bin`).
 fn external_bytes(graph: &Path, bytes: &[u8]) -> Result<usize> {
     let model = crate::onnx::decode_model(bytes).map_err(|e| EngineError::Manifest {
@@ -1042,7 +1067,7 @@ fn external_bytes(graph: &Path, bytes: &[u8]) -> Result<usize> {
 impl OrtSession {
     /// Create a session with the pool's shared values as initializers. The pool is locked only
     /// while the values are looked up, not while ONNX Runtime optimizes and pre-packs.
-    /// `release`: drop the mapped pages of what was pre-packed once the session exists.
+    /// `release`: which mapped pages to drop once the session has pre-packed its weights.
     pub fn load(
         graph: &Path,
         bytes: &[u8],
@@ -1050,7 +1075,7 @@ impl OrtSession {
         threads: usize,
         pool: &std::sync::Mutex<WeightPool>,
         packing: Packing,
-        release: bool,
+        release: Release,
     ) -> Result<Self> {
         let env = ort_environment()?;
         let ctx = format!("loading {}", graph.display());
@@ -1104,10 +1129,13 @@ impl OrtSession {
         let session = b.commit_from_memory(bytes).map_err(ort_err(ctx))?;
         // What was pre-packed is never read through the mapping again; an unpacked session
         // reads its weights there at every run, so its pages stay.
-        if prepacked.is_some() && release {
-            pool.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .release_pages(&weights);
+        if prepacked.is_some() {
+            let p = pool.lock().unwrap_or_else(|e| e.into_inner());
+            match release {
+                Release::All => p.release_all(),
+                Release::Own => p.release_pages(&weights),
+                Release::None => {}
+            }
         }
         Ok(OrtSession {
             label: label.to_string(),
