@@ -482,9 +482,7 @@ impl Shared {
             });
         Ok(s)
     }
-}
 
-impl Shared {
     /// Let the background thread pack a large step.
     fn open_gate(&self) {
         let (m, c) = &self.gate;

@@ -118,14 +118,11 @@ impl ModelDir {
         self.engine.kv_alloc(shape)
     }
 
-    /// Bytes the KV cache of `rows` guidance rows would take (saturating: `kv_alloc` refuses a
-    /// size that overflows).
+    /// Bytes the KV cache of `rows` guidance rows would take (`usize::MAX` for a size that
+    /// overflows, which `kv_alloc` refuses).
     pub fn kv_bytes_for(&self, rows: usize) -> usize {
-        self.kv_shape_for(rows)
-            .iter()
-            .fold(crate::ort_bind::KvLayout::ELEM_BYTES, |a, &d| {
-                a.saturating_mul(d)
-            })
+        crate::ort_bind::KvLayout::checked(self.kv_shape_for(rows))
+            .map_or(usize::MAX, |l| l.bytes())
     }
 
     /// The KV cache's shape, while one is allocated.
