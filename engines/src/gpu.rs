@@ -5,7 +5,6 @@
 
 use crate::engine_plan::{EngineBackend, EngineBuilder, GpuIdentity};
 use crate::error::{EngineError, Result};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn missing(backend: &str, what: &str, tried: String, how: &str) -> EngineError {
@@ -181,83 +180,105 @@ pub fn find_ort_gpu_library(backend: &str) -> Result<PathBuf> {
     ))
 }
 
-/// The CUDA, cuBLAS, cuDNN, cuFFT, cuRAND and NVRTC libraries of the `nvidia-*` wheels next to
-/// the onnxruntime-gpu wheel, loaded into the process so that the CUDA provider finds them by
-/// name (a Python process does the same when it imports onnxruntime). A library whose
-/// dependencies are not loaded yet is retried after the others.
-pub fn preload_cuda_libraries(ort_lib: &Path) -> std::result::Result<Vec<PathBuf>, String> {
+/// What ONNX Runtime's CUDA provider (1.31, CUDA 13) needs from the CUDA libraries, by soname.
+/// `Links`: its own ELF dependencies (readelf -d libonnxruntime_providers_cuda.so); without them
+/// it cannot load. `Loads`: cuDNN, which it opens by name the first time it runs a convolution
+/// (every model has a decoder of convolutions), so it is required as well. `Beside`: libraries
+/// that cuDNN itself opens by name at run time; loaded when they are found next to it so that
+/// no LD_LIBRARY_PATH is needed, and otherwise left to cuDNN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaNeed {
+    Links,
+    Loads,
+    Beside,
+}
+
+/// The CUDA libraries to load before the provider, in dependency order. NCCL, NVSHMEM, cuFile,
+/// cuFFT and the rest of the `nvidia-*` wheels are not among them: the provider never opens
+/// them, and some need the driver or other libraries to load at all.
+pub const CUDA_PROVIDER_LIBRARIES: [(&str, CudaNeed); 13] = [
+    ("libcudart.so.13", CudaNeed::Links),
+    ("libcublasLt.so.13", CudaNeed::Links),
+    ("libcublas.so.13", CudaNeed::Links),
+    ("libcurand.so.10", CudaNeed::Links),
+    ("libnvrtc.so.13", CudaNeed::Beside),
+    ("libcudnn_graph.so.9", CudaNeed::Beside),
+    ("libcudnn_engines_precompiled.so.9", CudaNeed::Beside),
+    ("libcudnn_engines_runtime_compiled.so.9", CudaNeed::Beside),
+    ("libcudnn_heuristic.so.9", CudaNeed::Beside),
+    ("libcudnn_ops.so.9", CudaNeed::Beside),
+    ("libcudnn_cnn.so.9", CudaNeed::Beside),
+    ("libcudnn_adv.so.9", CudaNeed::Beside),
+    ("libcudnn.so.9", CudaNeed::Loads),
+];
+
+/// Folders that may hold the CUDA libraries: the `nvidia/*/lib` folders of the site-packages the
+/// onnxruntime-gpu wheel is installed in (when `ort_lib` is inside one; CUDA 13 wheels put most
+/// libraries in `nvidia/cu13/lib`, cuDNN in `nvidia/cudnn/lib`), then the LD_LIBRARY_PATH
+/// entries (what scripts/gpu-check.sh builds from PyTorch's wheels on a GPU machine).
+pub fn cuda_library_dirs(ort_lib: &Path, ld_library_path: Option<&str>) -> Vec<PathBuf> {
+    let mut dirs = vec![];
     // .../site-packages/onnxruntime/capi/libonnxruntime.so.X -> .../site-packages/nvidia
-    let Some(nvidia) = ort_lib.ancestors().nth(3).map(|sp| sp.join("nvidia")) else {
-        return Ok(vec![]);
-    };
-    let mut todo: Vec<PathBuf> = vec![];
-    if let Ok(rd) = std::fs::read_dir(&nvidia) {
-        for pkg in rd.flatten() {
-            let lib = pkg.path().join("lib");
-            if let Ok(files) = std::fs::read_dir(&lib) {
-                todo.extend(files.flatten().map(|f| f.path()).filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("lib") && n.contains(".so"))
-                }));
-            }
+    if let Some(nvidia) = ort_lib.ancestors().nth(3).map(|sp| sp.join("nvidia")) {
+        if let Ok(rd) = std::fs::read_dir(&nvidia) {
+            let mut found: Vec<PathBuf> = rd
+                .flatten()
+                .map(|pkg| pkg.path().join("lib"))
+                .filter(|l| l.is_dir())
+                .collect();
+            found.sort();
+            dirs.extend(found);
         }
     }
-    todo.sort();
-    let mut loaded: Vec<PathBuf> = vec![];
-    let mut errors: HashMap<PathBuf, String> = HashMap::new();
-    loop {
-        let before = todo.len();
-        todo.retain(|p| match ort::util::preload_dylib(p) {
-            Ok(()) => {
-                loaded.push(p.clone());
-                false
-            }
+    for d in ld_library_path.unwrap_or_default().split(':') {
+        let d = PathBuf::from(d);
+        if !d.as_os_str().is_empty() && !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    dirs
+}
+
+/// Where each needed library will be loaded from: a file of exactly that name in the first of
+/// `dirs` that has one, else the bare soname (the dynamic loader's own search: ld.so.cache).
+pub fn plan_cuda_preload(dirs: &[PathBuf]) -> Vec<(PathBuf, CudaNeed)> {
+    CUDA_PROVIDER_LIBRARIES
+        .iter()
+        .map(|(name, need)| {
+            let at = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file());
+            (at.unwrap_or_else(|| PathBuf::from(name)), *need)
+        })
+        .collect()
+}
+
+/// Loads the CUDA libraries the CUDA provider needs (by name, from the wheel's folders or the
+/// library path), so that the provider finds them as a Python process that imports onnxruntime
+/// would. Returns what was loaded; an error names the first required library that did not load.
+pub fn preload_cuda_libraries(ort_lib: &Path) -> std::result::Result<Vec<PathBuf>, String> {
+    let ld = std::env::var("LD_LIBRARY_PATH").ok();
+    let dirs = cuda_library_dirs(ort_lib, ld.as_deref());
+    let mut loaded = vec![];
+    for (path, need) in plan_cuda_preload(&dirs) {
+        match ort::util::preload_dylib(&path) {
+            Ok(()) => loaded.push(path),
+            Err(_) if need == CudaNeed::Beside => {}
             Err(e) => {
-                errors.insert(p.clone(), error_chain(&e));
-                true
+                let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+                return Err(format!(
+                    "{}: {} (searched {} and the system library path)",
+                    path.display(),
+                    error_chain(&e),
+                    if searched.is_empty() {
+                        "no folder".to_string()
+                    } else {
+                        searched.join(", ")
+                    }
+                ));
             }
-        });
-        if todo.is_empty() || todo.len() == before {
-            break;
-        }
-    }
-    // What the CUDA provider links: without these it cannot load. The rest (cuDNN's engine
-    // libraries, NVRTC's builtins) are loaded by their users when needed, and some need the
-    // driver itself.
-    for need in CUDA_PROVIDER_LINKS {
-        let have = |p: &PathBuf| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(need))
-        };
-        // Not in the wheels: the library path may have it (LD_LIBRARY_PATH, a CUDA install).
-        if !loaded.iter().any(have) && ort::util::preload_dylib(need).is_err() {
-            let why = todo
-                .iter()
-                .find(|p| have(p))
-                .and_then(|p| errors.get(p).map(|e| format!("{}: {e}", p.display())))
-                .unwrap_or_else(|| {
-                    format!(
-                        "{need}: not under {} nor on the library path",
-                        nvidia.display()
-                    )
-                });
-            return Err(why);
         }
     }
     Ok(loaded)
 }
-
-/// The libraries ONNX Runtime's CUDA provider (1.31, CUDA 13) links.
-const CUDA_PROVIDER_LINKS: [&str; 6] = [
-    "libcudart.so.13",
-    "libcublasLt.so.13",
-    "libcublas.so.13",
-    "libcurand.so.10",
-    "libcufft.so.12",
-    "libcudnn.so.9",
-];
 
 /// An error with its sources (libloading's own message is only "dlopen failed").
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -301,4 +322,188 @@ pub fn not_built_with_tensorrt() -> EngineError {
     EngineError::Unsupported(
         "backend tensorrt: this build has no TensorRT support; rebuild with `cargo build --release -p star-export -p star-runtime --features tensorrt` (needs libclang-dev; TensorRT itself is loaded at run time)".into(),
     )
+}
+
+/// The TensorRT releases the `tensorrt` backend runs: trtx 0.9.1 is generated from TensorRT
+/// 11.4's headers and calls the library through that release's vtables, so an earlier 11.x
+/// (missing entries) or another major version (another ABI) is refused before it is loaded.
+pub const TENSORRT_MIN: (u32, u32) = (11, 4);
+
+/// Whether a TensorRT library that reports `version` ("major.minor.patch", from
+/// getInferLibVersion) can be used; the error says what is needed.
+pub fn check_tensorrt_version(version: &str) -> std::result::Result<(), String> {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    let (major, minor) = match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => return Err(format!("unreadable TensorRT version '{version}'")),
+    };
+    let (need_major, need_minor) = TENSORRT_MIN;
+    if major == need_major && minor >= need_minor {
+        Ok(())
+    } else {
+        Err(format!(
+            "TensorRT {version}; this backend needs TensorRT {need_major}.{need_minor} or a later {need_major}.x (its bindings are built from the {need_major}.{need_minor} headers)"
+        ))
+    }
+}
+
+/// Host memory TensorRT reads at enqueue (the values of shape tensors such as `scale`), 256-byte
+/// aligned as NvInferRuntime.h requires of every tensor address; a `Vec<u8>` is only 1-aligned.
+pub struct AlignedHostBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedHostBuffer {}
+
+impl AlignedHostBuffer {
+    pub const ALIGN: usize = 256;
+
+    /// `len` zeroed bytes (at least one is allocated, so that the address is always valid).
+    pub fn zeroed(len: usize) -> Self {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedHostBuffer { ptr, len }
+    }
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), Self::ALIGN)
+            .expect("a shape-tensor buffer of a few bytes")
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: len initialised bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for AlignedHostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensorrt_version_gate() {
+        for ok in ["11.4.0", "11.4.12", "11.10.1"] {
+            assert!(check_tensorrt_version(ok).is_ok(), "{ok} refused");
+        }
+        for bad in ["11.3.9", "11.0.0", "10.13.2", "12.0.0", "", "x.y", "11"] {
+            let e = check_tensorrt_version(bad).unwrap_err();
+            assert!(e.contains("TensorRT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn shape_buffers_are_256_byte_aligned() {
+        let mut kept = vec![];
+        for len in [0, 1, 4, 8, 255, 256, 257, 4096] {
+            let mut b = AlignedHostBuffer::zeroed(len);
+            assert_eq!(b.as_mut_ptr() as usize % 256, 0, "len {len}");
+            assert_eq!(b.len(), len);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            b.as_mut_slice().fill(7);
+            kept.push(b);
+        }
+        assert!(kept.iter().all(|b| b.as_slice().iter().all(|&x| x == 7)));
+    }
+
+    /// The wheel layout of CUDA 13 (most libraries in nvidia/cu13/lib, cuDNN in
+    /// nvidia/cudnn/lib) beside libraries the provider never opens.
+    #[test]
+    fn only_the_libraries_the_provider_needs_are_loaded() {
+        let t = tempfile::tempdir().unwrap();
+        let sp = t.path().join("lib/python3.12/site-packages");
+        let capi = sp.join("onnxruntime/capi");
+        std::fs::create_dir_all(&capi).unwrap();
+        let files = [
+            ("cu13", "libcudart.so.13"),
+            ("cu13", "libcublasLt.so.13"),
+            ("cu13", "libcublas.so.13"),
+            ("cu13", "libcurand.so.10"),
+            ("cu13", "libcufft.so.12"),
+            ("cu13", "libnvrtc.so.13"),
+            ("cudnn", "libcudnn.so.9"),
+            ("cudnn", "libcudnn_graph.so.9"),
+            ("nccl", "libnccl.so.2"),
+            ("nvshmem", "libnvshmem_host.so.3"),
+            ("cufile", "libcufile.so.0"),
+        ];
+        for (pkg, f) in files {
+            let d = sp.join("nvidia").join(pkg).join("lib");
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(f), b"").unwrap();
+        }
+        let ort = capi.join("libonnxruntime.so.1.31.1");
+        let extra = t.path().join("extra");
+        std::fs::create_dir_all(&extra).unwrap();
+        let dirs = cuda_library_dirs(&ort, Some(&format!("{}::", extra.display())));
+        assert_eq!(dirs.last(), Some(&extra));
+        let plan = plan_cuda_preload(&dirs);
+        let names: Vec<String> = plan
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        for never in ["libnccl", "libnvshmem", "libcufile", "libcufft"] {
+            assert!(
+                !names.iter().any(|n| n.starts_with(never)),
+                "{never} in {names:?}"
+            );
+        }
+        // Found ones by their path in the wheel, the rest by soname (the loader's search).
+        let at = |n: &str| plan.iter().find(|(p, _)| p.ends_with(n)).unwrap().0.clone();
+        assert_eq!(
+            at("libcublas.so.13"),
+            sp.join("nvidia/cu13/lib/libcublas.so.13")
+        );
+        assert_eq!(
+            at("libcudnn.so.9"),
+            sp.join("nvidia/cudnn/lib/libcudnn.so.9")
+        );
+        assert_eq!(at("libcudnn_ops.so.9"), PathBuf::from("libcudnn_ops.so.9"));
+        // The provider's own links come first, cuDNN (which needs its parts) last.
+        assert_eq!(plan[0].0, sp.join("nvidia/cu13/lib/libcudart.so.13"));
+        assert_eq!(plan.last().unwrap().1, CudaNeed::Loads);
+        let required: Vec<&str> = CUDA_PROVIDER_LIBRARIES
+            .iter()
+            .filter(|(_, n)| *n != CudaNeed::Beside)
+            .map(|(l, _)| *l)
+            .collect();
+        assert_eq!(
+            required,
+            [
+                "libcudart.so.13",
+                "libcublasLt.so.13",
+                "libcublas.so.13",
+                "libcurand.so.10",
+                "libcudnn.so.9"
+            ]
+        );
+    }
 }

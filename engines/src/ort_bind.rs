@@ -502,14 +502,88 @@ const SHAPE_OPS: &[&str] = &[
     "Constant",
 ];
 
-/// The nodes placed on the CPU that do real work (not shape arithmetic): a GPU backend refuses
-/// them unless --allow-cpu-fallback.
-pub fn cpu_compute_nodes(placed: &[(String, String, String)]) -> Vec<String> {
+/// The nodes placed on the CPU that do real work (not shape arithmetic), as (operator type, node
+/// name): a GPU backend refuses them unless --allow-cpu-fallback.
+pub fn cpu_compute_nodes(placed: &[(String, String, String)]) -> Vec<(String, String)> {
     placed
         .iter()
         .filter(|(ep, op, _)| ep == "CPUExecutionProvider" && !SHAPE_OPS.contains(&op.as_str()))
-        .map(|(_, op, name)| format!("{name} ({op})"))
+        .map(|(_, op, name)| (op.clone(), name.clone()))
         .collect()
+}
+
+/// Every CPU node, grouped by operator type in first-seen order, on one line:
+/// `Softmax x2 (attn.0.softmax, attn.1.softmax); Erf x1 (ffn.0.gelu)`.
+pub fn describe_cpu_nodes(nodes: &[(String, String)]) -> String {
+    let mut groups: Vec<(&str, Vec<&str>)> = vec![];
+    for (op, name) in nodes {
+        match groups.iter_mut().find(|(o, _)| o == op) {
+            Some((_, names)) => names.push(name),
+            None => groups.push((op, vec![name])),
+        }
+    }
+    groups
+        .iter()
+        .map(|(op, names)| format!("{op} x{} ({})", names.len(), names.join(", ")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Registers an arena allocator for `place` in ONNX Runtime's environment
+/// (CreateAndRegisterAllocatorV2, growing by what is requested), which every session created
+/// with `session.use_env_allocators = 1` then shares instead of creating its own.
+pub fn register_env_allocator(
+    env: &ort::environment::Environment,
+    place: Place,
+) -> std::result::Result<(), String> {
+    use ort::AsPointer;
+    let api = ort::api();
+    let info = place.memory_info()?;
+    let (provider, device) = match place {
+        Place::Host => (c"CPUExecutionProvider", 0),
+        Place::Cuda(d) => (c"CUDAExecutionProvider", d),
+    };
+    let device = std::ffi::CString::new(device.to_string()).map_err(|e| e.to_string())?;
+    let keys = [c"device_id".as_ptr()];
+    let values = [device.as_ptr()];
+    let status = |s: ort::sys::OrtStatusPtr| -> std::result::Result<(), String> {
+        if s.0.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a non-null status is a valid OrtStatus until released.
+        unsafe {
+            let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(s.0))
+                .to_string_lossy()
+                .into_owned();
+            (api.ReleaseStatus)(s.0);
+            Err(m)
+        }
+    };
+    let mut cfg: *mut ort::sys::OrtArenaCfg = std::ptr::null_mut();
+    let cfg_keys = [c"arena_extend_strategy".as_ptr()];
+    // 1 = kSameAsRequested: the arena grows by what a run needs, not in doubling chunks.
+    let cfg_values = [1usize];
+    // SAFETY: the key and value arrays outlive the calls; the config is released after the
+    // environment has built its allocator from it.
+    unsafe {
+        status((api.CreateArenaCfgV2)(
+            cfg_keys.as_ptr(),
+            cfg_values.as_ptr(),
+            1,
+            &mut cfg,
+        ))?;
+        let r = status((api.CreateAndRegisterAllocatorV2)(
+            env.ptr() as *mut _,
+            provider.as_ptr(),
+            info.ptr(),
+            cfg,
+            keys.as_ptr(),
+            values.as_ptr(),
+            keys.len(),
+        ));
+        (api.ReleaseArenaCfg)(cfg);
+        r
+    }
 }
 
 #[cfg(test)]
@@ -525,6 +599,16 @@ mod placement_tests {
             p("CPUExecutionProvider", "Add", "add_3"),
             p("CPUExecutionProvider", "Softmax", "softmax_7"),
         ];
-        assert_eq!(cpu_compute_nodes(&placed), vec!["softmax_7 (Softmax)"]);
+        let cpu = cpu_compute_nodes(&placed);
+        assert_eq!(cpu, vec![("Softmax".to_string(), "softmax_7".to_string())]);
+        let more = [
+            cpu[0].clone(),
+            ("Erf".to_string(), "gelu_1".to_string()),
+            ("Softmax".to_string(), "softmax_9".to_string()),
+        ];
+        assert_eq!(
+            describe_cpu_nodes(&more),
+            "Softmax x2 (softmax_7, softmax_9); Erf x1 (gelu_1)"
+        );
     }
 }

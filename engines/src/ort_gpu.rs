@@ -133,7 +133,7 @@ impl Backend for OrtCuda {
                 continue;
             }
             let bytes = crate::backend::verified_graph(verified, g)?;
-            let s = cuda_session(env, dir, g.stage, &bytes, opts)?;
+            let s = cuda_session(env, dir, g, &bytes, opts)?;
             sessions.insert(g.stage, s);
         }
         Ok(Box::new(OrtCudaEngine {
@@ -148,23 +148,31 @@ impl Backend for OrtCuda {
 fn cuda_session(
     env: &ort::environment::Environment,
     dir: &Path,
-    stage: Stage,
+    g: &crate::manifest::GraphEntry,
     bytes: &[u8],
     opts: &BackendOptions,
 ) -> Result<ort::session::Session> {
+    let stage = g.stage;
     let ctx = format!("creating the {stage} session on ort-cuda");
+    // Every session allocates from the environment's one CUDA arena (registered once per
+    // device), so the device holds one arena whose peak is the process's, not one per stage.
+    share_device_allocator(env, opts.device)?;
     let ep = ort::ep::CUDA::default()
         .with_device_id(opts.device as i32)
         .with_arena_extend_strategy(ort::ep::ArenaExtendStrategy::SameAsRequested)
-        // FP32 graphs compute in FP32 (TF32 matmuls would miss the FP32 tolerance); FP16 and
-        // INT8 graphs carry their precision in their types.
-        .with_tf32(false)
+        // FP32 graphs compute in FP32: TF32 matrix products would miss the FP32 tolerance.
+        // FP16 and INT8 graphs are judged at their own tolerance, and the FP32 parts of them
+        // (norms, softmax, the logits heads) may use TF32 as the official release does.
+        .with_tf32(g.precision != "fp32")
         .build()
         .error_on_failure();
     let mut b = ort::session::Session::builder(env).map_err(ort_err(&ctx))?;
     b = b
         .with_execution_providers([ep])
         .map_err(|e| provider_error("ort-cuda", stage, e.into()))?;
+    b = b
+        .with_env_allocators()
+        .map_err(|e| ort_err(&ctx)(e.into()))?;
     b = b
         .with_config_entry(crate::ort_bind::PLACEMENT_CONFIG, "1")
         .map_err(|e| ort_err(&ctx)(e.into()))?;
@@ -207,17 +215,43 @@ fn check_placement(
         );
     }
     let cpu = crate::ort_bind::cpu_compute_nodes(&placed);
-    if !cpu.is_empty() && !opts.allow_cpu_fallback {
+    if cpu.is_empty() {
+        return Ok(());
+    }
+    let listed = crate::ort_bind::describe_cpu_nodes(&cpu);
+    if !opts.allow_cpu_fallback {
         return Err(EngineError::SessionCreate {
             stage: stage.name().into(),
             why: format!(
-                "{backend}: {} compute node(s) of {stage} would run on the CPU ({}{}); pass --allow-cpu-fallback to accept that",
-                cpu.len(),
-                cpu.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
-                if cpu.len() > 5 { ", ..." } else { "" }
+                "{backend}: {} compute node(s) of {stage} would run on the CPU: {listed}; pass --allow-cpu-fallback to accept that",
+                cpu.len()
             ),
         });
     }
+    if opts.verbose {
+        eprintln!(
+            "{backend}: {stage}: {} compute node(s) run on the CPU (--allow-cpu-fallback): {listed}",
+            cpu.len()
+        );
+    }
+    Ok(())
+}
+
+/// Registers, once per device, a CUDA arena allocator in ONNX Runtime's environment
+/// (CreateAndRegisterAllocatorV2) that sessions created `with_env_allocators` share.
+fn share_device_allocator(env: &ort::environment::Environment, device: usize) -> Result<()> {
+    static DONE: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if done.contains(&device) {
+        return Ok(());
+    }
+    crate::ort_bind::register_env_allocator(env, Place::Cuda(device as i32)).map_err(|m| {
+        EngineError::SessionCreate {
+            stage: "(all)".into(),
+            why: format!("ort-cuda: registering the shared CUDA allocator of device {device}: {m}"),
+        }
+    })?;
+    done.push(device);
     Ok(())
 }
 

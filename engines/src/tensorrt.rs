@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 const BACKEND: &str = "tensorrt";
-pub const TENSORRT_MAJOR: u32 = 11;
 
 fn trt_err(context: &str, e: impl std::error::Error) -> EngineError {
     EngineError::Unsupported(format!(
@@ -96,7 +95,7 @@ fn load_library(explicit: Option<&Path>) -> Result<&'static Loaded> {
         } else if let Ok(p) = std::env::var("STAR_TENSORRT_LIB") {
             candidates.push(PathBuf::from(p));
         } else {
-            candidates.push("libnvinfer.so.11".into());
+            candidates.push(format!("libnvinfer.so.{}", crate::gpu::TENSORRT_MIN.0).into());
             candidates.push("libnvinfer.so".into());
         }
         let mut tried = vec![];
@@ -108,10 +107,9 @@ fn load_library(explicit: Option<&Path>) -> Result<&'static Loaded> {
                     continue;
                 }
             };
-            let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
-            if major != TENSORRT_MAJOR {
+            if let Err(why) = crate::gpu::check_tensorrt_version(&version) {
                 return Err(EngineError::Unsupported(format!(
-                    "backend tensorrt: {} is TensorRT {version}; this backend needs TensorRT {TENSORRT_MAJOR} (TensorRT 10 is --backend ort-trt); point STAR_TENSORRT_LIB (or build-engine --tensorrt-lib) at a TensorRT {TENSORRT_MAJOR} libnvinfer",
+                    "backend tensorrt: {} is {why} (TensorRT 10 is --backend ort-trt); point STAR_TENSORRT_LIB (or build-engine --tensorrt-lib) at such a libnvinfer",
                     c.display()
                 )));
             }
@@ -169,6 +167,9 @@ fn target(lib: Option<&Path>, device: usize) -> Result<Target> {
 
 pub struct TrtBuilder {
     target: Target,
+    /// The primary context of `--device`, current on the building thread: TensorRT builds and
+    /// times its kernels on the current device.
+    cu: Arc<cudarc::driver::CudaContext>,
     log: &'static Collect,
     logger: &'static trtx::Logger,
 }
@@ -179,8 +180,11 @@ impl TrtBuilder {
         // Building parses ONNX: the parser library too (running does not need it).
         load_parser()?;
         let (logger, log) = logger()?;
+        let cu = cudarc::driver::CudaContext::new(device)
+            .map_err(|e| trt_err("creating the CUDA context", e))?;
         Ok(TrtBuilder {
             target,
+            cu,
             log,
             logger,
         })
@@ -210,6 +214,9 @@ impl EngineBuilder for TrtBuilder {
                 log.take()
             ))
         };
+        self.cu
+            .bind_to_thread()
+            .map_err(|x| trt_err("making the build device current", x))?;
         let mut builder =
             trtx::Builder::new(self.logger).map_err(|x| trt_err("creating the builder", x))?;
         // TensorRT 11 networks are strongly typed: the precision is the graph's (FP16 weights,
@@ -298,8 +305,9 @@ struct Context {
     profile: PlannedProfile,
     ctx: trtx::ExecutionContext<'static>,
     buffers: HashMap<String, (cudarc::driver::CudaSlice<u8>, usize)>,
-    /// Inputs TensorRT reads on the host (shape tensors such as `scale`).
-    host: HashMap<String, Vec<u8>>,
+    /// Inputs TensorRT reads on the host (shape tensors such as `scale`), 256-byte aligned,
+    /// holding the profile's value from creation on.
+    host: HashMap<String, crate::gpu::AlignedHostBuffer>,
 }
 
 struct StageEngine {
@@ -382,13 +390,30 @@ impl Backend for TensorRt {
                     }
                     let bytes = t.elements().max(1) as usize * elem_bytes(&t.dtype);
                     if engine.tensor_location(&t.name).ok() == Some(trtx::TensorLocation::kHOST) {
-                        host.insert(t.name.clone(), vec![0u8; bytes]);
+                        let mut h = shape_value_buffer(p, t)?;
+                        // SAFETY: the buffer lives in the context's record as long as the
+                        // context, and is never reallocated.
+                        unsafe {
+                            ctx.set_tensor_address(&t.name, h.as_mut_ptr() as *mut std::ffi::c_void)
+                        }
+                        .map_err(|e| trt_err(&t.name, e))?;
+                        host.insert(t.name.clone(), h);
                         continue;
                     }
                     let buf = stream
                         .alloc_zeros::<u8>(bytes)
                         .map_err(|e| device_memory(e, bytes))?;
                     buffers.insert(t.name.clone(), (buf, bytes));
+                }
+                // Every input shape and shape value of the profile is set: the scratch size is
+                // the one of these shapes (before the values are bound it is undefined).
+                if !ctx.all_input_dimensions_specified() {
+                    return Err(EngineError::Unsupported(format!(
+                        "tensorrt: profile {} of {} leaves input dimensions unset: {}",
+                        p.index,
+                        path.display(),
+                        log.take()
+                    )));
                 }
                 scratch_need = scratch_need.max(ctx.update_device_memory_size_for_shapes());
                 contexts.push(Context {
@@ -451,6 +476,35 @@ fn elem_bytes(dtype: &str) -> usize {
         "float16" => 2,
         _ => 4,
     }
+}
+
+/// The host buffer of a shape-value input (`scale`), holding the value the profile fixes.
+fn shape_value_buffer(
+    p: &PlannedProfile,
+    t: &TensorShape,
+) -> Result<crate::gpu::AlignedHostBuffer> {
+    let v = match (t.name.as_str(), p.scale) {
+        (io::SCALE, Some(sc)) if t.elements() == 1 => sc as i64,
+        _ => {
+            return Err(EngineError::Unsupported(format!(
+                "tensorrt: profile {} reads {} on the host, and only the scale's value is known",
+                p.index, t.name
+            )))
+        }
+    };
+    let bytes: Vec<u8> = match t.dtype.as_str() {
+        "int64" => v.to_le_bytes().to_vec(),
+        "int32" => (v as i32).to_le_bytes().to_vec(),
+        d => {
+            return Err(EngineError::Unsupported(format!(
+                "tensorrt: shape value {} of dtype {d}",
+                t.name
+            )))
+        }
+    };
+    let mut h = crate::gpu::AlignedHostBuffer::zeroed(bytes.len());
+    h.as_mut_slice().copy_from_slice(&bytes);
+    Ok(h)
 }
 
 fn device_memory(e: cudarc::driver::DriverError, bytes: usize) -> EngineError {
@@ -545,22 +599,15 @@ impl Engine for TrtEngine {
         for (name, a) in inputs {
             match a {
                 Arg::Host(i) if c.host.contains_key(*name) => {
+                    // A shape value is the profile's (bound at creation): it must not change.
                     let (_, bytes) = host_bytes(i);
-                    let h = c.host.get_mut(*name).expect("checked");
-                    if h.len() != bytes.len() {
+                    let h = &c.host[*name];
+                    if h.as_slice() != bytes {
                         return Err(EngineError::Unsupported(format!(
-                            "tensorrt: {stage} input {name} has {} bytes, its profile {}",
-                            bytes.len(),
-                            h.len()
+                            "tensorrt: {stage} input {name} is {bytes:?}, its profile fixes {:?}",
+                            h.as_slice()
                         )));
                     }
-                    h.copy_from_slice(bytes);
-                    // SAFETY: a host buffer owned by the context, read by TensorRT at enqueue.
-                    unsafe {
-                        c.ctx
-                            .set_tensor_address(name, h.as_mut_ptr() as *mut std::ffi::c_void)
-                    }
-                    .map_err(|e| trt_err(name, e))?;
                 }
                 Arg::Host(i) => {
                     let (_, bytes) = host_bytes(i);

@@ -35,6 +35,13 @@ struct ModelArgs {
     /// taken from its engine.json, which is checked against this GPU and library first.
     #[arg(long, conflicts_with = "backend")]
     engine: Option<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+/// How to run: the backend and its device options (every command that runs a model).
+#[derive(Args, Clone)]
+struct BackendArgs {
     /// Execution backend: ort-cpu (ONNX Runtime's CPU provider: int8 is the CPU speed path; fp16
     /// on the CPU is an accuracy check, not a speed path) or ort-cuda (ONNX Runtime's CUDA
     /// provider with the KV cache on the GPU; needs `scripts/setup-ort.sh --gpu`). Every backend
@@ -48,19 +55,18 @@ struct ModelArgs {
     #[arg(long, default_value_t = 0)]
     device: usize,
     /// GPU backends: accept graph nodes that ONNX Runtime would place on the CPU (refused by
-    /// default: a silent CPU fallback is a slow GPU run).
+    /// default, naming every such node: a silent CPU fallback is a slow GPU run).
     #[arg(long)]
     allow_cpu_fallback: bool,
-    /// Print the device and the provider each stage runs on.
+    /// Print the device and the provider each stage runs on (with --allow-cpu-fallback, also
+    /// the nodes that run on the CPU).
     #[arg(long)]
     verbose: bool,
 }
 
-impl ModelArgs {
-    /// The model directory and backend options; with --engine, the backend of the engine
-    /// directory and (unless --model is given) the model it was built from.
-    fn resolve(&self) -> anyhow::Result<(PathBuf, BackendOptions)> {
-        let mut opts = BackendOptions {
+impl BackendArgs {
+    fn options(&self) -> BackendOptions {
+        BackendOptions {
             name: self.backend.clone().unwrap_or_else(|| "ort-cpu".into()),
             threads: self.threads,
             device: self.device,
@@ -68,7 +74,15 @@ impl ModelArgs {
             verbose: self.verbose,
             engine_dir: None,
             ..BackendOptions::default()
-        };
+        }
+    }
+}
+
+impl ModelArgs {
+    /// The model directory and backend options; with --engine, the backend of the engine
+    /// directory and (unless --model is given) the model it was built from.
+    fn resolve(&self) -> anyhow::Result<(PathBuf, BackendOptions)> {
+        let mut opts = self.backend.options();
         let Some(e) = &self.engine else {
             let dir = self
                 .model
@@ -187,12 +201,9 @@ enum Cmd {
         /// Also write a PNG: per prompt and seed, reference | candidate | difference x8.
         #[arg(long)]
         grid: Option<PathBuf>,
-        /// Execution backend of both models.
-        #[arg(long, default_value = "ort-cpu")]
-        backend: String,
-        /// ONNX Runtime intra-op threads (0 = one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
+        /// Backend and device options of both models.
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Serve the model over HTTP: OpenAI-compatible POST /v1/images/generations, GET /v1/models,
     /// /health, /ready, KServe v2 /v2/health/live, /v2/health/ready, /v2/models/{name}, and
@@ -351,7 +362,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &gp,
                 warmup,
                 runs as usize,
-                model.threads,
+                model.backend.threads,
             )?;
             print!("{}", r.table);
             if let Some(j) = json {
@@ -371,7 +382,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             grid,
             backend,
-            threads,
         }) => {
             let (prompts, _) =
                 star_runtime::args::read_prompts_file(&prompts).map_err(anyhow::Error::msg)?;
@@ -380,7 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     star_runtime::args::check_output_file(f, flag).map_err(anyhow::Error::msg)?;
                 }
             }
-            let opts = BackendOptions::named(&backend, threads);
+            let opts = backend.options();
             let mut r = Pipeline::open(&reference, opts.clone())?;
             let mut c = Pipeline::open(&candidate, opts)?;
             let rep = star_runtime::compare::compare(

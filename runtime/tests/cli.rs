@@ -250,6 +250,35 @@ fn gpu_backend_without_a_gpu_is_refused() {
         &[("ORT_GPU_DYLIB_PATH", lib.to_str().unwrap())],
         "backend ort-cuda: no usable NVIDIA GPU: libcuda.so.1 not found",
     );
+    // compare takes the same backend and device options (what the GPU check runs).
+    let prompts = t.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red circle\n").unwrap();
+    let d = demo();
+    let o = star_run(
+        &[
+            "compare",
+            "--backend",
+            "ort-cuda",
+            "--allow-cpu-fallback",
+            "--verbose",
+            "--device",
+            "0",
+            "--reference",
+            d.to_str().unwrap(),
+            "--candidate",
+            d.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+        ],
+        &[("ORT_GPU_DYLIB_PATH", lib.to_str().unwrap())],
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("no usable NVIDIA GPU: libcuda.so.1 not found"),
+        "{}",
+        o.stderr
+    );
 }
 
 #[test]
