@@ -131,6 +131,6 @@ if [ -z "$quick" ]; then
 fi
 bad=$(grep -E "\| (FAIL|MISSING) " "$table" | grep -v "official benchmark's imports" || true)
 [ -z "$bad" ] || fail "rows failed: $bad"
-pkill -f "$M/repo/scripts/gpu-check.sh d30-job" 2>/dev/null || true
+(cd "$M/repo" && env -i PATH="$MPATH" bash scripts/gpu-check.sh stop-d30) || true
 say "PASS ($(du -sh "$bundle/pieces" | cut -f1) of pieces, $i calls); work in $R"
 rm -rf "$R"

@@ -33,6 +33,10 @@ PREFIX = "star-gpu.tar.xz."
 SUMS = "SHA256SUMS"
 PLAN = "plan.json"
 COMPLETE = ".complete"
+BUNDLE_ID = ".bundle-id"
+# The "data" extraction filter (no absolute paths, no device files) where this Python has it
+# (3.12, and 3.11.4+ / 3.10.12+); older ones extract our own archive without it.
+SAFE = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 class PieceWriter(io.RawIOBase):
@@ -136,14 +140,15 @@ def make_plan(a, names, raw, total):
     rel = a.carry_dir.rstrip("/")
     calls = []
     for i, n in enumerate(names):
-        carry = ["%s/%s" % (rel, n)]
-        if i == 0:
-            carry = ["%s/%s" % (rel, SUMS), "%s/%s" % (rel, PLAN)] + carry
+        # The checksums and the plan travel with every piece (1 KB): a call that finds a fresh
+        # machine says so instead of failing on a missing file.
+        carry = ["%s/%s" % (rel, SUMS), "%s/%s" % (rel, PLAN), "%s/%s" % (rel, n)]
         last = i == len(names) - 1
         calls.append({
             "carry": carry,
             "command": "bash scripts/gpu-check.sh run" if last else "bash scripts/gpu-check.sh receive",
-            "timeout_s": 560 if last else 120,
+            # The device tool allows 9 minutes a call here; the check stops itself at 470 s.
+            "timeout_s": 530 if last else 120,
         })
     return {"pieces": names, "raw_bytes": raw, "bytes": total, "piece_bytes": a.piece_mib << 20,
             "carry_dir": rel, "calls": calls}
@@ -223,6 +228,18 @@ def read_sums(pieces):
 def receive(a):
     sums = read_sums(a.pieces)
     names = sorted(sums)
+    # What was unpacked belongs to this bundle, or it goes: files of an earlier bundle with the
+    # same sizes would otherwise be kept as if they were this one's.
+    bundle_id = sha256(os.path.join(a.pieces, SUMS))
+    id_file = os.path.join(a.dest, BUNDLE_ID)
+    if os.path.isdir(a.dest) and (not os.path.isfile(id_file) or open(id_file).read() != bundle_id):
+        shutil.rmtree(a.dest)
+    os.makedirs(a.dest, exist_ok=True)
+    with open(id_file, "w") as f:
+        f.write(bundle_id)
+    complete = os.path.join(a.dest, COMPLETE)
+    if os.path.exists(complete):
+        os.remove(complete)
     present = []
     for n in names:
         p = os.path.join(a.pieces, n)
@@ -235,11 +252,14 @@ def receive(a):
     missing = names[len(present):]
     print("pieces: %d of %d present and checked%s" % (
         len(present), len(names), "; missing: " + ", ".join(missing) if missing else ""))
-    os.makedirs(a.dest, exist_ok=True)
+    later = [n for n in missing if os.path.isfile(os.path.join(a.pieces, n))]
+    if later:
+        print("the pieces of earlier calls are gone (%s present, %s not): this machine was started "
+              "afresh; redo the calls of the plan from call 1" % (", ".join(later), missing[0]))
     done, cut = extract(present, a.dest, complete=not missing)
     print("unpacked: %d file(s)%s" % (done, "; cut at the end of the pieces present: " + cut if cut else ""))
     if not missing:
-        open(os.path.join(a.dest, COMPLETE), "w").close()
+        open(complete, "w").close()
 
 
 def extract(paths, dest, complete):
@@ -253,7 +273,7 @@ def extract(paths, dest, complete):
                 target = os.path.join(dest, member.name)
                 if not (member.isfile() and os.path.isfile(target)
                         and os.path.getsize(target) == member.size):
-                    tf.extract(member, dest, filter="data")
+                    tf.extract(member, dest, **SAFE)
                 done += 1
                 member = None
     except (tarfile.ReadError, EOFError):

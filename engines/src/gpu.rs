@@ -1,13 +1,13 @@
 //! The GPU side of the machine: the NVIDIA driver and devices (CUDA driver API, `libcuda.so.1`
-//! loaded at run time), the GPU build of ONNX Runtime and the CUDA libraries beside it, and the
-//! engine builders of `star-export build-engine`. Every absence is an error that names what is
-//! missing and how to get it; nothing falls back to the CPU.
+//! loaded at run time), TensorRT's library version and the host buffers it reads. Every absence
+//! is an error that names what is missing and how to get it; nothing falls back to the CPU.
 
-use crate::engine_plan::{EngineBackend, EngineBuilder, GpuIdentity};
 use crate::error::{EngineError, Result};
-use std::path::{Path, PathBuf};
+use crate::kv_cache::KvMemory;
+use star_artifact::engine_manifest::GpuIdentity;
+use std::path::Path;
 
-fn missing(backend: &str, what: &str, tried: String, how: &str) -> EngineError {
+pub(crate) fn missing(backend: &str, what: &str, tried: String, how: &str) -> EngineError {
     EngineError::Missing {
         backend: backend.into(),
         what: what.into(),
@@ -126,160 +126,6 @@ pub fn device_report(ordinal: usize) -> String {
     )
 }
 
-/// The GPU build of ONNX Runtime: `ORT_GPU_DYLIB_PATH`, else the `.venv-gpu` that
-/// `scripts/setup-ort.sh --gpu` makes (looked for above the working directory and the
-/// executable). A library without the CUDA provider beside it is the CPU build.
-pub fn find_ort_gpu_library(backend: &str) -> Result<PathBuf> {
-    let how = "install it with `bash scripts/setup-ort.sh --gpu` (the onnxruntime-gpu wheel and the CUDA 13 libraries, in ./.venv-gpu) or set ORT_GPU_DYLIB_PATH to its libonnxruntime.so";
-    let mut tried = vec![];
-    let mut candidates: Vec<PathBuf> = vec![];
-    if let Ok(p) = std::env::var("ORT_GPU_DYLIB_PATH") {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            return Err(missing(
-                backend,
-                "the GPU build of ONNX Runtime",
-                format!("ORT_GPU_DYLIB_PATH={} does not exist", p.display()),
-                how,
-            ));
-        }
-        candidates.push(p);
-    } else {
-        let mut roots: Vec<PathBuf> = vec![];
-        if let Ok(cwd) = std::env::current_dir() {
-            roots.extend(cwd.ancestors().map(|a| a.join(".venv-gpu")));
-        }
-        if let Ok(exe) = std::env::current_exe() {
-            roots.extend(exe.ancestors().map(|a| a.join(".venv-gpu")));
-        }
-        for venv in roots {
-            if let Some(l) = crate::backend::ort_library_in_venv(&venv) {
-                candidates.push(l);
-                break;
-            }
-        }
-        if candidates.is_empty() {
-            tried.push("ORT_GPU_DYLIB_PATH is not set and no .venv-gpu with the onnxruntime-gpu wheel was found".to_string());
-        }
-    }
-    for c in candidates {
-        let dir = c.parent().unwrap_or(Path::new("."));
-        if dir.join("libonnxruntime_providers_cuda.so").is_file() {
-            return Ok(c);
-        }
-        tried.push(format!(
-            "{} has no libonnxruntime_providers_cuda.so beside it: it is the CPU build",
-            c.display()
-        ));
-    }
-    Err(missing(
-        backend,
-        "the GPU build of ONNX Runtime",
-        tried.join("; "),
-        how,
-    ))
-}
-
-/// What ONNX Runtime's CUDA provider (1.31, CUDA 13) needs from the CUDA libraries, by soname.
-/// `Links`: its own ELF dependencies (readelf -d libonnxruntime_providers_cuda.so); without them
-/// it cannot load. `Loads`: cuDNN, which it opens by name the first time it runs a convolution
-/// (every model has a decoder of convolutions), so it is required as well. `Beside`: libraries
-/// that cuDNN itself opens by name at run time; loaded when they are found next to it so that
-/// no LD_LIBRARY_PATH is needed, and otherwise left to cuDNN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CudaNeed {
-    Links,
-    Loads,
-    Beside,
-}
-
-/// The CUDA libraries to load before the provider, in dependency order. NCCL, NVSHMEM, cuFile,
-/// cuFFT and the rest of the `nvidia-*` wheels are not among them: the provider never opens
-/// them, and some need the driver or other libraries to load at all.
-pub const CUDA_PROVIDER_LIBRARIES: [(&str, CudaNeed); 13] = [
-    ("libcudart.so.13", CudaNeed::Links),
-    ("libcublasLt.so.13", CudaNeed::Links),
-    ("libcublas.so.13", CudaNeed::Links),
-    ("libcurand.so.10", CudaNeed::Links),
-    ("libnvrtc.so.13", CudaNeed::Beside),
-    ("libcudnn_graph.so.9", CudaNeed::Beside),
-    ("libcudnn_engines_precompiled.so.9", CudaNeed::Beside),
-    ("libcudnn_engines_runtime_compiled.so.9", CudaNeed::Beside),
-    ("libcudnn_heuristic.so.9", CudaNeed::Beside),
-    ("libcudnn_ops.so.9", CudaNeed::Beside),
-    ("libcudnn_cnn.so.9", CudaNeed::Beside),
-    ("libcudnn_adv.so.9", CudaNeed::Beside),
-    ("libcudnn.so.9", CudaNeed::Loads),
-];
-
-/// Folders that may hold the CUDA libraries: the `nvidia/*/lib` folders of the site-packages the
-/// onnxruntime-gpu wheel is installed in (when `ort_lib` is inside one; CUDA 13 wheels put most
-/// libraries in `nvidia/cu13/lib`, cuDNN in `nvidia/cudnn/lib`), then the LD_LIBRARY_PATH
-/// entries (what scripts/gpu-check.sh builds from PyTorch's wheels on a GPU machine).
-pub fn cuda_library_dirs(ort_lib: &Path, ld_library_path: Option<&str>) -> Vec<PathBuf> {
-    let mut dirs = vec![];
-    // .../site-packages/onnxruntime/capi/libonnxruntime.so.X -> .../site-packages/nvidia
-    if let Some(nvidia) = ort_lib.ancestors().nth(3).map(|sp| sp.join("nvidia")) {
-        if let Ok(rd) = std::fs::read_dir(&nvidia) {
-            let mut found: Vec<PathBuf> = rd
-                .flatten()
-                .map(|pkg| pkg.path().join("lib"))
-                .filter(|l| l.is_dir())
-                .collect();
-            found.sort();
-            dirs.extend(found);
-        }
-    }
-    for d in ld_library_path.unwrap_or_default().split(':') {
-        let d = PathBuf::from(d);
-        if !d.as_os_str().is_empty() && !dirs.contains(&d) {
-            dirs.push(d);
-        }
-    }
-    dirs
-}
-
-/// Where each needed library will be loaded from: a file of exactly that name in the first of
-/// `dirs` that has one, else the bare soname (the dynamic loader's own search: ld.so.cache).
-pub fn plan_cuda_preload(dirs: &[PathBuf]) -> Vec<(PathBuf, CudaNeed)> {
-    CUDA_PROVIDER_LIBRARIES
-        .iter()
-        .map(|(name, need)| {
-            let at = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file());
-            (at.unwrap_or_else(|| PathBuf::from(name)), *need)
-        })
-        .collect()
-}
-
-/// Loads the CUDA libraries the CUDA provider needs (by name, from the wheel's folders or the
-/// library path), so that the provider finds them as a Python process that imports onnxruntime
-/// would. Returns what was loaded; an error names the first required library that did not load.
-pub fn preload_cuda_libraries(ort_lib: &Path) -> std::result::Result<Vec<PathBuf>, String> {
-    let ld = std::env::var("LD_LIBRARY_PATH").ok();
-    let dirs = cuda_library_dirs(ort_lib, ld.as_deref());
-    let mut loaded = vec![];
-    for (path, need) in plan_cuda_preload(&dirs) {
-        match ort::util::preload_dylib(&path) {
-            Ok(()) => loaded.push(path),
-            Err(_) if need == CudaNeed::Beside => {}
-            Err(e) => {
-                let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-                return Err(format!(
-                    "{}: {} (searched {} and the system library path)",
-                    path.display(),
-                    error_chain(&e),
-                    if searched.is_empty() {
-                        "no folder".to_string()
-                    } else {
-                        searched.join(", ")
-                    }
-                ));
-            }
-        }
-    }
-    Ok(loaded)
-}
-
 /// An error with its sources (libloading's own message is only "dlopen failed").
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -292,36 +138,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The builder of `backend` on CUDA device `device`, once its library and the GPU are known to
-/// be there.
-pub fn engine_builder(
-    backend: EngineBackend,
-    tensorrt_lib: Option<&Path>,
-    device: usize,
-) -> Result<Box<dyn EngineBuilder>> {
-    match backend {
-        EngineBackend::TensorRt => {
-            #[cfg(feature = "tensorrt")]
-            {
-                Ok(Box::new(crate::tensorrt::TrtBuilder::new(
-                    tensorrt_lib,
-                    device,
-                )?))
-            }
-            #[cfg(not(feature = "tensorrt"))]
-            {
-                let _ = (tensorrt_lib, device);
-                Err(not_built_with_tensorrt())
-            }
-        }
-        EngineBackend::OrtTrt => Ok(Box::new(crate::ort_gpu::OrtTrtBuilder::new(device)?)),
+/// The version of the TensorRT library `name` (getInferLibVersion), "major.minor.patch".
+pub fn tensorrt_library_version(name: &Path) -> std::result::Result<String, String> {
+    // SAFETY: getInferLibVersion takes nothing and returns an int.
+    unsafe {
+        let l = libloading::Library::new(name).map_err(|e| e.to_string())?;
+        let f: libloading::Symbol<unsafe extern "C" fn() -> i32> =
+            l.get(b"getInferLibVersion\0").map_err(|e| e.to_string())?;
+        let v = f();
+        std::mem::forget(l);
+        // TensorRT 10+: major * 10000 + minor * 100 + patch.
+        Ok(format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
     }
-}
-
-pub fn not_built_with_tensorrt() -> EngineError {
-    EngineError::Unsupported(
-        "backend tensorrt: this build has no TensorRT support; rebuild with `cargo build --release -p star-export -p star-runtime --features tensorrt` (needs libclang-dev; TensorRT itself is loaded at run time)".into(),
-    )
 }
 
 /// The TensorRT releases the `tensorrt` backend runs: trtx 0.9.1 is generated from TensorRT
@@ -405,6 +233,49 @@ impl Drop for AlignedHostBuffer {
     }
 }
 
+/// Device memory a CUDA call refused.
+pub fn device_memory(e: cudarc::driver::DriverError, bytes: usize) -> EngineError {
+    EngineError::OutOfMemory(format!(
+        "out of device memory: {:.2} GB: {e}",
+        bytes as f64 / 1e9
+    ))
+}
+
+/// A KV cache in CUDA device memory: ort-cuda binds views of it as ONNX Runtime values over
+/// device addresses, tensorrt binds them as tensor addresses.
+pub struct CudaKv(cudarc::driver::CudaSlice<u8>);
+
+impl KvMemory for CudaKv {
+    type Alloc = std::sync::Arc<cudarc::driver::CudaStream>;
+
+    fn alloc(s: &Self::Alloc, bytes: usize) -> Result<Self> {
+        let b = s
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(|e| device_memory(e, bytes))?;
+        // Zeroed on this stream; the engine's own stream (ONNX Runtime's) comes after.
+        s.synchronize().map_err(|e| device_memory(e, bytes))?;
+        Ok(CudaKv(b))
+    }
+
+    fn base(&mut self, s: &Self::Alloc) -> *mut u8 {
+        use cudarc::driver::DevicePtrMut;
+        let (p, _g) = self.0.device_ptr_mut(s);
+        p as *mut u8
+    }
+
+    fn copy_to_host(&self, s: &Self::Alloc, offset: usize, out: &mut [u8]) -> Result<()> {
+        let fail = |e: cudarc::driver::DriverError| {
+            EngineError::Unsupported(format!("reading the KV cache from the device: {e}"))
+        };
+        // Whatever stream wrote it (ONNX Runtime's, TensorRT's) is done before it is read.
+        s.context().synchronize().map_err(fail)?;
+        let end = offset + out.len();
+        s.memcpy_dtoh(&self.0.slice(offset..end), out)
+            .map_err(fail)?;
+        s.synchronize().map_err(fail)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,78 +303,5 @@ mod tests {
             kept.push(b);
         }
         assert!(kept.iter().all(|b| b.as_slice().iter().all(|&x| x == 7)));
-    }
-
-    /// The wheel layout of CUDA 13 (most libraries in nvidia/cu13/lib, cuDNN in
-    /// nvidia/cudnn/lib) beside libraries the provider never opens.
-    #[test]
-    fn only_the_libraries_the_provider_needs_are_loaded() {
-        let t = tempfile::tempdir().unwrap();
-        let sp = t.path().join("lib/python3.12/site-packages");
-        let capi = sp.join("onnxruntime/capi");
-        std::fs::create_dir_all(&capi).unwrap();
-        let files = [
-            ("cu13", "libcudart.so.13"),
-            ("cu13", "libcublasLt.so.13"),
-            ("cu13", "libcublas.so.13"),
-            ("cu13", "libcurand.so.10"),
-            ("cu13", "libcufft.so.12"),
-            ("cu13", "libnvrtc.so.13"),
-            ("cudnn", "libcudnn.so.9"),
-            ("cudnn", "libcudnn_graph.so.9"),
-            ("nccl", "libnccl.so.2"),
-            ("nvshmem", "libnvshmem_host.so.3"),
-            ("cufile", "libcufile.so.0"),
-        ];
-        for (pkg, f) in files {
-            let d = sp.join("nvidia").join(pkg).join("lib");
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join(f), b"").unwrap();
-        }
-        let ort = capi.join("libonnxruntime.so.1.31.1");
-        let extra = t.path().join("extra");
-        std::fs::create_dir_all(&extra).unwrap();
-        let dirs = cuda_library_dirs(&ort, Some(&format!("{}::", extra.display())));
-        assert_eq!(dirs.last(), Some(&extra));
-        let plan = plan_cuda_preload(&dirs);
-        let names: Vec<String> = plan
-            .iter()
-            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        for never in ["libnccl", "libnvshmem", "libcufile", "libcufft"] {
-            assert!(
-                !names.iter().any(|n| n.starts_with(never)),
-                "{never} in {names:?}"
-            );
-        }
-        // Found ones by their path in the wheel, the rest by soname (the loader's search).
-        let at = |n: &str| plan.iter().find(|(p, _)| p.ends_with(n)).unwrap().0.clone();
-        assert_eq!(
-            at("libcublas.so.13"),
-            sp.join("nvidia/cu13/lib/libcublas.so.13")
-        );
-        assert_eq!(
-            at("libcudnn.so.9"),
-            sp.join("nvidia/cudnn/lib/libcudnn.so.9")
-        );
-        assert_eq!(at("libcudnn_ops.so.9"), PathBuf::from("libcudnn_ops.so.9"));
-        // The provider's own links come first, cuDNN (which needs its parts) last.
-        assert_eq!(plan[0].0, sp.join("nvidia/cu13/lib/libcudart.so.13"));
-        assert_eq!(plan.last().unwrap().1, CudaNeed::Loads);
-        let required: Vec<&str> = CUDA_PROVIDER_LIBRARIES
-            .iter()
-            .filter(|(_, n)| *n != CudaNeed::Beside)
-            .map(|(l, _)| *l)
-            .collect();
-        assert_eq!(
-            required,
-            [
-                "libcudart.so.13",
-                "libcublasLt.so.13",
-                "libcublas.so.13",
-                "libcurand.so.10",
-                "libcudnn.so.9"
-            ]
-        );
     }
 }

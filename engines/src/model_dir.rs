@@ -1,11 +1,15 @@
 //! A model directory opened for execution: manifest checked against itself and its graphs, file
 //! sizes and hashes verified, then loaded onto the backend named in the options.
 
-use crate::backend::{backend_for_name, Arg, BackendOptions, Engine};
+use crate::engine::{Arg, BackendOptions, Engine, MemoryPolicy};
 use crate::error::{EngineError, Result};
-use crate::manifest::{GraphEntry, Integrity, IoSpec, Manifest};
-use crate::stage::{io, Stage};
-use crate::tensor::Tensor;
+use crate::registry::backend_for_name;
+use star_artifact::dtype::Dtype;
+use star_artifact::integrity::{Integrity, Verified};
+use star_artifact::manifest::{GraphEntry, IoSpec, Manifest};
+use star_artifact::stage::{io, Stage};
+use star_artifact::tensor::Tensor;
+use star_artifact::ArtifactError;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -14,7 +18,7 @@ pub struct ModelDir {
     pub manifest: Manifest,
     pub opts: BackendOptions,
     /// What opening checked, and how long it took.
-    pub verified: crate::manifest::Verified,
+    pub verified: Verified,
     engine: Box<dyn Engine>,
 }
 
@@ -26,20 +30,26 @@ impl ModelDir {
     pub fn open_with(dir: &Path, opts: BackendOptions, integrity: Integrity) -> Result<ModelDir> {
         let backend = backend_for_name(&opts.name)?;
         if !dir.is_dir() {
-            return Err(EngineError::Manifest {
+            return Err(ArtifactError::Manifest {
                 path: dir.to_path_buf(),
                 why: "no such model directory (make one with `star-export export`)".into(),
-            });
+            }
+            .into());
         }
         let manifest = Manifest::load(dir)?;
-        crate::check::check_manifest(&manifest, dir)?;
-        if !backend.precisions().contains(&manifest.precision.as_str()) {
+        star_artifact::check::check_manifest(&manifest, dir)?;
+        if !backend.precisions().contains(&manifest.precision) {
             return Err(EngineError::Unsupported(format!(
-                "precision '{}' of {} is not supported by backend '{}' (supported: {:?})",
+                "precision '{}' of {} is not supported by backend '{}' (supported: {})",
                 manifest.precision,
                 dir.display(),
                 backend.name(),
-                backend.precisions()
+                backend
+                    .precisions()
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         let verified = manifest.verify_files(dir, integrity)?;
@@ -57,44 +67,19 @@ impl ModelDir {
         self.manifest.graph(stage).is_some()
     }
 
-    /// Open every session now (so that timing runs do not include session creation).
-    pub fn load_all(&mut self) -> Result<()> {
-        self.engine.load_all()
+    /// The engine's host-memory policy, where it has one (`Engine::memory_policy`).
+    pub fn memory_policy(&mut self) -> Option<&mut dyn MemoryPolicy> {
+        self.engine.memory_policy()
     }
 
-    /// (values, bytes) of the weight pool every session shares.
-    pub fn shared_weights(&self) -> (usize, usize) {
-        self.engine.shared_weights()
-    }
-
-    /// Start creating these stages' sessions in the background (see `Engine::prefetch`).
-    pub fn prefetch(&mut self, stages: &[Stage]) {
-        self.engine.prefetch(stages)
-    }
-
-    /// Whether the backend runs scale 0 on `step` (empty past) rather than `step_first`.
     /// GPU backends: the device and its memory in use (None on the CPU).
     pub fn device(&self) -> Option<String> {
         self.engine.device()
     }
 
+    /// Whether the backend runs scale 0 on `step` (empty past) rather than `step_first`.
     pub fn takes_empty_past(&self) -> bool {
         self.engine.takes_empty_past()
-    }
-
-    /// How long the last run waited for its session.
-    pub fn last_session_wait_ms(&self) -> f64 {
-        self.engine.last_session_wait_ms()
-    }
-
-    /// Runs of a large `step` on its unpacked session so far (see `Engine::unpacked_step_runs`).
-    pub fn unpacked_step_runs(&self) -> usize {
-        self.engine.unpacked_step_runs()
-    }
-
-    /// Sessions created since the last call and how long each took.
-    pub fn take_created(&mut self) -> Vec<crate::backend::Created> {
-        self.engine.take_created()
     }
 
     /// The KV cache's shape for `rows` (2B) guidance rows.
@@ -114,46 +99,42 @@ impl ModelDir {
     pub fn kv_alloc(&mut self, rows: usize) -> Result<()> {
         let shape = self.kv_shape_for(rows);
         // Checked once here, for every backend: the shape comes from the manifest.
-        crate::ort_bind::KvLayout::checked(shape).map_err(EngineError::Unsupported)?;
-        self.engine.kv_alloc(shape)
+        star_artifact::kv::KvLayout::checked(shape).map_err(EngineError::Unsupported)?;
+        self.engine.kv().alloc(shape)
     }
 
     /// Bytes the KV cache of `rows` guidance rows would take (`usize::MAX` for a size that
     /// overflows, which `kv_alloc` refuses).
     pub fn kv_bytes_for(&self, rows: usize) -> usize {
-        crate::ort_bind::KvLayout::checked(self.kv_shape_for(rows))
+        star_artifact::kv::KvLayout::checked(self.kv_shape_for(rows))
             .map_or(usize::MAX, |l| l.bytes())
     }
 
     /// The KV cache's shape, while one is allocated.
     pub fn kv_shape(&self) -> Option<[usize; 6]> {
-        self.engine.kv_shape()
+        self.engine.kv_ref().shape()
     }
 
     /// Bytes of the KV cache (0 when none is allocated).
     pub fn kv_bytes(&self) -> usize {
         self.engine
-            .kv_shape()
-            .map_or(0, |shape| crate::ort_bind::KvLayout { shape }.bytes())
+            .kv_ref()
+            .shape()
+            .map_or(0, |shape| star_artifact::kv::KvLayout { shape }.bytes())
     }
 
     /// Give the KV cache's memory back if it is at least `min_bytes`; returns whether it did.
     pub fn kv_release_if_over(&mut self, min_bytes: usize) -> bool {
         let release = self.kv_shape().is_some() && self.kv_bytes() >= min_bytes;
         if release {
-            self.engine.kv_release();
+            self.engine.kv().release();
         }
         release
     }
 
-    /// Give back `stage`'s session (see `Engine::release_stage`).
-    pub fn release_stage(&mut self, stage: Stage) {
-        self.engine.release_stage(stage)
-    }
-
     /// Tokens begin..begin+n of the KV cache, (depth, n, 2, rows, H, hd), for observation.
     pub fn kv_read(&self, begin: usize, n: usize) -> Result<Tensor> {
-        self.engine.kv_read(begin, n)
+        self.engine.kv_ref().read(begin, n)
     }
 
     /// Run a stage with host inputs.
@@ -201,7 +182,7 @@ impl ModelDir {
             }
         };
         // `Arg::KvPast` stands for every block's past view, (len, 2, rows, H, hd) each.
-        let kv_shape = self.engine.kv_shape();
+        let kv_shape = self.engine.kv_ref().shape();
         let past_names: Vec<String> = kv_shape
             .map(|s| (0..s[0]).map(io::past).collect())
             .unwrap_or_default();
@@ -228,7 +209,7 @@ impl ModelDir {
                     .iter()
                     .find(|o| io::kv_new_block(&o.name).is_some())
                     .and_then(|o| match o.shape.first() {
-                        Some(crate::onnx::Dim::Fixed(n)) => usize::try_from(*n).ok(),
+                        Some(star_artifact::onnx::Dim::Fixed(n)) => usize::try_from(*n).ok(),
                         _ => None,
                     })
                     .ok_or_else(|| {
@@ -238,7 +219,7 @@ impl ModelDir {
                             "(output) has no token count in this scale's profile".into(),
                         )
                     })?;
-                Some(crate::backend::KvWrite { begin, tokens })
+                Some(crate::engine::KvWrite { begin, tokens })
             }
         };
         let out = self.engine.run(stage, inputs, kv_at)?;
@@ -262,7 +243,7 @@ fn check_inputs<'a>(
     ins: &'a [IoSpec],
     shapes: &[(&str, Vec<usize>)],
 ) -> Result<HashMap<&'a str, usize>> {
-    use crate::onnx::Dim;
+    use star_artifact::onnx::Dim;
     let mut bound: HashMap<&str, usize> = HashMap::new();
     for spec in ins {
         let Some((_, shape)) = shapes.iter().find(|(n, _)| *n == spec.name) else {
@@ -330,7 +311,7 @@ fn conform(
     out: &HashMap<String, Tensor>,
     kv_written: bool,
 ) -> Result<()> {
-    use crate::onnx::Dim;
+    use star_artifact::onnx::Dim;
     for spec in outs {
         if kv_written && io::kv_new_block(&spec.name).is_some() {
             continue;
@@ -343,8 +324,8 @@ fn conform(
             )
         })?;
         let dtype = match &t.data {
-            crate::Data::F32(_) => "float32",
-            crate::Data::I64(_) => "int64",
+            star_artifact::Data::F32(_) => Dtype::Float32,
+            star_artifact::Data::I64(_) => Dtype::Int64,
         };
         let want: Vec<Option<usize>> = spec
             .shape

@@ -8,7 +8,7 @@ use std::path::Path;
 #[test]
 fn cuda_provider_of_the_gpu_wheel_refuses_without_a_device() {
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-gpu");
-    let Some(lib) = star_engines::backend::ort_library_in_venv(&venv) else {
+    let Some(lib) = star_engines::ort::ort_library_in_venv(&venv) else {
         eprintln!("skipped: no .venv-gpu (bash scripts/setup-ort.sh --gpu)");
         return;
     };
@@ -16,7 +16,7 @@ fn cuda_provider_of_the_gpu_wheel_refuses_without_a_device() {
         eprintln!("skipped: this machine has a GPU (scripts/gpu-check.sh tests it)");
         return;
     }
-    let loaded = star_engines::gpu::preload_cuda_libraries(&lib).unwrap();
+    let loaded = star_engines::ort::cuda::preload_cuda_libraries(&lib).unwrap();
     let names: Vec<String> = loaded
         .iter()
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -27,7 +27,7 @@ fn cuda_provider_of_the_gpu_wheel_refuses_without_a_device() {
             "{want} not in {names:?}"
         );
     }
-    let env = star_engines::backend::ort_environment_at("ort-cuda", &lib).unwrap();
+    let env = star_engines::ort::ort_environment_at("ort-cuda", &lib).unwrap();
     let graph = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo-model/decoder.onnx");
     let ep = ort::ep::CUDA::default().build().error_on_failure();
     let r = ort::session::Session::builder(env)

@@ -6,24 +6,24 @@ use std::path::Path;
 
 #[test]
 fn placement_lists_every_node_with_its_provider() {
-    let env = star_engines::backend::ort_environment().expect("bash scripts/setup-ort.sh");
+    let env = star_engines::ort::ort_environment().expect("bash scripts/setup-ort.sh");
     let graph = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo-model/decoder.onnx");
     let s = ort::session::Session::builder(env)
         .unwrap()
-        .with_config_entry(star_engines::ort_bind::PLACEMENT_CONFIG, "1")
+        .with_config_entry(star_engines::ort::bind::PLACEMENT_CONFIG, "1")
         .unwrap()
         .commit_from_file(&graph)
         .unwrap();
-    let placed = star_engines::ort_bind::placement(&s).unwrap();
+    let placed = star_engines::ort::bind::placement(&s).unwrap();
     assert!(placed.len() > 10, "{placed:?}");
     assert!(
         placed.iter().all(|(ep, _, _)| ep == "CPUExecutionProvider"),
         "{placed:?}"
     );
-    let cpu = star_engines::ort_bind::cpu_compute_nodes(&placed);
+    let cpu = star_engines::ort::bind::cpu_compute_nodes(&placed);
     assert!(cpu.iter().any(|(op, _)| op == "Conv"), "{cpu:?}");
     // The refusal's list names every node, grouped by operator type.
-    let listed = star_engines::ort_bind::describe_cpu_nodes(&cpu);
+    let listed = star_engines::ort::bind::describe_cpu_nodes(&cpu);
     for (_, name) in &cpu {
         assert!(
             listed.contains(name.as_str()),
@@ -38,9 +38,8 @@ fn placement_lists_every_node_with_its_provider() {
 /// uses the environment's allocators runs.
 #[test]
 fn sessions_can_share_the_environment_allocator() {
-    let env = star_engines::backend::ort_environment().expect("bash scripts/setup-ort.sh");
-    star_engines::ort_bind::register_env_allocator(env, star_engines::ort_bind::Place::Host)
-        .unwrap();
+    let env = star_engines::ort::ort_environment().expect("bash scripts/setup-ort.sh");
+    star_engines::ort::bind::register_env_allocator(env, star_engines::ort::Place::Host).unwrap();
     let graph = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo-model/decoder.onnx");
     let mut s = ort::session::Session::builder(env)
         .unwrap()

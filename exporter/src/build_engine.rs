@@ -4,10 +4,11 @@
 
 use crate::error::{ExportError, Result};
 use crate::export::{abandon_out, check_out, commit_out, out_done, prepare_out};
-use star_engines::engine_plan::{
+use star_artifact::engine_manifest::{
     self, BuildOptions, BuiltEngine, EngineBackend, EngineManifest, Plan, PLAN_FILE,
 };
-use star_engines::manifest::{Integrity, Manifest};
+use star_artifact::integrity::Integrity;
+use star_artifact::manifest::Manifest;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -41,8 +42,8 @@ pub fn plan_of(a: &BuildEngineArgs) -> Result<(Manifest, Plan)> {
         })
     })?;
     let m = Manifest::load(&a.model)?;
-    star_engines::check::check_manifest(&m, &a.model)?;
-    let plan = engine_plan::plan(&m, &a.model, backend, &a.options)?;
+    star_artifact::check::check_manifest(&m, &a.model)?;
+    let plan = engine_manifest::plan(&m, &a.model, backend, &a.options)?;
     Ok((m, plan))
 }
 
@@ -62,7 +63,7 @@ pub fn build_engine(a: &BuildEngineArgs) -> Result<Outcome> {
     // The library and the GPU before the model files are hashed: a machine that cannot build
     // says so at once.
     let mut builder =
-        star_engines::gpu::engine_builder(plan.backend, a.tensorrt_lib.as_deref(), a.device)?;
+        star_engines::registry::engine_builder(plan.backend, a.tensorrt_lib.as_deref(), a.device)?;
     let started = Instant::now();
     m.verify_files(&a.model, Integrity::Stamped)?;
     let tmp = prepare_out(&a.out, a.quiet)?;
@@ -80,7 +81,7 @@ pub fn build_engine(a: &BuildEngineArgs) -> Result<Outcome> {
 fn build_all(
     a: &BuildEngineArgs,
     plan: &Plan,
-    builder: &mut dyn engine_plan::EngineBuilder,
+    builder: &mut dyn star_engines::build::EngineBuilder,
     tmp: &Path,
     started: Instant,
 ) -> Result<EngineManifest> {
@@ -117,18 +118,18 @@ fn build_all(
             stage: e.stage,
             file: e.file.clone(),
             bytes,
-            sha256: star_engines::manifest::sha256_file(&out)?,
+            sha256: star_artifact::hash::sha256_file(&out)?,
             build_seconds: (secs * 10.0).round() / 10.0,
         });
     }
     let em = EngineManifest {
-        schema_version: engine_plan::ENGINE_SCHEMA_VERSION,
+        schema_version: engine_manifest::ENGINE_SCHEMA_VERSION,
         producer: format!("star-export {}", env!("CARGO_PKG_VERSION")),
         target: builder.target().clone(),
         plan: plan.clone(),
         built,
     };
     let text = serde_json::to_string_pretty(&em).expect("an engine manifest serializes") + "\n";
-    write_json(&tmp.join(engine_plan::ENGINE_MANIFEST_FILE), &text)?;
+    write_json(&tmp.join(engine_manifest::ENGINE_MANIFEST_FILE), &text)?;
     Ok(em)
 }

@@ -4,12 +4,13 @@
 //! is written beside the INT8 graphs as JSON and as TensorRT's calibration-cache text.
 
 use crate::error::{io_err, ExportError, Result};
+use star_artifact::hash::sha256_bytes;
+use star_artifact::manifest::{FileEntry, Manifest};
+use star_artifact::stage::io;
 use star_calibration::{ActivationStats, CalibrationTable, Method};
-use star_engines::backend::BackendOptions;
-use star_engines::manifest::{sha256_bytes, FileEntry, Manifest};
-use star_engines::stage::io;
+use star_engines::options::BackendOptions;
 use star_engines::Tensor;
-use star_runtime::pipeline::{GenParams, Hooks, Pipeline};
+use star_pipeline::pipeline::{GenParams, Hooks, Pipeline};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -64,7 +65,7 @@ pub struct Prompts {
 /// skipped.
 pub fn read_prompts(c: &CalibrationArgs) -> Result<Prompts> {
     let (list, bytes) =
-        star_runtime::args::read_prompts_file(&c.prompts).map_err(ExportError::Calibration)?;
+        star_pipeline::args::read_prompts_file(&c.prompts).map_err(ExportError::Calibration)?;
     if c.samples == Some(0) {
         return Err(ExportError::Calibration(
             "--calibration-samples must be at least 1".into(),
@@ -150,7 +151,7 @@ pub fn calibrate(
     })
 }
 
-fn run_err(e: star_runtime::pipeline::RunError) -> ExportError {
+fn run_err(e: star_pipeline::pipeline::RunError) -> ExportError {
     ExportError::Calibration(e.to_string())
 }
 
@@ -176,8 +177,8 @@ pub fn trt_cache(t: &CalibrationTable) -> String {
     s
 }
 
-/// Write the table files into the INT8 directory, list them, record the calibration, and
-/// write the manifest.
+/// Write the table files into the INT8 directory, list them and record the calibration in the
+/// manifest (which the caller writes).
 pub fn record(
     mut m: Manifest,
     dir: &Path,
@@ -194,7 +195,7 @@ pub fn record(
             sha256: sha256_bytes(text.as_bytes()),
         });
     }
-    m.calibration = Some(star_engines::manifest::Calibration {
+    m.calibration = Some(star_artifact::manifest::Calibration {
         method: method_name(c.method),
         samples: t.samples,
         seed: c.seed,
@@ -202,9 +203,9 @@ pub fn record(
         table_file: TABLE_FILE.into(),
         trt_cache_file: TRT_CACHE_FILE.into(),
         table_sha256: t.hash(),
+        weight_bits: star_artifact::manifest::INT8_WEIGHT_BITS,
     });
-    m.model_hash = star_engines::check::model_hash(&m);
-    crate::export::write_manifest(&m, dir)?;
+    m.model_hash = star_artifact::check::model_hash(&m);
     Ok(m)
 }
 

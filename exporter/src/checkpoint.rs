@@ -5,7 +5,7 @@
 use crate::error::{io_err, ExportError, Result};
 use crate::pickle::{self, PickleError, Value};
 use memmap2::Mmap;
-use star_engines::safetensors::{bytes_to_f32, DType, SafeTensors};
+use star_artifact::safetensors::{bytes_to_f32, DType, SafeTensors};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};

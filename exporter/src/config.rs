@@ -3,7 +3,7 @@
 //! full-size checkpoint without the multi-GB file.
 
 use crate::error::{ExportError, Result};
-use star_engines::manifest::{ModelConfig, TextConfig, VqConfig};
+use star_artifact::manifest::{ModelConfig, TextConfig, VqConfig};
 use std::collections::BTreeMap;
 
 pub type Shapes = BTreeMap<String, Vec<usize>>;
@@ -21,17 +21,19 @@ fn count_indexed(s: &Shapes, prefix: &str, suffix: &str) -> usize {
     n
 }
 
+/// What a transformer checkpoint says of the model: its part of the config (`text` and `vq`
+/// come from the other two checkpoints, in `combine`) and its number of scales.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TransformerShape {
-    pub depth: usize,
-    pub width: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-    pub vocab: usize,
-    pub cvae: usize,
-    pub text_width: usize,
+    pub config: ModelConfig,
     pub scales: usize,
-    pub sampler_blocks: usize,
+}
+
+impl std::ops::Deref for TransformerShape {
+    type Target = ModelConfig;
+    fn deref(&self) -> &ModelConfig {
+        &self.config
+    }
 }
 
 pub fn infer_transformer(s: &Shapes) -> Result<TransformerShape> {
@@ -77,15 +79,19 @@ pub fn infer_transformer(s: &Shapes) -> Result<TransformerShape> {
         }
     }
     Ok(TransformerShape {
-        depth,
-        width,
-        heads,
-        head_dim: width / heads,
-        vocab,
-        cvae,
-        text_width,
+        config: ModelConfig {
+            depth,
+            width,
+            heads,
+            head_dim: width / heads,
+            vocab,
+            cvae,
+            text_width,
+            sampler_blocks,
+            text: TextConfig::default(),
+            vq: VqConfig::default(),
+        },
         scales,
-        sampler_blocks,
     })
 }
 
@@ -190,15 +196,8 @@ pub fn combine(
         )));
     }
     Ok(ModelConfig {
-        depth: t.depth,
-        width: t.width,
-        heads: t.heads,
-        head_dim: t.head_dim,
-        vocab: t.vocab,
-        cvae: t.cvae,
-        text_width: t.text_width,
-        sampler_blocks: t.sampler_blocks,
         text: text.clone(),
         vq: vq.clone(),
+        ..t.config.clone()
     })
 }

@@ -41,14 +41,14 @@ pub enum ExportError {
     Resolution(usize),
     #[error("bad schedule: {0}")]
     Schedule(String),
-    #[error("precision '{0}' is not one of fp32, fp16, int8")]
-    Precision(String),
     #[error("calibration: {0}")]
     Calibration(String),
     #[error("output {path}: {why}")]
     Output { path: PathBuf, why: String },
     #[error(transparent)]
     Engine(#[from] star_engines::EngineError),
+    #[error(transparent)]
+    Artifact(#[from] star_artifact::ArtifactError),
     #[error("validation failed: {0}")]
     Validation(String),
 }

@@ -8,9 +8,9 @@ use crate::error::{io_err, ExportError, Result};
 use crate::graph::builder::{write_model, Amax, Precision, WeightStore, G};
 use crate::graph::{text, transformer, vq, Src};
 use crate::schedule;
-use star_engines::manifest::{
-    sha256_bytes, sha256_file, FileEntry, GraphEntry, Manifest, ModelConfig, SamplingDefaults,
-    Schedule, SCHEMA_VERSION,
+use star_artifact::hash::{sha256_bytes, sha256_file};
+use star_artifact::manifest::{
+    FileEntry, GraphEntry, Manifest, ModelConfig, SamplingDefaults, Schedule, SCHEMA_VERSION,
 };
 use star_engines::Stage;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ pub struct ExportArgs {
     pub resolution: Option<usize>,
     pub patch_nums: Option<Vec<usize>>,
     pub out: PathBuf,
-    pub precision: String,
+    pub precision: Precision,
     pub cfg: Option<f64>,
     pub top_k: Option<usize>,
     pub top_p: Option<f64>,
@@ -329,7 +329,7 @@ pub(crate) fn out_done() {
 }
 
 pub fn export(a: &ExportArgs) -> Result<Manifest> {
-    let precision = Precision::parse(&a.precision)?;
+    let precision = a.precision;
     // Everything about the calibration request is checked before any work.
     let prompts = match (precision, &a.calibration) {
         (Precision::Int8, Some(c)) => Some(crate::calibrate::read_prompts(c)?),
@@ -360,9 +360,9 @@ pub fn export(a: &ExportArgs) -> Result<Manifest> {
         let stamps: Vec<_> = m
             .files
             .iter()
-            .filter_map(|f| star_engines::stamp::FileStamp::of(&a.out, &f.file, &f.sha256))
+            .filter_map(|f| star_artifact::stamp::FileStamp::of(&a.out, &f.file, &f.sha256))
             .collect();
-        star_engines::stamp::save(&a.out, &m, &stamps);
+        star_artifact::stamp::save(&a.out, &m, &stamps);
         Ok(m)
     });
     if result.is_err() {
@@ -434,8 +434,10 @@ fn calibrated(
         probing: false,
         amax: Some(&table.amax),
     };
-    write_all(a, src, &build, tmp, started)
-        .and_then(|m| crate::calibrate::record(m, tmp, &table, c, prompts))
+    let m = write_all(a, src, &build, tmp, started)
+        .and_then(|m| crate::calibrate::record(m, tmp, &table, c, prompts))?;
+    write_manifest(&m, tmp)?;
+    Ok(m)
 }
 
 fn write_all(
@@ -462,11 +464,11 @@ fn write_all(
     };
     let mut store = WeightStore::create(dir, WEIGHTS_FILE)?;
     let mut graphs = vec![];
-    let plan = star_engines::check::required_stages(cfg, sch);
+    let plan = star_artifact::check::required_stages(cfg, sch);
     let total = plan.len();
     for (i, stage) in plan.into_iter().enumerate() {
         let name = stage.name();
-        let graph_precision = Precision::parse(stage.graph_precision(precision.name()))?;
+        let graph_precision = stage.graph_precision(precision);
         let mut g = G::new(name, graph_precision, &mut store);
         g.probing = build.probing;
         g.amax = build.amax;
@@ -487,13 +489,13 @@ fn write_all(
         let file = stage.file();
         let path = dir.join(&file);
         write_model(&path, &model)?;
-        let bytes = star_engines::onnx::encode_model(&model);
-        let (_, _, scales, profiles) = star_engines::check::expected_io(stage, cfg, sch);
+        let bytes = star_artifact::onnx::encode_model(&model);
+        let (_, _, scales, profiles) = star_artifact::check::expected_io(stage, cfg, sch);
         graphs.push(GraphEntry {
             stage,
             file,
             sha256: sha256_bytes(&bytes),
-            precision: graph_precision.name().into(),
+            precision: graph_precision,
             inputs,
             outputs,
             scales,
@@ -532,8 +534,8 @@ fn write_all(
     let mut manifest = Manifest {
         schema_version: SCHEMA_VERSION,
         producer: format!("star-export {}", env!("CARGO_PKG_VERSION")),
-        precision: precision.name().into(),
-        opset: star_engines::onnx::OPSET,
+        precision,
+        opset: star_artifact::onnx::OPSET,
         config: cfg.clone(),
         schedule: sch.clone(),
         sampling_defaults: SamplingDefaults {
@@ -546,7 +548,7 @@ fn write_all(
         model_hash: String::new(),
         calibration: None,
     };
-    manifest.model_hash = star_engines::check::model_hash(&manifest);
+    manifest.model_hash = star_artifact::check::model_hash(&manifest);
     if manifest.sampling_defaults.top_k > cfg.vocab {
         return Err(ExportError::Schedule(format!(
             "--default-top-k {} exceeds the vocabulary ({})",
@@ -563,8 +565,8 @@ fn write_all(
 
 /// Check (never write a directory star-run would refuse), then write manifest.json.
 pub(crate) fn write_manifest(m: &Manifest, dir: &Path) -> Result<()> {
-    star_engines::check::check_manifest(m, dir)?;
-    let mp = dir.join(star_engines::manifest::MANIFEST_FILE);
+    star_artifact::check::check_manifest(m, dir)?;
+    let mp = dir.join(star_artifact::manifest::MANIFEST_FILE);
     let text = serde_json::to_string_pretty(m).expect("manifest serialises");
     std::fs::write(&mp, text).map_err(io_err(&mp))
 }

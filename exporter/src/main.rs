@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
-use star_engines::backend::BackendOptions;
+use star_artifact::dtype::Precision;
+use star_engines::options::BackendOptions;
 use star_export::export::{export, ExportArgs};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,8 +55,8 @@ enum Cmd {
         /// decoder stay FP32. On ort-cpu, fp16 is an accuracy check, not a speed path (ONNX
         /// Runtime's CPU provider computes most FP16 nodes through casts to FP32); int8 is the
         /// CPU speed path.
-        #[arg(long, default_value = "fp32", value_parser = clap::builder::PossibleValuesParser::new(star_engines::manifest::PRECISIONS))]
-        precision: String,
+        #[arg(long, default_value = "fp32", value_parser = precision_arg())]
+        precision: Precision,
         /// int8: calibration prompts, one per line (# comments); calibration/prompts/ has a
         /// shapes set for the demo and a general set.
         #[arg(long)]
@@ -72,13 +73,13 @@ enum Cmd {
         #[arg(long, default_value_t = 0, requires = "calibration")]
         seed: u64,
         /// Guidance scale stored as this model's default, a finite number >= 0 [default: 4.0].
-        #[arg(long, value_parser = star_runtime::args::cfg)]
+        #[arg(long, value_parser = star_pipeline::args::cfg)]
         default_cfg: Option<f64>,
         /// top-k stored as this model's default [default: 600 of 4096, scaled to the vocabulary].
         #[arg(long)]
         default_top_k: Option<usize>,
         /// top-p stored as this model's default, in [0, 1] [default: 0.8].
-        #[arg(long, value_parser = star_runtime::args::top_p)]
+        #[arg(long, value_parser = star_pipeline::args::top_p)]
         default_top_p: Option<f64>,
         /// No progress lines.
         #[arg(long)]
@@ -149,10 +150,17 @@ enum Cmd {
     },
 }
 
+/// `--precision`: one of the contract's precisions, listed in --help.
+fn precision_arg() -> impl clap::builder::TypedValueParser<Value = Precision> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Precision::ALL.map(Precision::name))
+        .try_map(|s| s.parse::<Precision>())
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => return star_runtime::args::usage_error(e),
+        Err(e) => return star_pipeline::args::usage_error(e),
     };
     if let Err(e) = star_export::export::install_interrupt_cleanup() {
         eprintln!("error: {e}");
@@ -265,7 +273,7 @@ fn run(cli: Cli) -> star_export::Result<ExitCode> {
                 model,
                 backend,
                 out: out.clone(),
-                options: star_engines::engine_plan::BuildOptions {
+                options: star_artifact::engine_manifest::BuildOptions {
                     batch,
                     workspace_gb,
                     opt_level,

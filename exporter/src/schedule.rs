@@ -2,7 +2,7 @@
 //! the normalized 2D RoPE table, and the constant resampling matrices of the VQ transitions.
 
 use crate::error::{ExportError, Result};
-use star_engines::manifest::Schedule;
+use star_artifact::manifest::Schedule;
 
 pub fn patch_nums_for(resolution: usize) -> Result<Vec<usize>> {
     Ok(match resolution {
@@ -13,11 +13,11 @@ pub fn patch_nums_for(resolution: usize) -> Result<Vec<usize>> {
     })
 }
 
-pub use star_engines::schedule::{phi_index, reveal_counts, substep_count, SAMPLER_FROM_SCALE};
+pub use star_artifact::schedule::{phi_index, reveal_counts, substep_count, SAMPLER_FROM_SCALE};
 
-/// The schedule of `patch_nums` (star_engines::schedule::derive), as an export error.
+/// The schedule of `patch_nums` (star_artifact::schedule::derive), as an export error.
 pub fn build(patch_nums: &[usize], phi_count: usize, with_sampler: bool) -> Result<Schedule> {
-    star_engines::schedule::derive(patch_nums, phi_count, with_sampler)
+    star_artifact::schedule::derive(patch_nums, phi_count, with_sampler)
         .map_err(ExportError::Schedule)
 }
 

@@ -1,16 +1,16 @@
 //! `star-export validate`: run every exported stage on the recorded inputs of a fixture variant
 //! folder and compare with the recorded outputs. Generation records go through the runtime's one
-//! scale loop (`star_runtime::replay::replay_record`) with stage isolation: the transformer takes
+//! scale loop (`star_pipeline::replay::replay_record`) with stage isolation: the transformer takes
 //! the recorded text features; every later stage takes our own value from the previous stage.
 
 use crate::error::{ExportError, Result};
 use crate::schedule::{area_matrix, bicubic_matrix, rope_table};
-use star_engines::backend::BackendOptions;
-use star_engines::golden::{compare, Record, Report, FP32_TOL};
+use star_artifact::golden::{compare, Record, Report, FP32_TOL};
+use star_artifact::stage::io;
 use star_engines::model_dir::ModelDir;
-use star_engines::stage::io;
+use star_engines::options::BackendOptions;
 use star_engines::{Stage, Tensor};
-use star_runtime::pipeline::Pipeline;
+use star_pipeline::pipeline::Pipeline;
 use std::path::Path;
 
 /// Compare `ours` with the record's tensor `name` (reduced to what the record stored), if the
@@ -53,7 +53,7 @@ pub fn validate(model: &Path, golden: &Path, opts: BackendOptions) -> Result<Rep
     if golden.join("vq.safetensors").is_file() {
         vq_record(md, &Record::open(&golden.join("vq"))?, &mut rep)?;
     }
-    let gens = star_engines::golden::generation_records(golden)?;
+    let gens = star_artifact::golden::generation_records(golden)?;
     for g in gens {
         gen_record(&mut p, &Record::open(&g)?, &mut rep)?;
     }
@@ -127,7 +127,7 @@ fn rope_record(md: &ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     let mut ours_c = Tensor::f32(vec![l, 32], cos);
     let mut ours_s = Tensor::f32(vec![l, 32], sin);
     if r.has("freqs_cis_rows") {
-        let rows = star_engines::golden::to_usize(&r.get("freqs_cis_rows")?);
+        let rows = star_artifact::golden::to_usize(&r.get("freqs_cis_rows")?);
         ours_c = ours_c.select(0, &rows);
         ours_s = ours_s.select(0, &rows);
     }
@@ -265,7 +265,7 @@ fn gen_record(p: &mut Pipeline, r: &Record, rep: &mut Report) -> Result<()> {
             "text.pooled",
         ],
     )?;
-    let prompts: std::collections::HashSet<String> = star_runtime::replay::record_prompts(r)
+    let prompts: std::collections::HashSet<String> = star_pipeline::replay::record_prompts(r)
         .into_iter()
         .collect();
     if prompts.len() > 1 {
@@ -278,7 +278,7 @@ fn gen_record(p: &mut Pipeline, r: &Record, rep: &mut Report) -> Result<()> {
         );
         return Ok(());
     }
-    let got = star_runtime::replay::replay_record(p, r, true).map_err(run_err)?;
+    let got = star_pipeline::replay::replay_record(p, r, true).map_err(run_err)?;
     rep.checks.extend(got.checks);
     Ok(())
 }
@@ -290,18 +290,14 @@ fn tol_of(md: &ModelDir, stage: Stage) -> Result<f64> {
     let precision = md
         .manifest
         .graph(stage)
-        .map(|g| g.precision.as_str())
-        .unwrap_or(md.manifest.precision.as_str());
-    star_engines::golden::tolerance(precision).ok_or_else(|| {
-        ExportError::Validation(format!(
-            "no tolerance is defined for precision '{precision}'"
-        ))
-    })
+        .map(|g| g.precision)
+        .unwrap_or(md.manifest.precision);
+    Ok(star_artifact::golden::tolerance(precision))
 }
 
-fn run_err(e: star_runtime::pipeline::RunError) -> ExportError {
+fn run_err(e: star_pipeline::pipeline::RunError) -> ExportError {
     match e {
-        star_runtime::pipeline::RunError::Engine(e) => ExportError::Engine(e),
+        star_pipeline::pipeline::RunError::Engine(e) => ExportError::Engine(e),
         other => ExportError::Validation(other.to_string()),
     }
 }

@@ -6,27 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo-model")
+    star_cli_test::demo_model()
 }
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use star_cli_test::Out;
 
 fn star_export(args: &[&str], env: &[(&str, &str)]) -> Out {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_star-export"));
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    star_cli_test::run(env!("CARGO_BIN_EXE_star-export"), args, env)
 }
 
 fn refused(args: &[&str], env: &[(&str, &str)], needle: &str) {
@@ -94,7 +80,7 @@ fn dry_run_writes_and_prints_the_plan() {
         .map(|e| e.file_name().into_string().unwrap())
         .collect();
     assert_eq!(names, vec!["plan.json"]);
-    let plan: star_engines::engine_plan::Plan = serde_json::from_str(&written).unwrap();
+    let plan: star_artifact::engine_manifest::Plan = serde_json::from_str(&written).unwrap();
     assert_eq!(plan.engines.len(), 6);
     assert!(Path::new(&plan.model.path).is_absolute());
     // The out directory now exists: a second dry run is refused.

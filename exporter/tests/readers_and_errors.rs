@@ -4,10 +4,9 @@
 use star_export::checkpoint::Checkpoint;
 use star_export::config::{infer_transformer, Shapes};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    star_cli_test::fixtures()
 }
 
 /// A torch-style checkpoint of the given tensors, optionally with a foreign GLOBAL.
@@ -138,22 +137,9 @@ fn config_inference_on_release_key_lists() {
 
 // ---- CLI bad input ---------------------------------------------------------------------------
 
-struct Run {
-    code: i32,
-    stderr: String,
-}
-
-fn export(args: &[&str]) -> Run {
-    let o = Command::new(env!("CARGO_BIN_EXE_star-export"))
-        .arg("export")
-        .arg("--quiet")
-        .args(args)
-        .output()
-        .unwrap();
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+fn export(args: &[&str]) -> star_cli_test::Out {
+    let all: Vec<&str> = ["export", "--quiet"].iter().chain(args).copied().collect();
+    star_cli_test::run(env!("CARGO_BIN_EXE_star-export"), &all, &[])
 }
 
 fn args_with(
@@ -503,17 +489,8 @@ fn argument_errors_are_one_line_before_any_work() {
         (vec!["validate".into()], "--model"),
     ];
     for (args, needle) in cases {
-        let r = Command::new(env!("CARGO_BIN_EXE_star-export"))
-            .args(&args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&r.stderr);
-        assert_eq!(r.status.code(), Some(2), "{args:?}: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: '{needle}' not in {stderr}"
-        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        star_cli_test::run(env!("CARGO_BIN_EXE_star-export"), &args, &[]).assert_refused(needle);
         assert!(!out.exists());
     }
 }

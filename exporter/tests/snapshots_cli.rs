@@ -2,17 +2,10 @@
 //! artifact contract or to any exported byte shows up here).
 
 use std::path::Path;
-use std::process::Command;
 
 fn run(args: &[&str]) -> (i32, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_star-export"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-    )
+    let o = star_cli_test::run(env!("CARGO_BIN_EXE_star-export"), args, &[]);
+    (o.code, o.stdout)
 }
 
 #[test]

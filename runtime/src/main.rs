@@ -1,8 +1,8 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use star_engines::backend::BackendOptions;
-use star_runtime::image::Meta;
-use star_runtime::pipeline::{GenParams, Generated, Hooks, Pipeline};
+use star_engines::options::{BackendOptions, GpuOptions};
+use star_pipeline::image::Meta;
+use star_pipeline::pipeline::{GenParams, Generated, Hooks, Pipeline};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -66,15 +66,14 @@ struct BackendArgs {
 
 impl BackendArgs {
     fn options(&self) -> BackendOptions {
-        BackendOptions {
-            name: self.backend.clone().unwrap_or_else(|| "ort-cpu".into()),
-            threads: self.threads,
+        let mut o =
+            BackendOptions::named(self.backend.as_deref().unwrap_or("ort-cpu"), self.threads);
+        o.verbose = self.verbose;
+        o.gpu = GpuOptions {
             device: self.device,
             allow_cpu_fallback: self.allow_cpu_fallback,
-            verbose: self.verbose,
-            engine_dir: None,
-            ..BackendOptions::default()
-        }
+        };
+        o
     }
 }
 
@@ -87,20 +86,20 @@ impl ModelArgs {
             let dir = self
                 .model
                 .clone()
-                .unwrap_or_else(|| PathBuf::from(star_runtime::EMBEDDED_MODEL));
+                .unwrap_or_else(|| PathBuf::from(star_pipeline::EMBEDDED_MODEL));
             return Ok((dir, opts));
         };
         if !e
-            .join(star_engines::engine_plan::ENGINE_MANIFEST_FILE)
+            .join(star_artifact::engine_manifest::ENGINE_MANIFEST_FILE)
             .exists()
-            && e.join(star_engines::manifest::MANIFEST_FILE).exists()
+            && e.join(star_artifact::manifest::MANIFEST_FILE).exists()
         {
             anyhow::bail!(
                 "{} is a model directory, not an engine directory: run it with --model {0} (--engine takes the output of star-export build-engine)",
                 e.display()
             );
         }
-        let em = star_engines::engine_plan::EngineManifest::load(e)?;
+        let em = star_artifact::engine_manifest::EngineManifest::load(e)?;
         opts.name = em.plan.backend.name().into();
         opts.engine_dir = Some(e.clone());
         let dir = self
@@ -114,13 +113,13 @@ impl ModelArgs {
 #[derive(Args, Clone)]
 struct SamplingArgs {
     /// Classifier-free guidance scale, a finite number >= 0 (0 = no guidance) [default: the model's, 4.0 for released models].
-    #[arg(long, value_parser = star_runtime::args::cfg)]
+    #[arg(long, value_parser = star_pipeline::args::cfg)]
     cfg: Option<f64>,
     /// Keep the k most likely tokens (0 = off) [default: the model's].
     #[arg(long)]
     top_k: Option<usize>,
     /// Nucleus filter, in [0, 1] (0 = off) [default: the model's].
-    #[arg(long, value_parser = star_runtime::args::top_p)]
+    #[arg(long, value_parser = star_pipeline::args::top_p)]
     top_p: Option<f64>,
     /// Seed (0 to 2^64-1); image i of a call uses seed + i.
     #[arg(long, default_value_t = 42)]
@@ -249,7 +248,7 @@ enum Cmd {
         /// 95% of this, an `n` that cannot fit is refused with 422, and a request that needs more
         /// than the system has left fails alone with 500. Default: 90% of the machine's memory
         /// or of the container's (cgroup) limit.
-        #[arg(long, value_parser = star_runtime::memory::parse_size)]
+        #[arg(long, value_parser = star_pipeline::memory::parse_size)]
         max_memory: Option<u64>,
     },
     /// Latency benchmark: per-stage median/p90/min over repeated generations.
@@ -278,7 +277,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => return star_runtime::args::usage_error(e),
+        Err(e) => return star_pipeline::args::usage_error(e),
     };
     match run(cli) {
         Ok(c) => c,
@@ -332,7 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("--golden {}: no such fixture folder", golden.display());
             }
             let (mut p, _) = open(&model)?;
-            let rep = star_runtime::replay::replay(&mut p, &golden)?;
+            let rep = star_pipeline::replay::replay(&mut p, &golden)?;
             print!("{}", rep.table());
             Ok(if rep.all_pass() {
                 ExitCode::SUCCESS
@@ -350,13 +349,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_kv_cache,
         }) => {
             if let Some(j) = &json {
-                star_runtime::args::check_output_file(j, "--json").map_err(anyhow::Error::msg)?;
+                star_pipeline::args::check_output_file(j, "--json").map_err(anyhow::Error::msg)?;
             }
             let (mut p, _) = open(&model)?;
             let mut gp = params(&p, &sampling);
             gp.recompute_past = no_kv_cache;
             p.check_params(1, &gp)?;
-            let r = star_runtime::bench::bench(
+            let r = star_pipeline::bench::bench(
                 &mut p,
                 &prompt,
                 &gp,
@@ -366,7 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             print!("{}", r.table);
             if let Some(j) = json {
-                star_runtime::image::write_atomic(
+                star_pipeline::image::write_atomic(
                     &j,
                     serde_json::to_string_pretty(&r.json)?.as_bytes(),
                 )
@@ -384,16 +383,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             backend,
         }) => {
             let (prompts, _) =
-                star_runtime::args::read_prompts_file(&prompts).map_err(anyhow::Error::msg)?;
+                star_pipeline::args::read_prompts_file(&prompts).map_err(anyhow::Error::msg)?;
             for (f, flag) in [(&json, "--json"), (&grid, "--grid")] {
                 if let Some(f) = f {
-                    star_runtime::args::check_output_file(f, flag).map_err(anyhow::Error::msg)?;
+                    star_pipeline::args::check_output_file(f, flag).map_err(anyhow::Error::msg)?;
                 }
             }
             let opts = backend.options();
             let mut r = Pipeline::open(&reference, opts.clone())?;
             let mut c = Pipeline::open(&candidate, opts)?;
-            let rep = star_runtime::compare::compare(
+            let rep = star_pipeline::compare::compare(
                 &mut r,
                 &mut c,
                 &prompts,
@@ -408,7 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             print!("{}", rep.table());
             if let Some(j) = json {
-                star_runtime::image::write_atomic(
+                star_pipeline::image::write_atomic(
                     &j,
                     serde_json::to_string_pretty(&rep)?.as_bytes(),
                 )
@@ -428,7 +427,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         format!("star-run {}", env!("CARGO_PKG_VERSION")),
                     ),
                 ];
-                star_runtime::image::write_png(&g, &rgb, w, h, &meta)?;
+                star_pipeline::image::write_png(&g, &rgb, w, h, &meta)?;
                 eprintln!("wrote {} ({w}x{h})", g.display());
             }
             Ok(ExitCode::SUCCESS)
@@ -446,7 +445,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_memory,
         }) => {
             let (dir, backend) = model.resolve()?;
-            star_runtime::serve::serve(star_runtime::serve::ServeOptions {
+            star_serve::serve(star_serve::ServeOptions {
                 model: dir,
                 backend,
                 host,
@@ -466,7 +465,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let md = star_engines::model_dir::ModelDir::open_with(
                 &dir,
                 opts,
-                star_engines::manifest::Integrity::Full,
+                star_artifact::integrity::Integrity::Full,
             )?;
             let m = &md.manifest;
             println!(
@@ -500,19 +499,19 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
     let outs: Vec<PathBuf> = match (&a.out, &a.out_dir) {
         (Some(_), Some(_)) => anyhow::bail!("give --out or --out-dir, not both"),
         (Some(o), None) if prompts.len() == 1 => {
-            star_runtime::args::check_output_file(o, "--out").map_err(anyhow::Error::msg)?;
+            star_pipeline::args::check_output_file(o, "--out").map_err(anyhow::Error::msg)?;
             vec![o.clone()]
         }
         (Some(_), None) => anyhow::bail!("{} images requested: use --out-dir", prompts.len()),
         (None, Some(d)) => {
-            star_runtime::args::check_output_dir(d).map_err(anyhow::Error::msg)?;
+            star_pipeline::args::check_output_dir(d).map_err(anyhow::Error::msg)?;
             (0..prompts.len())
                 .map(|i| d.join(format!("img_{i:03}.png")))
                 .collect()
         }
         (None, None) if prompts.len() == 1 => {
             let o = PathBuf::from("star.png");
-            star_runtime::args::check_output_file(&o, "--out").map_err(anyhow::Error::msg)?;
+            star_pipeline::args::check_output_file(&o, "--out").map_err(anyhow::Error::msg)?;
             vec![o]
         }
         (None, None) => anyhow::bail!("{} images requested: use --out-dir", prompts.len()),
@@ -553,15 +552,15 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     for (i, out) in outs.iter().enumerate() {
-        let rgb = star_runtime::image::to_rgb8(image.as_f32().unwrap(), i, h, w);
-        let meta = star_runtime::image::generation_meta(
+        let rgb = star_pipeline::image::to_rgb8(image.as_f32().unwrap(), i, h, w);
+        let meta = star_pipeline::image::generation_meta(
             &prompts[i],
             &a.negative_prompt,
-            star_runtime::rng::image_seed(gp.seed, i),
+            star_pipeline::rng::image_seed(gp.seed, i),
             &gp,
             &p,
         );
-        star_runtime::image::write_png(out, &rgb, w, h, &meta)?;
+        star_pipeline::image::write_png(out, &rgb, w, h, &meta)?;
         if !a.quiet {
             println!("wrote {} ({w}x{h})", out.display());
         }

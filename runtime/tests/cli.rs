@@ -2,30 +2,15 @@
 //! and no PNG; `--help` texts are snapshotted.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn demo() -> PathBuf {
-    PathBuf::from(star_runtime::EMBEDDED_MODEL)
+    PathBuf::from(star_pipeline::EMBEDDED_MODEL)
 }
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use star_cli_test::Out;
 
 fn star_run(args: &[&str], env: &[(&str, &str)]) -> Out {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_star-run"));
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    star_cli_test::run(env!("CARGO_BIN_EXE_star-run"), args, env)
 }
 
 /// A private copy of the demo model directory to damage.
@@ -67,15 +52,7 @@ fn expect_error(model: &Path, extra: &[&str], env: &[(&str, &str)], needle: &str
     ];
     args.extend_from_slice(extra);
     let o = star_run(&args, env);
-    assert_eq!(o.code, 2, "stdout: {} stderr: {}", o.stdout, o.stderr);
-    assert_eq!(
-        o.stderr.trim().lines().count(),
-        1,
-        "one line expected, got: {}",
-        o.stderr
-    );
-    assert!(o.stderr.starts_with("error: "), "{}", o.stderr);
-    assert!(o.stderr.contains(needle), "'{needle}' not in: {}", o.stderr);
+    o.assert_refused(needle);
     assert!(!png.exists(), "a PNG was written despite the error");
     let stray: Vec<_> = std::fs::read_dir(t.path()).unwrap().flatten().collect();
     assert!(stray.is_empty(), "left behind: {stray:?}");
@@ -170,7 +147,12 @@ fn precision_disagreeing_with_the_graphs_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
     edit_manifest(&m, "\"precision\": \"fp32\"", "\"precision\": \"bf16\"");
-    expect_error(&m, &[], &[], "precision 'bf16' is not one of");
+    expect_error(
+        &m,
+        &[],
+        &[],
+        "unknown variant `bf16`, expected one of `fp32`, `fp16`, `int8`",
+    );
 }
 
 #[test]
@@ -224,7 +206,7 @@ fn cpu_library() -> PathBuf {
     std::env::var("ORT_DYLIB_PATH")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
-            star_engines::backend::ort_library_in_venv(
+            star_engines::ort::ort_library_in_venv(
                 &Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"),
             )
             .expect("the CPU build of ONNX Runtime (bash scripts/setup-ort.sh)")
@@ -294,7 +276,7 @@ fn engine_directories_are_checked_before_loading() {
         "engine.json: manifest: missing: not an engine directory",
     );
     // An engine directory for a backend this build lacks, or whose library is missing here.
-    let hash = star_engines::manifest::Manifest::load(&demo())
+    let hash = star_artifact::manifest::Manifest::load(&demo())
         .unwrap()
         .model_hash;
     let em = |backend: &str| {

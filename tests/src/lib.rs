@@ -1,5 +1,8 @@
-//! Shared helpers of the workspace tests.
+//! Shared helpers of the workspace tests, and the golden suite every backend instantiates.
 
+pub mod golden_suite;
+
+use star_artifact::dtype::Precision;
 use std::path::{Path, PathBuf};
 
 pub fn root() -> PathBuf {
@@ -15,7 +18,7 @@ pub fn fixtures() -> PathBuf {
 }
 
 pub fn demo_model() -> PathBuf {
-    PathBuf::from(star_runtime::EMBEDDED_MODEL)
+    PathBuf::from(star_pipeline::EMBEDDED_MODEL)
 }
 
 /// Export one fixture variant into `out` (FP32).
@@ -23,8 +26,8 @@ pub fn export_fixture(
     variant: &str,
     resolution: usize,
     out: &Path,
-) -> star_engines::manifest::Manifest {
-    export_fixture_at(variant, resolution, "fp32", out)
+) -> star_artifact::manifest::Manifest {
+    export_fixture_at(variant, resolution, Precision::Fp32, out)
 }
 
 /// The tests' INT8 calibration: four generations of the general prompt set. Fewer leave ranges
@@ -44,9 +47,9 @@ pub fn calibration(prompts: &Path) -> star_export::calibrate::CalibrationArgs {
 pub fn export_fixture_at(
     variant: &str,
     resolution: usize,
-    precision: &str,
+    precision: Precision,
     out: &Path,
-) -> star_engines::manifest::Manifest {
+) -> star_artifact::manifest::Manifest {
     let f = fixtures();
     let a = star_export::export::ExportArgs {
         transformer: f.join(variant).join("star.pth"),
@@ -56,13 +59,13 @@ pub fn export_fixture_at(
         resolution: Some(resolution),
         patch_nums: None,
         out: out.to_path_buf(),
-        precision: precision.into(),
+        precision,
         cfg: None,
         top_k: None,
         top_p: None,
         quiet: true,
         allow_nonfinite: false,
-        calibration: (precision == "int8")
+        calibration: (precision == Precision::Int8)
             .then(|| calibration(&root().join("calibration/prompts/general.txt"))),
         attention_budget: None,
     };

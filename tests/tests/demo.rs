@@ -1,9 +1,10 @@
 //! The embedded demo model: prompt adherence by the demo README's colour rule, batch invariance,
 //! determinism.
 
-use star_engines::backend::BackendOptions;
-use star_runtime::image::to_rgb8;
-use star_runtime::pipeline::{GenParams, NoHooks, Pipeline};
+use star_artifact::dtype::Precision;
+use star_engines::options::BackendOptions;
+use star_pipeline::image::to_rgb8;
+use star_pipeline::pipeline::{GenParams, NoHooks, Pipeline};
 use star_tests::demo_model;
 
 const PALETTE: [(&str, [f64; 3]); 8] = [
@@ -152,8 +153,8 @@ fn released_kv_cache_is_allocated_anew_by_the_next_generation() {
 /// bit, and a given-back stage is created again when it is next run, with the same result.
 #[test]
 fn one_shot_pipeline_gives_sessions_back_and_creates_them_again() {
-    use star_engines::stage::{io, Stage};
-    use star_engines::tensor::Tensor;
+    use star_artifact::stage::{io, Stage};
+    use star_artifact::tensor::Tensor;
     let prompts = ["a green square on a white background".to_string()];
     let mut keep = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
     let mut once = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
@@ -183,11 +184,13 @@ fn one_shot_pipeline_gives_sessions_back_and_creates_them_again() {
             "seed {seed}: the one-shot image differs"
         );
     }
-    once.md.take_created();
+    once.md.memory_policy().expect("ort-cpu").take_created();
     let kept = keep.md.run(Stage::TextEncoder, None, &inputs).unwrap();
     let again = once.md.run(Stage::TextEncoder, None, &inputs).unwrap();
     assert!(
         once.md
+            .memory_policy()
+            .expect("ort-cpu")
             .take_created()
             .iter()
             .any(|c| c.stage == Stage::TextEncoder),
@@ -256,12 +259,12 @@ fn demo_adherence_holds_at_fp16_and_int8() {
     };
     let mut p = Pipeline::open(&demo_model(), BackendOptions::default()).unwrap();
     let fp32 = show("fp32", adherence(&mut p));
-    for (precision, max_drop) in [("fp16", 5.0), ("int8", 10.0)] {
+    for (precision, max_drop) in [(Precision::Fp16, 5.0), (Precision::Int8, 10.0)] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("demo");
         let mut a = demo_export_args(&src, &out);
-        a.precision = precision.into();
-        if precision == "int8" {
+        a.precision = precision;
+        if precision == Precision::Int8 {
             let mut c =
                 star_tests::calibration(&star_tests::root().join("calibration/prompts/shapes.txt"));
             c.samples = None;
@@ -269,7 +272,7 @@ fn demo_adherence_holds_at_fp16_and_int8() {
         }
         star_export::export::export(&a).expect("export");
         let mut q = Pipeline::open(&out, BackendOptions::default()).unwrap();
-        let rate = show(precision, adherence(&mut q));
+        let rate = show(precision.name(), adherence(&mut q));
         assert!(
             rate >= fp32 - max_drop,
             "{precision}: adherence {rate:.1}% is more than {max_drop} points below FP32's {fp32:.1}%"
@@ -313,7 +316,7 @@ fn demo_export_args(
         resolution: None,
         patch_nums: Some(vec![1, 2, 3, 4]),
         out: out.to_path_buf(),
-        precision: "fp32".into(),
+        precision: Precision::Fp32,
         cfg: Some(3.0),
         top_k: Some(64),
         top_p: Some(0.9),
@@ -402,7 +405,7 @@ fn embedded_demo_is_the_export_of_the_official_files() {
         .expect("export of the official demo");
     assert_eq!(m.config.text_width, 128);
     assert_eq!(m.schedule.image_size, 64);
-    let embedded = star_engines::manifest::Manifest::load(&demo_model()).unwrap();
+    let embedded = star_artifact::manifest::Manifest::load(&demo_model()).unwrap();
     assert_eq!(
         m.model_hash, embedded.model_hash,
         "assets/demo-model is stale: regenerate it with scripts/export-demo.sh"

@@ -3,11 +3,11 @@
 //! serves), its snapshots for the fixture models and a d30/1024 key list, and the engine
 //! manifest's round trip and refusal of another GPU or library version.
 
-use star_engines::check::{expected_io, required_stages};
-use star_engines::engine_plan::{
+use star_artifact::check::{expected_io, required_stages};
+use star_artifact::engine_manifest::{
     plan, BuildOptions, BuiltEngine, EngineBackend, EngineManifest, GpuIdentity, Plan, Target,
 };
-use star_engines::manifest::{GraphEntry, Manifest, ModelConfig, SamplingDefaults};
+use star_artifact::manifest::{GraphEntry, Manifest, ModelConfig, SamplingDefaults};
 use star_engines::Stage;
 use std::path::Path;
 
@@ -108,9 +108,12 @@ fn d30_1024_manifest() -> Manifest {
             "vq": {"vocab": 4096, "cvae": 32, "decoder_widths": [640, 320, 320, 160, 160], "phi_count": 4}}"#,
     )
     .unwrap();
-    let schedule =
-        star_engines::schedule::derive(&[1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64], 4, true)
-            .unwrap();
+    let schedule = star_artifact::schedule::derive(
+        &[1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64],
+        4,
+        true,
+    )
+    .unwrap();
     let graphs = required_stages(&config, &schedule)
         .into_iter()
         .map(|stage| {
@@ -119,7 +122,7 @@ fn d30_1024_manifest() -> Manifest {
                 stage,
                 file: stage.file(),
                 sha256: "0".repeat(64),
-                precision: stage.graph_precision("fp16").into(),
+                precision: stage.graph_precision(star_artifact::dtype::Precision::Fp16),
                 inputs,
                 outputs,
                 scales,
@@ -129,9 +132,9 @@ fn d30_1024_manifest() -> Manifest {
         })
         .collect();
     Manifest {
-        schema_version: star_engines::manifest::SCHEMA_VERSION,
+        schema_version: star_artifact::manifest::SCHEMA_VERSION,
         producer: "test".into(),
-        precision: "fp16".into(),
+        precision: star_artifact::dtype::Precision::Fp16,
         opset: 17,
         config,
         schedule,
@@ -208,7 +211,7 @@ fn recorded(backend: EngineBackend, t: Target) -> EngineManifest {
     )
     .unwrap();
     EngineManifest {
-        schema_version: star_engines::engine_plan::ENGINE_SCHEMA_VERSION,
+        schema_version: star_artifact::engine_manifest::ENGINE_SCHEMA_VERSION,
         producer: "star-export test".into(),
         target: t,
         built: p

@@ -1,189 +1,11 @@
-//! Export -> onnx.checker -> validate -> replay for both fixture models (every stage and every
-//! recorded tensor within 1e-4 relative, metric in the README).
+//! What the exported graphs are, beyond the golden suite (`golden_ort_cpu.rs`): TensorRT-parser
+//! operators only, INT8 and FP16 lowering, records of several prompts, one copy of the weights,
+//! the large-step sessions, non-finite records refused, head-grouped attention.
 
-use star_engines::backend::BackendOptions;
-use star_runtime::pipeline::Pipeline;
+use star_artifact::dtype::Precision;
+use star_engines::options::BackendOptions;
+use star_pipeline::pipeline::Pipeline;
 use star_tests::*;
-
-/// Every (backend, precision) this build runs: each golden check below runs once per row, at the
-/// precision's tolerance (`star_engines::golden::tolerance`). A new backend or precision adds a
-/// row here and re-runs every check.
-const RUNS: &[(&str, &str)] = &[
-    ("ort-cpu", "fp32"),
-    ("ort-cpu", "fp16"),
-    ("ort-cpu", "int8"),
-];
-
-fn full_cycle(variant: &str, resolution: usize) {
-    for (backend, precision) in RUNS {
-        let tol = star_engines::golden::tolerance(precision).expect("a tolerance per precision");
-        println!("== {variant} on {backend} at {precision} (tolerance {tol:e})");
-        cycle_on(variant, resolution, backend, precision);
-    }
-}
-
-fn cycle_on(variant: &str, resolution: usize, backend: &str, precision: &str) {
-    let opts = || BackendOptions::named(backend, 0);
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("model");
-    let m = export_fixture_at(variant, resolution, precision, &out);
-    assert_eq!(m.precision, precision);
-    // One graph per stage kind, whatever the number of scales.
-    let stages: Vec<&str> = m.graphs.iter().map(|g| g.stage.name()).collect();
-    let mut want = vec![
-        "text_encoder",
-        "text_kv",
-        "step_first",
-        "step",
-        "vq",
-        "decoder",
-    ];
-    if m.config.sampler_blocks > 0 {
-        want.insert(4, "sampler");
-    }
-    assert_eq!(stages, want);
-    let checked = onnx_check(&out).unwrap_or_else(|e| panic!("onnx.checker failed: {e}"));
-    println!("{checked}");
-    assert_named_shapes(&out);
-    assert_block_kv_io(&out, m.config.depth);
-
-    let golden = fixtures().join(variant);
-    let rep = star_export::validate::validate(&out, &golden, opts()).expect("validate");
-    println!("{}", rep.table());
-    assert!(
-        rep.checks.len() > 100,
-        "validate compared only {} tensors",
-        rep.checks.len()
-    );
-    assert!(rep.all_pass(), "validate: {} failures", rep.failures());
-
-    let mut p = Pipeline::open(&out, opts()).unwrap();
-    let rep = star_runtime::replay::replay(&mut p, &golden).expect("replay");
-    println!("{}", rep.table());
-    assert!(
-        rep.checks.len() > 100,
-        "replay compared only {} tensors",
-        rep.checks.len()
-    );
-    assert!(rep.all_pass(), "replay: {} failures", rep.failures());
-    for must in ["text.input_ids", "image"] {
-        assert!(
-            rep.checks.iter().any(|c| c.tensor == must),
-            "replay did not compare {must}"
-        );
-    }
-    // As a model whose `step` passes LARGE_STEP_BYTES (d30) runs: the scales of at most
-    // EARLY_TOKENS tokens on a session that is not pre-packed, the larger ones (169 and 256
-    // tokens at 256 px, up to 4096 at 1024) on the pre-packed one.
-    let large = || BackendOptions {
-        large_step_bytes: 0,
-        ..opts()
-    };
-    let mut p = Pipeline::open(&out, large()).unwrap();
-    let rep = star_runtime::replay::replay(&mut p, &golden).expect("replay, large step");
-    assert!(
-        rep.all_pass(),
-        "replay with the early scales unpacked: {} failures\n{}",
-        rep.failures(),
-        rep.table()
-    );
-    // Each recorded generation ran its early scales, and only those, unpacked; the others
-    // on the pre-packed session.
-    let early = m
-        .schedule
-        .patch_nums
-        .iter()
-        .filter(|&&p| p * p <= star_engines::backend::EARLY_TOKENS)
-        .count();
-    let records = star_engines::golden::generation_records(&golden)
-        .unwrap()
-        .len();
-    assert!(early > 0 && early < m.schedule.patch_nums.len());
-    assert_eq!(p.md.unpacked_step_runs(), early * records);
-    for session in ["step.unpacked", "step"] {
-        assert!(
-            p.timings.get(&format!("session_create[{session}]")) > 0.0,
-            "the {session} session was not created"
-        );
-    }
-    if m.config.sampler_blocks > 0 {
-        // As a one-shot d30/1024 run does it: the text stages given back once the prompt is
-        // encoded, the sampler's and decoder's sessions during the last step (created again
-        // after it), and the cache right after the last step, before the sampler's sub-steps.
-        let mut q = Pipeline::open(&out, opts()).unwrap();
-        q.kv_release_bytes = 0;
-        q.one_shot = true;
-        let rep = star_runtime::replay::replay(&mut q, &golden).expect("one-shot replay");
-        assert!(
-            rep.all_pass(),
-            "one-shot replay, cache released before the sampler: {} failures",
-            rep.failures()
-        );
-        assert!(q.md.kv_shape().is_none(), "the cache was not given back");
-    }
-}
-
-/// Every value of every graph has a shape in values and symbols: ONNX Runtime's memory planner
-/// reuses buffers between values of the same shape only, and one with an unnamed dimension
-/// stays on its free list (at d30 that made session creation 9 s longer).
-fn assert_named_shapes(dir: &std::path::Path) {
-    let unnamed = star_tests::unnamed_dims(dir).unwrap_or_else(|e| panic!("shape inference: {e}"));
-    assert!(
-        unnamed.is_empty(),
-        "{} values with an unnamed dimension:\n{}",
-        unnamed.len(),
-        unnamed.join("\n")
-    );
-}
-
-/// `step` takes one past and gives one K/V per block, and each past is first joined to its
-/// block's new K/V (nothing but a Shape reads it otherwise): ONNX Runtime runs a node as soon as its inputs exist, so anything else done
-/// to a past input alone (a transpose, a pick) would run for every block at the start of the
-/// step and keep a copy of the whole past alive (4.9 GB at d30/1024's last scale).
-fn assert_block_kv_io(dir: &std::path::Path, depth: usize) {
-    use star_engines::stage::io;
-    let bytes = std::fs::read(dir.join("step.onnx")).unwrap();
-    let g = star_engines::onnx::decode_model(&bytes)
-        .unwrap()
-        .graph
-        .unwrap();
-    let inputs: Vec<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
-    let outputs: Vec<&str> = g.output.iter().map(|v| v.name.as_str()).collect();
-    for i in 0..depth {
-        let past = io::past(i);
-        assert!(inputs.contains(&past.as_str()), "no input {past}");
-        assert!(
-            outputs.contains(&io::kv_new(i).as_str()),
-            "no output kv_new_{i}"
-        );
-        // Reading its length (the scale's first token) copies nothing.
-        let users: Vec<_> = g
-            .node
-            .iter()
-            .filter(|n| n.input.contains(&past) && n.op_type != "Shape")
-            .collect();
-        assert_eq!(users.len(), 1, "{past} has {} consumers", users.len());
-        let u = users[0];
-        assert_eq!(u.op_type, "Concat", "{past} feeds a {}", u.op_type);
-        assert!(
-            u.input
-                .iter()
-                .all(|x| *x == past || !inputs.contains(&x.as_str())),
-            "{past} is joined to another graph input"
-        );
-    }
-    assert!(!inputs.contains(&io::past(depth).as_str()));
-}
-
-#[test]
-fn tiny_256_export_validate_replay() {
-    full_cycle("tiny-256", 256);
-}
-
-#[test]
-fn tiny_1024s_with_stable_sampler_export_validate_replay() {
-    full_cycle("tiny-1024s", 1024);
-}
 
 /// Operators of the exported graphs, all in onnx-tensorrt's supported list (so the same graphs can
 /// build TensorRT engines); a new operator must be checked against it before it is added here.
@@ -227,7 +49,7 @@ const TENSORRT_PARSER_OPS: &[&str] = &[
 #[test]
 fn graphs_use_only_tensorrt_parser_operators_at_opset_17() {
     let mut seen = std::collections::BTreeSet::new();
-    for (_, precision) in RUNS {
+    for precision in Precision::ALL {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("model");
         let m = export_fixture_at("tiny-1024s", 1024, precision, &out);
@@ -237,13 +59,13 @@ fn graphs_use_only_tensorrt_parser_operators_at_opset_17() {
 }
 
 fn ops_of(
-    m: &star_engines::manifest::Manifest,
+    m: &star_artifact::manifest::Manifest,
     out: &std::path::Path,
     seen: &mut std::collections::BTreeSet<String>,
 ) {
     for g in &m.graphs {
         let bytes = std::fs::read(out.join(&g.file)).unwrap();
-        let model = star_engines::onnx::decode_model(&bytes).unwrap();
+        let model = star_artifact::onnx::decode_model(&bytes).unwrap();
         assert_eq!(model.opset_import[0].version, 17, "{}", g.file);
         for n in &model.graph.as_ref().unwrap().node {
             assert!(
@@ -268,10 +90,10 @@ fn initializers(
     out: &std::path::Path,
     file: &str,
 ) -> (
-    star_engines::onnx::GraphProto,
-    std::collections::HashMap<String, star_engines::onnx::TensorProto>,
+    star_artifact::onnx::GraphProto,
+    std::collections::HashMap<String, star_artifact::onnx::TensorProto>,
 ) {
-    let model = star_engines::onnx::decode_model(&std::fs::read(out.join(file)).unwrap()).unwrap();
+    let model = star_artifact::onnx::decode_model(&std::fs::read(out.join(file)).unwrap()).unwrap();
     let g = model.graph.unwrap();
     let inits = g
         .initializer
@@ -281,17 +103,34 @@ fn initializers(
     (g, inits)
 }
 
+/// An initializer's bytes in the model directory's weights file (external data).
+fn external_bytes(out: &std::path::Path, t: &star_artifact::onnx::TensorProto) -> Vec<u8> {
+    let get = |k: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key == k)
+            .map(|e| e.value.clone())
+            .unwrap()
+    };
+    let (off, len): (usize, usize) = (
+        get("offset").parse().unwrap(),
+        get("length").parse().unwrap(),
+    );
+    std::fs::read(out.join(get("location"))).unwrap()[off..off + len].to_vec()
+}
+
 /// The INT8 graphs are what TensorRT's strongly typed networks take: every QuantizeLinear and
 /// DequantizeLinear has an explicit int8 zero-point of 0; weights are per output channel
 /// (axis 1, one scale per column), activations per tensor with a scale from the calibration
 /// table; every block linear is quantized and the logits head is not.
 #[test]
 fn int8_graphs_are_symmetric_qdq_with_zero_point_0() {
-    use star_engines::onnx::dtype;
+    use star_artifact::onnx::dtype;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model");
-    let m = export_fixture_at("tiny-256", 256, "int8", &out);
+    let m = export_fixture_at("tiny-256", 256, Precision::Int8, &out);
     let cal = m.calibration.as_ref().expect("a calibration record");
+    assert_eq!(cal.weight_bits, star_artifact::manifest::INT8_WEIGHT_BITS);
     let table = star_calibration::CalibrationTable::from_json(
         &std::fs::read_to_string(out.join(&cal.table_file)).unwrap(),
     )
@@ -340,6 +179,14 @@ fn int8_graphs_are_symmetric_qdq_with_zero_point_0() {
             } else if let Some(w) = x {
                 dq_w += 1;
                 assert_eq!(w.data_type, dtype::INT8);
+                // 7-bit weights: no CPU's INT8 product saturates (INT8_WEIGHT_BITS).
+                let bytes = external_bytes(&out, w);
+                assert!(
+                    bytes.iter().all(|&b| (b as i8).unsigned_abs() <= 63),
+                    "{stage}: {} has weights outside [-63, 63]",
+                    n.input[0]
+                );
+                assert!(bytes.iter().any(|&b| (b as i8).unsigned_abs() == 63));
                 let axis = n.attribute.iter().find(|a| a.name == "axis").map(|a| a.i);
                 assert_eq!(axis, Some(1), "per output channel");
                 assert_eq!(inits[&n.input[1]].dims, vec![w.dims[1]]);
@@ -358,11 +205,11 @@ fn int8_graphs_are_symmetric_qdq_with_zero_point_0() {
 /// norms and softmax stay FP32 (no FP16 LayerNormalization or Softmax input).
 #[test]
 fn fp16_graphs_keep_norms_softmax_and_head_in_fp32() {
-    use star_engines::onnx::dtype;
+    use star_artifact::onnx::dtype;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model");
-    let m = export_fixture_at("tiny-1024s", 1024, "fp16", &out);
-    for g in m.graphs.iter().filter(|g| g.precision == "fp16") {
+    let m = export_fixture_at("tiny-1024s", 1024, Precision::Fp16, &out);
+    for g in m.graphs.iter().filter(|g| g.precision == Precision::Fp16) {
         let (graph, inits) = initializers(&out, &g.file);
         let mut f16 = std::collections::HashSet::new();
         for (name, t) in &inits {
@@ -451,7 +298,7 @@ fn records_of_several_prompts_are_handled_explicitly() {
     );
 
     let mut p = Pipeline::open(&out, BackendOptions::default()).unwrap();
-    let err = star_runtime::replay::replay(&mut p, &variant)
+    let err = star_pipeline::replay::replay(&mut p, &variant)
         .err()
         .expect("replay must refuse")
         .to_string();
@@ -468,7 +315,7 @@ fn sessions_share_one_copy_of_the_weights() {
     let mut names = std::collections::HashMap::new();
     for g in &m.graphs {
         let model =
-            star_engines::onnx::decode_model(&std::fs::read(out.join(&g.file)).unwrap()).unwrap();
+            star_artifact::onnx::decode_model(&std::fs::read(out.join(&g.file)).unwrap()).unwrap();
         for t in model.graph.unwrap().initializer {
             if t.data_location == 1 {
                 let len: usize = t
@@ -484,8 +331,8 @@ fn sessions_share_one_copy_of_the_weights() {
         }
     }
     let mut md = star_engines::model_dir::ModelDir::open(&out, BackendOptions::default()).unwrap();
-    md.load_all().unwrap();
-    let (values, bytes) = md.shared_weights();
+    md.memory_policy().expect("ort-cpu").load_all().unwrap();
+    let (values, bytes) = md.memory_policy().expect("ort-cpu").shared_weights();
     assert_eq!(
         values,
         names.len(),
@@ -497,15 +344,15 @@ fn sessions_share_one_copy_of_the_weights() {
 
 /// Every scale's logits of a generation.
 #[derive(Default)]
-struct Logits(std::collections::BTreeMap<String, Vec<f32>>);
+struct Logits(std::collections::BTreeMap<usize, Vec<f32>>);
 
-impl star_runtime::pipeline::Hooks for Logits {
+impl star_pipeline::pipeline::Hooks for Logits {
     fn observing(&self) -> bool {
         true
     }
-    fn observe(&mut self, name: &str, t: &star_engines::tensor::Tensor) {
-        if name.ends_with(".logits") {
-            self.0.insert(name.into(), t.as_f32().unwrap().to_vec());
+    fn observe(&mut self, what: star_pipeline::observe::Obs, t: &star_artifact::tensor::Tensor) {
+        if let star_pipeline::observe::Obs::Logits(scale) = what {
+            self.0.insert(scale, t.as_f32().unwrap().to_vec());
         }
     }
 }
@@ -520,8 +367,8 @@ impl star_runtime::pipeline::Hooks for Logits {
 /// tokens).
 #[test]
 fn large_step_sessions_are_chosen_by_the_schedule_alone() {
-    use star_engines::backend::EARLY_TOKENS;
-    use star_runtime::pipeline::GenParams;
+    use star_engines::ort::cpu::EARLY_TOKENS;
+    use star_pipeline::pipeline::GenParams;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model");
     let m = export_fixture("tiny-256", 256, &out);
@@ -529,13 +376,18 @@ fn large_step_sessions_are_chosen_by_the_schedule_alone() {
         .filter(|&i| m.schedule.patch_nums[i].pow(2) <= EARLY_TOKENS)
         .collect();
     assert!(!early.is_empty() && early.len() < m.schedule.patch_nums.len());
-    let large = || BackendOptions {
-        large_step_bytes: 0,
-        ..BackendOptions::default()
+    let large = || {
+        let mut o = BackendOptions::default();
+        o.cpu.large_step_bytes = 0;
+        o
     };
     let prompts = ["a red circle".to_string(), "a blue square".to_string()];
     let mut warm = Pipeline::open(&out, large()).unwrap();
-    warm.md.load_all().unwrap();
+    warm.md
+        .memory_policy()
+        .expect("ort-cpu")
+        .load_all()
+        .unwrap();
     let mut once = Pipeline::open(&out, large()).unwrap();
     once.one_shot = true;
     once.kv_release_bytes = 0;
@@ -556,30 +408,47 @@ fn large_step_sessions_are_chosen_by_the_schedule_alone() {
             a.image.as_f32().unwrap() == b.image.as_f32().unwrap(),
             "seed {seed}: the one-shot image differs from the warm pipeline's"
         );
-        rounding_differs |= early
-            .iter()
-            .any(|si| lw.0[&format!("s{si:02}.logits")] != lp.0[&format!("s{si:02}.logits")]);
+        rounding_differs |= early.iter().any(|si| lw.0[si] != lp.0[si]);
     }
     assert!(
         rounding_differs,
         "the unpacked and pre-packed sessions gave identical early logits: this test cannot tell them apart"
     );
     // Exactly the early scales of each generation ran unpacked (the others pre-packed).
-    assert_eq!(warm.md.unpacked_step_runs(), 2 * early.len());
-    assert_eq!(once.md.unpacked_step_runs(), 2 * early.len());
+    assert_eq!(
+        warm.md
+            .memory_policy()
+            .expect("ort-cpu")
+            .unpacked_step_runs(),
+        2 * early.len()
+    );
+    assert_eq!(
+        once.md
+            .memory_policy()
+            .expect("ort-cpu")
+            .unpacked_step_runs(),
+        2 * early.len()
+    );
     assert!(warm.timings.get("session_create[step.unpacked]") > 0.0);
-    assert_eq!(packed.md.unpacked_step_runs(), 0);
+    assert_eq!(
+        packed
+            .md
+            .memory_policy()
+            .expect("ort-cpu")
+            .unpacked_step_runs(),
+        0
+    );
     assert_eq!(packed.timings.get("session_create[step.unpacked]"), 0.0);
 }
 
 /// Overwrite the first element of an f32 tensor of a .safetensors file in place.
 fn poison_first_f32(file: &std::path::Path, name: &str, value: f32) {
     let at = {
-        let st = star_engines::safetensors::SafeTensors::open(file).unwrap();
+        let st = star_artifact::safetensors::SafeTensors::open(file).unwrap();
         let e = &st.entries[name];
         assert_eq!(
             e.dtype,
-            star_engines::safetensors::DType::F32,
+            star_artifact::safetensors::DType::F32,
             "{name} is not F32"
         );
         st.file_offset(e)
@@ -623,10 +492,10 @@ fn validate_refuses_a_non_finite_recorded_input() {
 #[test]
 fn no_weight_is_referenced_by_more_than_two_graphs() {
     for (variant, res, precision) in [
-        ("tiny-256", 256, "fp32"),
-        ("tiny-1024s", 1024, "fp32"),
-        ("tiny-1024s", 1024, "fp16"),
-        ("tiny-256", 256, "int8"),
+        ("tiny-256", 256, Precision::Fp32),
+        ("tiny-1024s", 1024, Precision::Fp32),
+        ("tiny-1024s", 1024, Precision::Fp16),
+        ("tiny-256", 256, Precision::Int8),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("model");
@@ -635,7 +504,7 @@ fn no_weight_is_referenced_by_more_than_two_graphs() {
         let mut offsets: std::collections::BTreeMap<String, String> = Default::default();
         for g in &m.graphs {
             let model =
-                star_engines::onnx::decode_model(&std::fs::read(out.join(&g.file)).unwrap())
+                star_artifact::onnx::decode_model(&std::fs::read(out.join(&g.file)).unwrap())
                     .unwrap();
             for t in model.graph.unwrap().initializer {
                 if t.data_location == 1 {
@@ -672,7 +541,7 @@ fn no_weight_is_referenced_by_more_than_two_graphs() {
 fn relabelled_precision_is_refused_from_the_graphs() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model");
-    export_fixture_at("tiny-256", 256, "fp16", &out);
+    export_fixture_at("tiny-256", 256, Precision::Fp16, &out);
     let mp = out.join("manifest.json");
     let text = std::fs::read_to_string(&mp).unwrap();
     std::fs::write(&mp, text.replace("\"fp16\"", "\"fp32\"")).unwrap();
@@ -700,7 +569,7 @@ fn head_grouped_attention_validates_and_replays() {
         resolution: Some(1024),
         patch_nums: None,
         out: out.clone(),
-        precision: "fp32".into(),
+        precision: Precision::Fp32,
         cfg: None,
         top_k: None,
         top_p: None,
@@ -711,12 +580,12 @@ fn head_grouped_attention_validates_and_replays() {
         attention_budget: Some(1),
     };
     let m = star_export::export::export(&a).expect("export");
-    assert_named_shapes(&out);
+    star_tests::golden_suite::assert_named_shapes(&out);
     let heads = m.config.heads;
     assert!(heads > 1, "the fixture needs several heads to split");
     // The step graph really is split: one score MatMul per head per block.
     let step = std::fs::read(out.join("step.onnx")).unwrap();
-    let model = star_engines::onnx::decode_model(&step).unwrap();
+    let model = star_artifact::onnx::decode_model(&step).unwrap();
     let softmaxes = model
         .graph
         .unwrap()
@@ -736,7 +605,7 @@ fn head_grouped_attention_validates_and_replays() {
         rep.table()
     );
     let mut p = Pipeline::open(&out, opts()).unwrap();
-    let rep = star_runtime::replay::replay(&mut p, &golden).expect("replay");
+    let rep = star_pipeline::replay::replay(&mut p, &golden).expect("replay");
     assert!(
         rep.all_pass(),
         "replay: {} failures\n{}",

@@ -3,8 +3,8 @@
 //! wrong) or is an edit the graphs cannot contradict, and then generates normally.
 
 use serde_json::Value;
-use star_engines::backend::BackendOptions;
-use star_runtime::pipeline::{GenParams, NoHooks, Pipeline};
+use star_engines::options::BackendOptions;
+use star_pipeline::pipeline::{GenParams, NoHooks, Pipeline};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 

@@ -1,9 +1,9 @@
 //! Tokenizer and sampling filter against the golden records.
 
-use star_engines::golden::{compare, Record};
+use star_artifact::golden::{compare, Record};
 use star_engines::Tensor;
-use star_runtime::sampler::{filter_row, softmax};
-use star_runtime::tokenizer::Tokenizer;
+use star_pipeline::sampler::{filter_row, softmax};
+use star_pipeline::tokenizer::Tokenizer;
 use star_tests::fixtures;
 
 #[test]

@@ -3,8 +3,9 @@
 //! tables, resampling matrices) are stored inline.
 
 use crate::error::{io_err, ExportError, Result};
-use star_engines::manifest::IoSpec;
-use star_engines::onnx::{
+use star_artifact::dtype::Dtype;
+use star_artifact::manifest::IoSpec;
+use star_artifact::onnx::{
     self, AttributeProto, Dim, GraphProto, NodeProto, StringStringEntryProto, TensorProto,
     ValueInfoProto,
 };
@@ -17,30 +18,7 @@ use std::path::{Path, PathBuf};
 /// RoPE, the q/k normalisation, GELU, residuals, the logits head) in FP32 with explicit casts.
 /// INT8: the blocks' linear layers as Q/DQ pairs (per-channel symmetric weights, per-tensor
 /// symmetric activations from the calibration table, zero-point 0), the rest FP32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    Fp32,
-    Fp16,
-    Int8,
-}
-
-impl Precision {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "fp32" => Ok(Precision::Fp32),
-            "fp16" => Ok(Precision::Fp16),
-            "int8" => Ok(Precision::Int8),
-            other => Err(ExportError::Precision(other.to_string())),
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp16 => "fp16",
-            Precision::Int8 => "int8",
-        }
-    }
-}
+pub use star_artifact::dtype::Precision;
 
 /// What a linear layer may be lowered to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,17 +198,18 @@ impl<'s> G<'s> {
         format!("{}_{}", op.to_lowercase(), self.counter)
     }
 
-    pub fn input(&mut self, name: &str, dtype: i32, dims: &[Dim]) -> String {
-        self.inputs.push(ValueInfoProto::tensor(name, dtype, dims));
+    pub fn input(&mut self, name: &str, dtype: Dtype, dims: &[Dim]) -> String {
+        self.inputs
+            .push(ValueInfoProto::tensor(name, dtype.onnx(), dims));
         self.in_specs.push(IoSpec {
             name: name.into(),
-            dtype: onnx::dtype::name(dtype).into(),
+            dtype,
             shape: dims.to_vec(),
         });
         name.to_string()
     }
 
-    pub fn output(&mut self, value: &str, name: &str, dtype: i32, dims: &[Dim]) {
+    pub fn output(&mut self, value: &str, name: &str, dtype: Dtype, dims: &[Dim]) {
         self.nodes.push(NodeProto {
             input: vec![value.into()],
             output: vec![name.into()],
@@ -238,10 +217,11 @@ impl<'s> G<'s> {
             name: format!("out_{name}"),
             ..Default::default()
         });
-        self.outputs.push(ValueInfoProto::tensor(name, dtype, dims));
+        self.outputs
+            .push(ValueInfoProto::tensor(name, dtype.onnx(), dims));
         self.out_specs.push(IoSpec {
             name: name.into(),
-            dtype: onnx::dtype::name(dtype).into(),
+            dtype,
             shape: dims.to_vec(),
         });
     }
@@ -251,7 +231,7 @@ impl<'s> G<'s> {
     /// it from there. ONNX Runtime schedules an output's Identity late, keeping the value it
     /// copies alive until then: for the per-block K/V outputs that was every block's K/V of the
     /// scale at once (3.8 GB at d30/1024's last scale; measured). `value` is renamed everywhere.
-    pub fn output_in_place(&mut self, value: &str, name: &str, dtype: i32, dims: &[Dim]) {
+    pub fn output_in_place(&mut self, value: &str, name: &str, dtype: Dtype, dims: &[Dim]) {
         debug_assert!(
             self.nodes
                 .iter()
@@ -273,10 +253,11 @@ impl<'s> G<'s> {
             }
         }
         self.value_info.retain(|v| v.name != value);
-        self.outputs.push(ValueInfoProto::tensor(name, dtype, dims));
+        self.outputs
+            .push(ValueInfoProto::tensor(name, dtype.onnx(), dims));
         self.out_specs.push(IoSpec {
             name: name.into(),
-            dtype: onnx::dtype::name(dtype).into(),
+            dtype,
             shape: dims.to_vec(),
         });
     }
@@ -452,7 +433,7 @@ impl<'s> G<'s> {
         let idx = self.op("Mod", &[&jp, &n], vec![]);
         let x = self.op("Gather", &[x, &idx], vec![AttributeProto::int("axis", 1)]);
         let x = x.as_str();
-        let out = format!("{}{name}", star_engines::stage::io::PROBE_PREFIX);
+        let out = format!("{}{name}", star_artifact::stage::io::PROBE_PREFIX);
         // Every linear input is (rows, tokens, width).
         let dims: Vec<Dim> = (0..3).map(|i| Dim::Sym(format!("{out}_{i}"))).collect();
         self.nodes.push(NodeProto {
@@ -466,7 +447,7 @@ impl<'s> G<'s> {
             .push(ValueInfoProto::tensor(&out, onnx::dtype::FLOAT, &dims));
         self.probe_specs.push(IoSpec {
             name: out,
-            dtype: "float32".into(),
+            dtype: Dtype::Float32,
             shape: dims,
         });
     }
@@ -485,7 +466,7 @@ impl<'s> G<'s> {
 
     pub fn finish(mut self, doc: &str) -> (onnx::ModelProto, Vec<IoSpec>, Vec<IoSpec>) {
         // The stage's contract outputs first, then the probes (as the manifest lists them).
-        let probe = star_engines::stage::io::PROBE_PREFIX;
+        let probe = star_artifact::stage::io::PROBE_PREFIX;
         self.outputs.sort_by_key(|o| o.name.starts_with(probe));
         let graph = GraphProto {
             node: self.nodes,

@@ -9,7 +9,7 @@ use crate::checkpoint::Weights;
 use crate::error::ExportError;
 use crate::error::Result;
 use builder::{Lin, Precision, G};
-use star_engines::onnx::{dtype, AttributeProto};
+use star_artifact::onnx::{dtype, AttributeProto};
 
 /// Namespaced handle on one checkpoint: store keys are `<ns>/<tensor>` so the transformer, the VQ
 /// tokenizer and the text encoder never collide in the shared weights file.
@@ -160,9 +160,12 @@ fn to_f16_bytes(v: &[f32]) -> Vec<u8> {
         .collect()
 }
 
-/// Symmetric per-output-channel INT8 of a (din, dout) matrix: scale_j = max_i |w_ij| / 127,
-/// values rounded to nearest and clamped to [-127, 127] (zero-point 0, as TensorRT requires).
+/// Symmetric per-output-channel INT8 of a (din, dout) matrix in `INT8_WEIGHT_BITS` bits:
+/// scale_j = max_i |w_ij| / 63, values rounded to nearest and clamped to [-63, 63] (zero-point
+/// 0, as TensorRT requires; 7 bits so that no CPU's INT8 product saturates, see
+/// `star_artifact::manifest::INT8_WEIGHT_BITS`).
 pub fn quantize_per_column(w: &[f32], din: usize, dout: usize) -> (Vec<i8>, Vec<f32>) {
+    let qmax = ((1u32 << (star_artifact::manifest::INT8_WEIGHT_BITS - 1)) - 1) as f32;
     let mut amax = vec![0f32; dout];
     for r in 0..din {
         for (c, a) in amax.iter_mut().enumerate() {
@@ -171,12 +174,12 @@ pub fn quantize_per_column(w: &[f32], din: usize, dout: usize) -> (Vec<i8>, Vec<
     }
     let scales: Vec<f32> = amax
         .iter()
-        .map(|&a| if a > 0.0 { a / 127.0 } else { 1.0 })
+        .map(|&a| if a > 0.0 { a / qmax } else { 1.0 })
         .collect();
     let q = w
         .iter()
         .enumerate()
-        .map(|(i, &v)| (v / scales[i % dout]).round().clamp(-127.0, 127.0) as i8)
+        .map(|(i, &v)| (v / scales[i % dout]).round().clamp(-qmax, qmax) as i8)
         .collect();
     (q, scales)
 }

@@ -4,8 +4,9 @@
 use super::builder::G;
 use super::Src;
 use crate::error::Result;
-use star_engines::manifest::TextConfig;
-use star_engines::onnx::{dtype, AttributeProto, Dim};
+use star_artifact::dtype::Dtype;
+use star_artifact::manifest::TextConfig;
+use star_artifact::onnx::{dtype, AttributeProto, Dim};
 
 pub fn text_encoder(g: &mut G, t: &Src, tc: &TextConfig) -> Result<()> {
     let (d, h, l) = (tc.width, tc.heads, tc.max_positions);
@@ -13,12 +14,12 @@ pub fn text_encoder(g: &mut G, t: &Src, tc: &TextConfig) -> Result<()> {
     let n = Dim::Sym("N".into());
     let ids = g.input(
         "input_ids",
-        dtype::INT64,
+        Dtype::Int64,
         &[n.clone(), Dim::Fixed(l as i64)],
     );
     let mask = g.input(
         "attention_mask",
-        dtype::INT64,
+        Dtype::Int64,
         &[n.clone(), Dim::Fixed(l as i64)],
     );
     let pos = t.raw(g, "embeddings.position_embedding.weight", &[l, d])?;
@@ -98,7 +99,7 @@ pub fn text_encoder(g: &mut G, t: &Src, tc: &TextConfig) -> Result<()> {
     g.output(
         &hidden,
         "hidden",
-        dtype::FLOAT,
+        Dtype::Float32,
         &[n.clone(), Dim::Fixed(l as i64), Dim::Fixed(d as i64)],
     );
 
@@ -115,6 +116,11 @@ pub fn text_encoder(g: &mut G, t: &Src, tc: &TextConfig) -> Result<()> {
     let pooled = g.matmul(&sel, &hidden);
     let pooled = g.squeeze(&pooled, &[1]);
     let _ = AttributeProto::default();
-    g.output(&pooled, "pooled", dtype::FLOAT, &[n, Dim::Fixed(d as i64)]);
+    g.output(
+        &pooled,
+        "pooled",
+        Dtype::Float32,
+        &[n, Dim::Fixed(d as i64)],
+    );
     Ok(())
 }

@@ -9,12 +9,13 @@ use super::builder::{Lin, G};
 use super::Src;
 use crate::error::Result;
 use crate::schedule::rope_table;
-use star_engines::manifest::{ModelConfig, Schedule};
-use star_engines::onnx::{dtype, Dim};
-use star_engines::stage::io;
+use star_artifact::dtype::Dtype;
+use star_artifact::manifest::{ModelConfig, Schedule};
+use star_artifact::onnx::{dtype, Dim};
+use star_artifact::stage::io;
+use star_artifact::stage::TEXT_LEN;
 
 pub const LN_EPS: f32 = 1e-6;
-pub const TEXT_LEN: usize = 77;
 
 fn sym(s: &str) -> Dim {
     Dim::Sym(s.into())
@@ -266,9 +267,13 @@ fn ffn(g: &mut G, f: &Src, c: usize, x: &str) -> Result<String> {
 /// normalised here once per prompt. Also the additive mask bias.
 pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
     let (c, h, hd, dt) = (cfg.width, cfg.heads, cfg.head_dim, cfg.text_width);
-    let hidden = g.input(io::HIDDEN, dtype::FLOAT, &[sym("B"), fx(TEXT_LEN), fx(dt)]);
-    let mask = g.input(io::ATTENTION_MASK, dtype::INT64, &[sym("B"), fx(TEXT_LEN)]);
-    let pooled = g.input(io::POOLED, dtype::FLOAT, &[sym("B2"), fx(dt)]);
+    let hidden = g.input(
+        io::HIDDEN,
+        Dtype::Float32,
+        &[sym("B"), fx(TEXT_LEN), fx(dt)],
+    );
+    let mask = g.input(io::ATTENTION_MASK, Dtype::Int64, &[sym("B"), fx(TEXT_LEN)]);
+    let pooled = g.input(io::POOLED, Dtype::Float32, &[sym("B2"), fx(dt)]);
     // Scale 0's only token: the pooled text projected, plus pos_start and level 0.
     let sn = sch.patch_nums.len();
     let lvl_all = t.raw(g, "lvl_embed.weight", &[sn, c])?;
@@ -279,7 +284,7 @@ pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<
     let ps = t.raw(g, "pos_start", &[1, 1, c])?;
     let x0 = g.add(&sos, &ps);
     let x0 = g.add(&x0, &lvl);
-    g.output(&x0, io::X, dtype::FLOAT, &[sym("B2"), fx(1), fx(c)]);
+    g.output(&x0, io::X, Dtype::Float32, &[sym("B2"), fx(1), fx(c)]);
     let mut per_block = vec![];
     for i in 0..cfg.depth {
         let a = t.pp(&format!("blocks.{i}.cross_attn"));
@@ -308,7 +313,7 @@ pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<
     g.output(
         &all,
         "text_kv",
-        dtype::FLOAT,
+        Dtype::Float32,
         &[fx(cfg.depth), fx(2), sym("B"), fx(h), fx(TEXT_LEN), fx(hd)],
     );
     let m = g.cast(&mask, dtype::FLOAT);
@@ -320,7 +325,7 @@ pub fn text_kv(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<
     g.output(
         &b,
         "text_bias",
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)],
     );
     Ok(())
@@ -350,12 +355,12 @@ fn blocks_and_heads(
     let (c, h, hd, v) = (cfg.width, cfg.heads, cfg.head_dim, cfg.vocab);
     let text_kv = g.input(
         io::TEXT_KV,
-        dtype::FLOAT,
+        Dtype::Float32,
         &[fx(cfg.depth), fx(2), sym("B"), fx(h), fx(TEXT_LEN), fx(hd)],
     );
     let text_bias = g.input(
         io::TEXT_BIAS,
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B"), fx(1), fx(1), fx(TEXT_LEN)],
     );
     for i in 0..cfg.depth {
@@ -371,7 +376,7 @@ fn blocks_and_heads(
         g.output_in_place(
             &kv,
             &io::kv_new(i),
-            dtype::FLOAT,
+            Dtype::Float32,
             &[tokens.clone(), fx(2), sym("B2"), fx(h), fx(hd)],
         );
 
@@ -395,7 +400,7 @@ fn blocks_and_heads(
     g.output(
         &x,
         io::HIDDEN,
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B2"), tokens.clone(), fx(c)],
     );
     let xn = g.layer_norm_plain(&x, c, LN_EPS);
@@ -403,7 +408,7 @@ fn blocks_and_heads(
     g.output(
         &logits,
         io::LOGITS,
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B2"), tokens, fx(v)],
     );
     Ok(())
@@ -412,7 +417,7 @@ fn blocks_and_heads(
 /// Scale 0 without a past: x (B2, 1, C) from text_kv. For backends that cannot take an empty
 /// past (TensorRT profiles); the others run scale 0 through `step` with past length 0.
 pub fn step_first(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
-    let x = g.input(io::X, dtype::FLOAT, &[sym("B2"), fx(1), fx(cfg.width)]);
+    let x = g.input(io::X, Dtype::Float32, &[sym("B2"), fx(1), fx(cfg.width)]);
     let rope = rope_consts(g, &[rope_table(sch.patch_nums[0])]);
     blocks_and_heads(g, t, cfg, x, &rope, None, fx(1), 1)
 }
@@ -425,14 +430,14 @@ pub fn step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()>
     let (h, hd) = (cfg.heads, cfg.head_dim);
     let x = g.input(
         io::X,
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B2"), sym("tokens"), fx(cfg.width)],
     );
     let past: Vec<String> = (0..cfg.depth)
         .map(|i| {
             g.input(
                 &io::past(i),
-                dtype::FLOAT,
+                Dtype::Float32,
                 &[sym("past"), fx(2), sym("B2"), fx(h), fx(hd)],
             )
         })
@@ -455,11 +460,11 @@ pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Sched
     let (c, v, cv) = (cfg.width, cfg.vocab, cfg.cvae);
     let sn = sch.patch_nums.len();
     let tok = || sym("tokens");
-    let hidden = g.input(io::HIDDEN, dtype::FLOAT, &[sym("B2"), tok(), fx(c)]);
-    let pooled = g.input(io::POOLED, dtype::FLOAT, &[sym("B2"), fx(cfg.text_width)]);
-    let idx = g.input(io::IDX, dtype::INT64, &[sym("B"), tok()]);
-    let mask = g.input(io::MASK, dtype::FLOAT, &[sym("B"), tok()]);
-    let scale = g.input(io::SCALE, dtype::INT64, &[fx(1)]);
+    let hidden = g.input(io::HIDDEN, Dtype::Float32, &[sym("B2"), tok(), fx(c)]);
+    let pooled = g.input(io::POOLED, Dtype::Float32, &[sym("B2"), fx(cfg.text_width)]);
+    let idx = g.input(io::IDX, Dtype::Int64, &[sym("B"), tok()]);
+    let mask = g.input(io::MASK, Dtype::Float32, &[sym("B"), tok()]);
+    let scale = g.input(io::SCALE, Dtype::Int64, &[fx(1)]);
 
     let p = t.linear(g, &pooled, "encoder_proj2", cfg.text_width, c, true)?;
     let p = g.unsqueeze(&p, &[1]);
@@ -523,7 +528,7 @@ pub fn sampler_step(g: &mut G, t: &Src, vq: &Src, cfg: &ModelConfig, sch: &Sched
     g.output(
         &logits,
         io::LOGITS,
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B2"), tok(), fx(v)],
     );
     Ok(())

@@ -5,9 +5,10 @@ use super::builder::G;
 use super::Src;
 use crate::error::Result;
 use crate::schedule::{area_matrix, bicubic_matrix};
-use star_engines::manifest::{ModelConfig, Schedule};
-use star_engines::onnx::{dtype, Dim};
-use star_engines::stage::io;
+use star_artifact::dtype::Dtype;
+use star_artifact::manifest::{ModelConfig, Schedule};
+use star_artifact::onnx::{dtype, Dim};
+use star_artifact::stage::io;
 
 fn sym(s: &str) -> Dim {
     Dim::Sym(s.into())
@@ -86,9 +87,9 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
     let sn = sch.patch_nums.len();
     let p = sch.patch_nums[sn - 1];
     let k = cfg.vq.phi_count;
-    let idx = g.input(io::IDX, dtype::INT64, &[sym("B"), sym("tokens")]);
-    let f_hat = g.input(io::F_HAT, dtype::FLOAT, &[sym("B"), fx(cv), fx(p), fx(p)]);
-    let scale = g.input(io::SCALE, dtype::INT64, &[fx(1)]);
+    let idx = g.input(io::IDX, Dtype::Int64, &[sym("B"), sym("tokens")]);
+    let f_hat = g.input(io::F_HAT, Dtype::Float32, &[sym("B"), fx(cv), fx(p), fx(p)]);
+    let scale = g.input(io::SCALE, Dtype::Int64, &[fx(1)]);
     let pns: Vec<i64> = sch.patch_nums.iter().map(|&x| x as i64).collect();
     let pn = g.lookup(&pns, &scale);
 
@@ -149,7 +150,7 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
     let conv = g.op(
         "Gather",
         &[&conv, &which],
-        vec![star_engines::onnx::AttributeProto::int("axis", 1)],
+        vec![star_artifact::onnx::AttributeProto::int("axis", 1)],
     );
     let conv = g.reshape(&conv, &[0, cv as i64, p as i64, p as i64]);
     let half = g.scalar(0.5);
@@ -160,7 +161,7 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
     g.output(
         &f,
         io::F_HAT_OUT,
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B"), fx(cv), fx(p), fx(p)],
     );
 
@@ -188,7 +189,7 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
     g.output(
         &y,
         io::NEXT_IN,
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B"), sym("next_tokens"), fx(cv)],
     );
     // The next scale's embedded tokens for the step: word_embed(next_in) + its level embedding,
@@ -205,7 +206,7 @@ pub fn vq_step(g: &mut G, vq: &Src, t: &Src, cfg: &ModelConfig, sch: &Schedule) 
     g.output(
         &x,
         io::X,
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B2"), sym("next_tokens"), fx(c)],
     );
     Ok(())
@@ -287,7 +288,7 @@ impl Dec<'_, '_, '_> {
 pub fn decoder(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()> {
     let cv = cfg.cvae;
     let p = *sch.patch_nums.last().unwrap();
-    let f_hat = g.input("f_hat", dtype::FLOAT, &[sym("B"), fx(cv), fx(p), fx(p)]);
+    let f_hat = g.input("f_hat", Dtype::Float32, &[sym("B"), fx(cv), fx(p), fx(p)]);
     let w = vq.clone();
     let levels = cfg.vq.decoder_widths.len();
     let mut d = Dec { g, w: &w };
@@ -320,12 +321,12 @@ pub fn decoder(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result
                 "Resize",
                 &[&h, "", &scales],
                 vec![
-                    star_engines::onnx::AttributeProto::string("mode", "nearest"),
-                    star_engines::onnx::AttributeProto::string(
+                    star_artifact::onnx::AttributeProto::string("mode", "nearest"),
+                    star_artifact::onnx::AttributeProto::string(
                         "coordinate_transformation_mode",
                         "asymmetric",
                     ),
-                    star_engines::onnx::AttributeProto::string("nearest_mode", "floor"),
+                    star_artifact::onnx::AttributeProto::string("nearest_mode", "floor"),
                 ],
             );
             side *= 2;
@@ -341,7 +342,7 @@ pub fn decoder(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result
     g.output(
         &raw,
         "image_raw",
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B"), fx(3), fx(side), fx(side)],
     );
     let lo = g.scalar(-1.0);
@@ -353,7 +354,7 @@ pub fn decoder(g: &mut G, vq: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result
     g.output(
         &img,
         "image",
-        dtype::FLOAT,
+        Dtype::Float32,
         &[sym("B"), fx(3), fx(side), fx(side)],
     );
     Ok(())
