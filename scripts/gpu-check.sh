@@ -39,7 +39,7 @@ F="$B/fixtures"; A="$B/anchors"
 # Per-step caps, NAME:SECONDS:TIMES (the most times a run takes that step, a retry with
 # --allow-cpu-fallback included): the steps of one call add up to under 500 s (`budget` prints
 # them). The d30 job runs beside them, capped apart.
-CAPS=(smi:5:2 imports:20:1 export_tiny:15:4 tiny_run:30:2 replay:25:2 compare:25:2 d30_wait:40:1
+CAPS=(smi:5:2 imports:20:1 export_tiny:15:4 tiny_run:30:2 graphs:15:1 replay:25:2 compare:20:2 d30_wait:35:1
       bench:80:1 official:80:1 trt_build:25:1 trt_replay:20:1)
 cap() { local c r; for c in "${CAPS[@]}"; do r=${c#*:}; [ "${c%%:*}" = "$1" ] && echo "${r%%:*}"; done; }
 BUDGET="${GPU_CHECK_BUDGET_S:-470}"
@@ -211,6 +211,19 @@ tiny_run() {
   fi
 }
 
+# CUDA graphs (--cuda-graphs, off by default until this row passes): the same directory run
+# captured and uncaptured over six generations (capture happens after ONNX Runtime's warm-up
+# runs, so the later ones replay graphs): token agreement and image PSNR.
+cuda_graphs_row() {
+  local name="CUDA graphs: captured vs uncaptured, ort-cuda" out="$W/cuda-graphs.txt"
+  if gpu_step "$name" graphs "$out" "$RUN" compare --backend ort-cuda --candidate-cuda-graphs \
+      --reference "$W/tiny-256-fp32" --candidate "$W/tiny-256-fp32" --prompts "$W/prompts.txt" \
+      --seeds 1,2,3 --json "$W/cuda-graphs.json"; then
+    row "$name" "$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('PASS' if r['token_agreement'] == 1.0 else 'DIFFERS')" "$W/cuda-graphs.json" 2>&1)" \
+      "${FALLBACK_NOTE:+$FALLBACK_NOTE; }$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('token agreement %.4f, PSNR %.1f dB over 6 generations' % (r['token_agreement'], r['psnr_db']))" "$W/cuda-graphs.json" 2>&1)"
+  fi
+}
+
 fixtures() {
   local v name res prec out
   for v in tiny-256:256 tiny-1024s:1024; do
@@ -226,6 +239,7 @@ fixtures() {
   row "fixture exports (CPU)" "done" "$(ls -d "$W"/tiny-*-fp* 2>/dev/null | wc -l) of 4"
   tiny_run
   printf 'a red circle on a blue background\na green square\n' > "$W/prompts.txt"
+  cuda_graphs_row
   for name in tiny-256 tiny-1024s; do
     out="$W/replay-$name.txt"
     if gpu_step "replay $name fp32, ort-cuda (<= 1e-4 rel)" replay "$out" \

@@ -6,8 +6,8 @@
 #   PY=$(../shared/anchors/setup-torch.sh)
 #   benches/scripts/compare-precisions.sh FP32_DIR FP16_DIR INT8_DIR [ROUNDS]
 # A/B against an earlier build in the same run: BASE_RUN=/path/to/old/star-run (and
-# BASE_INT8_DIR=DIR when the old build needs its own INT8 export) runs it right after ours for
-# FP32 and INT8, every round.
+# BASE_FP32_DIR / BASE_INT8_DIR when the old build needs its own exports, e.g. an older manifest
+# schema) runs it right after ours for FP32 and INT8, every round.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 fp32="${1:?usage: compare-precisions.sh FP32_DIR FP16_DIR INT8_DIR [ROUNDS]}"
@@ -34,7 +34,9 @@ for r in $(seq 1 "$rounds"); do
     grep -E "^step\[0[09]\]|^decoder" "$out/$name-r$r.txt" | sed "s/^/$name  /"
     without_text "$out/$name-r$r.json" "star-run $name"
     if [ -n "${BASE_RUN:-}" ] && [ "$name" != fp16 ]; then
-      bdir="$dir"; [ "$name" = int8 ] && bdir="${BASE_INT8_DIR:-$dir}"
+      bdir="$dir"
+      [ "$name" = fp32 ] && bdir="${BASE_FP32_DIR:-$dir}"
+      [ "$name" = int8 ] && bdir="${BASE_INT8_DIR:-$dir}"
       "$BASE_RUN" bench --model "$bdir" --warmup 1 --runs 3 --json "$out/base-$name-r$r.json" > "$out/base-$name-r$r.txt"
       without_text "$out/base-$name-r$r.json" "base star-run $name"
     fi

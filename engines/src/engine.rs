@@ -6,81 +6,132 @@
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvStore;
 pub use crate::options::BackendOptions;
-use star_artifact::dtype::Precision;
+use crate::values::{Slot, ValueStore};
+use star_artifact::dtype::{Dtype, Precision};
 use star_artifact::manifest::Manifest;
 use star_artifact::stage::Stage;
 use star_artifact::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// An input handed to a stage without copying it.
-pub enum Input<'a> {
-    F32(&'a [usize], &'a [f32]),
-    I64(&'a [usize], &'a [i64]),
-    /// A float view whose shape is computed (e.g. a prefix of the KV cache).
-    F32Owned(Vec<usize>, &'a [f32]),
-}
-
-impl<'a> Input<'a> {
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            Input::F32(s, _) | Input::I64(s, _) => s,
-            Input::F32Owned(s, _) => s,
-        }
-    }
-}
-
-impl<'a> From<&'a Tensor> for Input<'a> {
-    fn from(t: &'a Tensor) -> Self {
-        match &t.data {
-            star_artifact::tensor::Data::F32(v) => Input::F32(&t.shape, v),
-            star_artifact::tensor::Data::I64(v) => Input::I64(&t.shape, v),
-        }
-    }
-}
-
-/// A stage input: a host tensor, or the first `len` tokens of the engine's own KV cache: every
-/// block's `past_{i}`, a view of the prefix of that block's region of the buffer the engine owns
-/// (no copy on the CPU backend, a device pointer on GPU backends).
-pub enum Arg<'a> {
-    Host(Input<'a>),
-    KvPast(usize),
-}
-
-impl<'a> From<Input<'a>> for Arg<'a> {
-    fn from(i: Input<'a>) -> Self {
-        Arg::Host(i)
-    }
-}
-
-impl<'a> From<&'a Tensor> for Arg<'a> {
-    fn from(t: &'a Tensor) -> Self {
-        Arg::Host(t.into())
-    }
-}
-
 /// Where a step's `kv_new_{i}` outputs go in the KV cache: `tokens` tokens from token `begin`
 /// of each block's region.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KvWrite {
     pub begin: usize,
     pub tokens: usize,
 }
 
-/// The executing half of a backend for one model directory: it owns the sessions, the weights
-/// and the KV cache on its device. The pipeline refers to the cache by position only (`KvPast`,
-/// `kv_at`); tensors cross to the host only where the pipeline needs them (logits, the image).
-/// What every backend implements: running a stage, its KV cache, and what it supports.
-pub trait Engine {
-    /// Run one stage. With `kv_at = Some(w)` the stage's `kv_new_{i}` outputs (`w.tokens` tokens
-    /// each) are written into block i's region of the engine's KV cache at token `w.begin` and
-    /// not returned.
-    fn run(
+/// How a run uses the KV cache: every block's `past_{i}` bound as the view of its first `past`
+/// tokens (None: the graph has no past), and its `kv_new_{i}` written in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KvUse {
+    pub past: Option<usize>,
+    pub write: KvWrite,
+}
+
+/// One port of a run: the graph's name for it, the engine value bound to it, and the shape
+/// bound (a view of the value's first elements where the value is larger).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PortBind {
+    pub name: String,
+    pub slot: Slot,
+    pub shape: Vec<usize>,
+    pub dtype: Dtype,
+}
+
+impl PortBind {
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bytes()
+    }
+}
+
+/// One run of a stage, resolved against the manifest (`ModelDir::run`): every input and
+/// output port with its value and shape. A call is also the key engines cache their bindings
+/// under: the same call again binds nothing anew.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Call {
+    pub stage: Stage,
+    pub scale: Option<usize>,
+    pub inputs: Vec<PortBind>,
+    pub outputs: Vec<PortBind>,
+    pub kv: Option<KvUse>,
+    /// Outputs of a shape only the run knows (calibration probes) that the engine allocates on
+    /// the host and returns. Only star-export's temporary calibration graphs have any.
+    pub to_host: Vec<String>,
+}
+
+/// Bindings made once per call and reused while the values and the cache they point into
+/// stay where they are (their epochs): ONNX Runtime's I/O bindings, TensorRT's addresses.
+pub struct BindCache<B> {
+    epochs: (u64, u64),
+    map: HashMap<Call, B>,
+}
+
+impl<B> Default for BindCache<B> {
+    fn default() -> Self {
+        BindCache {
+            epochs: (0, 0),
+            map: HashMap::new(),
+        }
+    }
+}
+
+impl<B> BindCache<B> {
+    /// The binding of `call`, made by `make` unless one was made since the values' and the
+    /// cache's last (re)allocation (`epochs`). Returns it and whether it was made now.
+    pub fn get_or_make(
         &mut self,
-        stage: Stage,
-        inputs: &[(&str, Arg<'_>)],
-        kv_at: Option<KvWrite>,
-    ) -> Result<HashMap<String, Tensor>>;
+        call: &Call,
+        epochs: (u64, u64),
+        make: impl FnOnce() -> Result<B>,
+    ) -> Result<(&mut B, bool)> {
+        if epochs != self.epochs {
+            self.map.clear();
+            self.epochs = epochs;
+        }
+        let made = !self.map.contains_key(call);
+        if made {
+            let b = make()?;
+            self.map.insert(call.clone(), b);
+        }
+        let b = self
+            .map
+            .get_mut(call)
+            .ok_or_else(|| EngineError::Unsupported("binding cache lost an entry".into()))?;
+        Ok((b, made))
+    }
+
+    /// Bindings made so far (for the bookkeeping tests and --verbose).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// The executing half of a backend for one model directory: it owns the sessions, the weights,
+/// the stage values and the KV cache on its device. The pipeline refers to values by slot and
+/// to the cache by position; nothing crosses to the host unless the pipeline reads a value.
+/// What every backend implements: running a stage, its values and KV cache, and what it
+/// supports.
+pub trait Engine {
+    /// Run one stage: every input read from its value, every output written into its value
+    /// (reserved by the caller), the K/V written into the cache where `call.kv` says. Returns
+    /// the `call.to_host` outputs.
+    fn run(&mut self, call: &Call) -> Result<HashMap<String, Tensor>>;
+    /// The engine's values (`values::Values` over the engine's memory).
+    fn values(&mut self) -> &mut dyn ValueStore;
+    fn values_ref(&self) -> &dyn ValueStore;
+    /// Bindings the engine has made so far (one per distinct call since the last
+    /// reallocation).
+    fn bindings(&self) -> usize;
     /// The engine's KV cache (`kv_cache::KvCache` over the engine's memory).
     fn kv(&mut self) -> &mut dyn KvStore;
     /// The same, to look at.

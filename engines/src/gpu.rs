@@ -3,7 +3,7 @@
 //! is an error that names what is missing and how to get it; nothing falls back to the CPU.
 
 use crate::error::{EngineError, Result};
-use crate::kv_cache::KvMemory;
+use crate::memory::Memory;
 use star_artifact::engine_manifest::GpuIdentity;
 use std::path::Path;
 
@@ -175,63 +175,7 @@ pub fn check_tensorrt_version(version: &str) -> std::result::Result<(), String> 
     }
 }
 
-/// Host memory TensorRT reads at enqueue (the values of shape tensors such as `scale`), 256-byte
-/// aligned as NvInferRuntime.h requires of every tensor address; a `Vec<u8>` is only 1-aligned.
-pub struct AlignedHostBuffer {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the buffer owns its allocation exclusively, like a Vec<u8>.
-unsafe impl Send for AlignedHostBuffer {}
-
-impl AlignedHostBuffer {
-    pub const ALIGN: usize = 256;
-
-    /// `len` zeroed bytes (at least one is allocated, so that the address is always valid).
-    pub fn zeroed(len: usize) -> Self {
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr =
-            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedHostBuffer { ptr, len }
-    }
-
-    fn layout(len: usize) -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(len.max(1), Self::ALIGN)
-            .expect("a shape-tensor buffer of a few bytes")
-    }
-
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: len initialised bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for AlignedHostBuffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
-    }
-}
+pub use crate::memory::AlignedHostBuffer;
 
 /// Device memory a CUDA call refused.
 pub fn device_memory(e: cudarc::driver::DriverError, bytes: usize) -> EngineError {
@@ -241,11 +185,30 @@ pub fn device_memory(e: cudarc::driver::DriverError, bytes: usize) -> EngineErro
     ))
 }
 
-/// A KV cache in CUDA device memory: ort-cuda binds views of it as ONNX Runtime values over
-/// device addresses, tensorrt binds them as tensor addresses.
-pub struct CudaKv(cudarc::driver::CudaSlice<u8>);
+/// CUDA device memory: the KV cache and the stage values of ort-cuda (bound as ONNX Runtime
+/// values over device addresses) and tensorrt (bound as tensor addresses).
+pub struct CudaMem(cudarc::driver::CudaSlice<u8>);
 
-impl KvMemory for CudaKv {
+impl CudaMem {
+    fn fail(what: &str) -> impl Fn(cudarc::driver::DriverError) -> EngineError + '_ {
+        move |e| EngineError::Unsupported(format!("{what} device memory: {e}"))
+    }
+
+    fn check(&self, offset: usize, n: usize) -> Result<std::ops::Range<usize>> {
+        offset
+            .checked_add(n)
+            .filter(|&e| e <= self.0.len())
+            .map(|e| offset..e)
+            .ok_or_else(|| {
+                EngineError::Unsupported(format!(
+                    "bytes {offset}.. ({n}) are beyond a device buffer of {}",
+                    self.0.len()
+                ))
+            })
+    }
+}
+
+impl Memory for CudaMem {
     type Alloc = std::sync::Arc<cudarc::driver::CudaStream>;
 
     fn alloc(s: &Self::Alloc, bytes: usize) -> Result<Self> {
@@ -254,7 +217,7 @@ impl KvMemory for CudaKv {
             .map_err(|e| device_memory(e, bytes))?;
         // Zeroed on this stream; the engine's own stream (ONNX Runtime's) comes after.
         s.synchronize().map_err(|e| device_memory(e, bytes))?;
-        Ok(CudaKv(b))
+        Ok(CudaMem(b))
     }
 
     fn base(&mut self, s: &Self::Alloc) -> *mut u8 {
@@ -264,15 +227,30 @@ impl KvMemory for CudaKv {
     }
 
     fn copy_to_host(&self, s: &Self::Alloc, offset: usize, out: &mut [u8]) -> Result<()> {
-        let fail = |e: cudarc::driver::DriverError| {
-            EngineError::Unsupported(format!("reading the KV cache from the device: {e}"))
-        };
+        let r = self.check(offset, out.len())?;
         // Whatever stream wrote it (ONNX Runtime's, TensorRT's) is done before it is read.
-        s.context().synchronize().map_err(fail)?;
-        let end = offset + out.len();
-        s.memcpy_dtoh(&self.0.slice(offset..end), out)
-            .map_err(fail)?;
-        s.synchronize().map_err(fail)
+        s.context().synchronize().map_err(Self::fail("reading"))?;
+        s.memcpy_dtoh(&self.0.slice(r), out)
+            .map_err(Self::fail("reading"))?;
+        s.synchronize().map_err(Self::fail("reading"))
+    }
+
+    fn copy_from_host(&mut self, s: &Self::Alloc, offset: usize, data: &[u8]) -> Result<()> {
+        let r = self.check(offset, data.len())?;
+        // Runs already queued on any stream may still read the old bytes.
+        s.context().synchronize().map_err(Self::fail("writing"))?;
+        s.memcpy_htod(data, &mut self.0.slice_mut(r))
+            .map_err(Self::fail("writing"))?;
+        // Done before a run on another stream (ONNX Runtime's) reads them.
+        s.synchronize().map_err(Self::fail("writing"))
+    }
+
+    fn zero(&mut self, s: &Self::Alloc, offset: usize, len: usize) -> Result<()> {
+        let r = self.check(offset, len)?;
+        s.context().synchronize().map_err(Self::fail("zeroing"))?;
+        s.memset_zeros(&mut self.0.slice_mut(r))
+            .map_err(Self::fail("zeroing"))?;
+        s.synchronize().map_err(Self::fail("zeroing"))
     }
 }
 
@@ -289,19 +267,5 @@ mod tests {
             let e = check_tensorrt_version(bad).unwrap_err();
             assert!(e.contains("TensorRT"), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn shape_buffers_are_256_byte_aligned() {
-        let mut kept = vec![];
-        for len in [0, 1, 4, 8, 255, 256, 257, 4096] {
-            let mut b = AlignedHostBuffer::zeroed(len);
-            assert_eq!(b.as_mut_ptr() as usize % 256, 0, "len {len}");
-            assert_eq!(b.len(), len);
-            assert!(b.as_slice().iter().all(|&x| x == 0));
-            b.as_mut_slice().fill(7);
-            kept.push(b);
-        }
-        assert!(kept.iter().all(|b| b.as_slice().iter().all(|&x| x == 7)));
     }
 }

@@ -39,6 +39,10 @@ pub struct GpuOptions {
     /// ONNX Runtime's GPU backends: accept graph nodes that it places on the CPU (an error
     /// otherwise, naming every such node).
     pub allow_cpu_fallback: bool,
+    /// Capture each bound call as a CUDA graph and replay it (ort-cuda: ONNX Runtime's
+    /// `enable_cuda_graph`; tensorrt: captured around `enqueueV3` on a scratch cache). Off by
+    /// default until the GPU check has compared its images with uncaptured runs.
+    pub cuda_graphs: bool,
 }
 
 /// A `step` graph with more weight bytes than this (d30: 6.2 GB in FP32, 3.1 GB in FP16; d16:

@@ -481,6 +481,7 @@ fn write_all(
             Stage::StepFirst => transformer::step_first(&mut g, &star, cfg, sch)?,
             Stage::Step => transformer::step(&mut g, &star, cfg, sch)?,
             Stage::Sampler => transformer::sampler_step(&mut g, &star, &vqs, cfg, sch)?,
+            Stage::Sample => crate::graph::sample::sample(&mut g, cfg.vocab),
             Stage::Vq => vq::vq_step(&mut g, &vqs, &star, cfg, sch)?,
             Stage::Decoder => vq::decoder(&mut g, &vqs, cfg, sch)?,
         }
@@ -490,7 +491,8 @@ fn write_all(
         let path = dir.join(&file);
         write_model(&path, &model)?;
         let bytes = star_artifact::onnx::encode_model(&model);
-        let (_, _, scales, profiles) = star_artifact::check::expected_io(stage, cfg, sch);
+        let kv_dtype = star_artifact::manifest::kv_cache_dtype(precision);
+        let (_, _, scales, profiles) = star_artifact::check::expected_io(stage, cfg, sch, kv_dtype);
         graphs.push(GraphEntry {
             stage,
             file,
@@ -535,6 +537,7 @@ fn write_all(
         schema_version: SCHEMA_VERSION,
         producer: format!("star-export {}", env!("CARGO_PKG_VERSION")),
         precision,
+        kv_cache_dtype: star_artifact::manifest::kv_cache_dtype(precision),
         opset: star_artifact::onnx::OPSET,
         config: cfg.clone(),
         schedule: sch.clone(),

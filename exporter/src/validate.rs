@@ -89,13 +89,10 @@ fn text_encoder_checks(
     let tol = tol_of(md, Stage::TextEncoder)?;
     let ids = r.get(names[0])?;
     let mask = r.get(names[1])?;
-    let out = md.run(
+    let out = md.run_host(
         Stage::TextEncoder,
         None,
-        &[
-            (io::INPUT_IDS, (&ids).into()),
-            (io::ATTENTION_MASK, (&mask).into()),
-        ],
+        &[(io::INPUT_IDS, &ids), (io::ATTENTION_MASK, &mask)],
     )?;
     rep.push(compare(
         stage,
@@ -199,14 +196,10 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     for si in 0..sn {
         let idx = r.get(&format!("s{si:02}.idx"))?;
         let scale = Tensor::i64(vec![1], vec![si as i64]);
-        let out = md.run(
+        let out = md.run_host(
             Stage::Vq,
             Some(si),
-            &[
-                (io::IDX, (&idx).into()),
-                (io::F_HAT, (&f_hat).into()),
-                (io::SCALE, (&scale).into()),
-            ],
+            &[(io::IDX, &idx), (io::F_HAT, &f_hat), (io::SCALE, &scale)],
         )?;
         let fname = format!("s{si:02}.f_hat");
         check(rep, r, &format!("vq[{si}]"), &fname, &out["f_hat_out"], tol)?;
@@ -224,7 +217,7 @@ fn vq_record(md: &mut ModelDir, r: &Record, rep: &mut Report) -> Result<()> {
     }
     let fe = r.input("fhat_embed_to_fhat")?;
     rep.push(compare("vq", "fhat_embed_to_fhat", &f_hat, &fe, tol));
-    let out = md.run(Stage::Decoder, None, &[(io::F_HAT, (&fe).into())])?;
+    let out = md.run_host(Stage::Decoder, None, &[(io::F_HAT, &fe)])?;
     rep.push(compare(
         "decoder",
         "dec.image_raw",

@@ -81,7 +81,8 @@ fn dry_run_writes_and_prints_the_plan() {
         .collect();
     assert_eq!(names, vec!["plan.json"]);
     let plan: star_artifact::engine_manifest::Plan = serde_json::from_str(&written).unwrap();
-    assert_eq!(plan.engines.len(), 6);
+    // text_encoder, text_kv, step_first, step, sample, vq, decoder (the demo has no sampler).
+    assert_eq!(plan.engines.len(), 7);
     assert!(Path::new(&plan.model.path).is_absolute());
     // The out directory now exists: a second dry run is refused.
     let again = star_export(

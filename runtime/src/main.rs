@@ -58,6 +58,11 @@ struct BackendArgs {
     /// default, naming every such node: a silent CPU fallback is a slow GPU run).
     #[arg(long)]
     allow_cpu_fallback: bool,
+    /// ort-cuda and tensorrt: capture each bound stage run as a CUDA graph once and replay it
+    /// (fixed addresses make this possible). Off by default until the GPU check has compared
+    /// its images with uncaptured runs.
+    #[arg(long)]
+    cuda_graphs: bool,
     /// Print the device and the provider each stage runs on (with --allow-cpu-fallback, also
     /// the nodes that run on the CPU).
     #[arg(long)]
@@ -72,6 +77,7 @@ impl BackendArgs {
         o.gpu = GpuOptions {
             device: self.device,
             allow_cpu_fallback: self.allow_cpu_fallback,
+            cuda_graphs: self.cuda_graphs,
         };
         o
     }
@@ -200,6 +206,10 @@ enum Cmd {
         /// Also write a PNG: per prompt and seed, reference | candidate | difference x8.
         #[arg(long)]
         grid: Option<PathBuf>,
+        /// Run the candidate with CUDA graphs and the reference without (ort-cuda, tensorrt):
+        /// with the same directory for both, this compares captured and uncaptured runs.
+        #[arg(long)]
+        candidate_cuda_graphs: bool,
         /// Backend and device options of both models.
         #[command(flatten)]
         backend: BackendArgs,
@@ -380,6 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seeds,
             json,
             grid,
+            candidate_cuda_graphs,
             backend,
         }) => {
             let (prompts, _) =
@@ -391,7 +402,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let opts = backend.options();
             let mut r = Pipeline::open(&reference, opts.clone())?;
-            let mut c = Pipeline::open(&candidate, opts)?;
+            let mut c_opts = opts;
+            c_opts.gpu.cuda_graphs |= candidate_cuda_graphs;
+            let mut c = Pipeline::open(&candidate, c_opts)?;
             let rep = star_pipeline::compare::compare(
                 &mut r,
                 &mut c,
@@ -573,33 +586,24 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
             "tokenizer",
             "text_encoder",
             "text_kv",
-            "sampling",
             "decoder",
         ] {
             parts.push(format!("{k} {:.1}", tm.get(k)));
         }
-        let steps: f64 = tm
-            .ms
-            .iter()
-            .filter(|(k, _)| k.starts_with("step["))
-            .map(|(_, v)| v.0)
-            .sum();
-        let vq: f64 = tm
-            .ms
-            .iter()
-            .filter(|(k, _)| k.starts_with("vq["))
-            .map(|(_, v)| v.0)
-            .sum();
-        let smp: f64 = tm
-            .ms
-            .iter()
-            .filter(|(k, _)| k.starts_with("sampler["))
-            .map(|(_, v)| v.0)
-            .sum();
-        // An empty f64 sum is -0.0; show models without the sampler as 0.0.
-        let smp = smp + 0.0;
+        // An empty f64 sum is -0.0: + 0.0 shows a stage that did not run as 0.0.
+        let sum = |prefix: &str| -> f64 {
+            tm.ms
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(_, v)| v.0)
+                .sum::<f64>()
+                + 0.0
+        };
+        let (steps, vq, smp) = (sum("step["), sum("vq["), sum("sampler["));
+        // Draws on the engine, and the stable sampler's reveal on the host.
+        let draw = sum("sample[") + tm.get("sampling");
         eprintln!(
-            "model {} ({}): {} ms total | scale steps {steps:.1}, stable sampler {smp:.1}, vq {vq:.1}, {} (ms)",
+            "model {} ({}): {} ms total | scale steps {steps:.1}, stable sampler {smp:.1}, sampling {draw:.1}, vq {vq:.1}, {} (ms)",
             dir.display(),
             m.model_hash,
             t.elapsed().as_millis(),

@@ -80,7 +80,7 @@ fn partial_model_directory() {
 fn manifest_schema_mismatch() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
-    edit_manifest(&m, "\"schema_version\": 4", "\"schema_version\": 99");
+    edit_manifest(&m, "\"schema_version\": 5", "\"schema_version\": 99");
     expect_error(&m, &[], &[], "schema version 99");
 }
 
@@ -90,31 +90,32 @@ fn manifest_schema_mismatch() {
 fn schema_v1_directory_is_refused_with_a_re_export_hint() {
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());
-    edit_manifest(&m, "\"schema_version\": 4", "\"schema_version\": 1");
+    edit_manifest(&m, "\"schema_version\": 5", "\"schema_version\": 1");
     expect_error(
         &m,
         &[],
         &[],
-        "schema version 1, this build reads version 4; re-export the model",
+        "schema version 1, this build reads version 5; re-export the model",
     );
 }
 
-/// Schema v2 (before per-graph precisions) and v3 (before the block-major KV cache) likewise.
+/// Schema v2 (before per-graph precisions), v3 (before the block-major KV cache) and v4 (before
+/// the sample graph and the KV cache in the compute precision) likewise.
 #[test]
-fn schema_v2_and_v3_directories_are_refused_with_a_re_export_hint() {
-    for v in [2, 3] {
+fn schema_v2_to_v4_directories_are_refused_with_a_re_export_hint() {
+    for v in [2, 3, 4] {
         let t = tempfile::tempdir().unwrap();
         let m = copy_demo(t.path());
         edit_manifest(
             &m,
-            "\"schema_version\": 4",
+            "\"schema_version\": 5",
             &format!("\"schema_version\": {v}"),
         );
         expect_error(
             &m,
             &[],
             &[],
-            &format!("schema version {v}, this build reads version 4; re-export the model"),
+            &format!("schema version {v}, this build reads version 5; re-export the model"),
         );
     }
 }
@@ -143,6 +144,20 @@ fn precision_disagreeing_with_the_graphs_is_refused() {
         &[],
         &[],
         "is 'fp32', but a fp16 model's step_first graph is 'fp16'",
+    );
+    // The KV cache's element type is the precision's.
+    let t = tempfile::tempdir().unwrap();
+    let m = copy_demo(t.path());
+    edit_manifest(
+        &m,
+        "\"kv_cache_dtype\": \"float32\"",
+        "\"kv_cache_dtype\": \"float16\"",
+    );
+    expect_error(
+        &m,
+        &[],
+        &[],
+        "kv_cache_dtype = 'float16', but a fp32 model's KV cache is float32",
     );
     let t = tempfile::tempdir().unwrap();
     let m = copy_demo(t.path());

@@ -115,6 +115,7 @@ fn check_export(m: &star_artifact::manifest::Manifest, out: &Path) {
         "text_kv",
         "step_first",
         "step",
+        "sample",
         "vq",
         "decoder",
     ];

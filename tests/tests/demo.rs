@@ -162,10 +162,7 @@ fn one_shot_pipeline_gives_sessions_back_and_creates_them_again() {
     once.kv_release_bytes = 0;
     let ids = Tensor::i64(vec![1, 77], (0..77).map(|i| i % 50).collect());
     let mask = Tensor::i64(vec![1, 77], vec![1; 77]);
-    let inputs = [
-        (io::INPUT_IDS, (&ids).into()),
-        (io::ATTENTION_MASK, (&mask).into()),
-    ];
+    let inputs = [(io::INPUT_IDS, &ids), (io::ATTENTION_MASK, &mask)];
     for seed in [3, 4] {
         let a = keep
             .generate(&prompts, "", &params(&keep, seed), &mut NoHooks)
@@ -185,8 +182,8 @@ fn one_shot_pipeline_gives_sessions_back_and_creates_them_again() {
         );
     }
     once.md.memory_policy().expect("ort-cpu").take_created();
-    let kept = keep.md.run(Stage::TextEncoder, None, &inputs).unwrap();
-    let again = once.md.run(Stage::TextEncoder, None, &inputs).unwrap();
+    let kept = keep.md.run_host(Stage::TextEncoder, None, &inputs).unwrap();
+    let again = once.md.run_host(Stage::TextEncoder, None, &inputs).unwrap();
     assert!(
         once.md
             .memory_policy()

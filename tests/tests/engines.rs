@@ -117,7 +117,12 @@ fn d30_1024_manifest() -> Manifest {
     let graphs = required_stages(&config, &schedule)
         .into_iter()
         .map(|stage| {
-            let (inputs, outputs, scales, profiles) = expected_io(stage, &config, &schedule);
+            let (inputs, outputs, scales, profiles) = expected_io(
+                stage,
+                &config,
+                &schedule,
+                star_artifact::manifest::kv_cache_dtype(star_artifact::dtype::Precision::Fp16),
+            );
             GraphEntry {
                 stage,
                 file: stage.file(),
@@ -135,6 +140,9 @@ fn d30_1024_manifest() -> Manifest {
         schema_version: star_artifact::manifest::SCHEMA_VERSION,
         producer: "test".into(),
         precision: star_artifact::dtype::Precision::Fp16,
+        kv_cache_dtype: star_artifact::manifest::kv_cache_dtype(
+            star_artifact::dtype::Precision::Fp16,
+        ),
         opset: 17,
         config,
         schedule,

@@ -9,28 +9,42 @@ use star_tests::*;
 
 /// Operators of the exported graphs, all in onnx-tensorrt's supported list (so the same graphs can
 /// build TensorRT engines); a new operator must be checked against it before it is added here.
+/// The sample graph's (TopK, the comparisons, Where, And/Or, Floor, GatherElements, the
+/// reductions) were checked against onnx-tensorrt's operators.md for TensorRT 10/11: TopK takes
+/// k up to 3840 there, so a vocabulary above that needs --top-k at most 3840 on TensorRT.
 const TENSORRT_PARSER_OPS: &[&str] = &[
     "Add",
+    "And",
     "Cast",
     "Clip",
     "Concat",
     "Conv",
     "CumSum",
+    "DequantizeLinear",
     "Div",
     "Equal",
     "Erf",
+    "Exp",
+    "Floor",
     "Gather",
+    "GatherElements",
+    "Greater",
     "Identity",
     "InstanceNormalization",
     "LayerNormalization",
+    "Less",
+    "LessOrEqual",
     "MatMul",
     "Max",
+    "Min",
     "Mul",
+    "Or",
     "Pow",
     "QuantizeLinear",
-    "DequantizeLinear",
     "ReduceL2",
+    "ReduceMax",
     "ReduceMean",
+    "ReduceSum",
     "Reshape",
     "Resize",
     "Shape",
@@ -42,8 +56,10 @@ const TENSORRT_PARSER_OPS: &[&str] = &[
     "Squeeze",
     "Sub",
     "Tanh",
+    "TopK",
     "Transpose",
     "Unsqueeze",
+    "Where",
 ];
 
 #[test]
@@ -217,16 +233,37 @@ fn fp16_graphs_keep_norms_softmax_and_head_in_fp32() {
                 f16.insert(name.clone());
             }
         }
+        // The KV cache's past inputs are FP16 at this precision.
+        for i in &graph.input {
+            let t = i.r#type.as_ref().and_then(|t| t.tensor_type.as_ref());
+            if t.is_some_and(|t| t.elem_type == dtype::FLOAT16) {
+                f16.insert(i.name.clone());
+            }
+        }
+        // FP16 values flow through operators that keep the element type.
+        const KEEPS: &[&str] = &[
+            "MatMul",
+            "Add",
+            "Concat",
+            "Transpose",
+            "Reshape",
+            "Slice",
+            "Split",
+            "Squeeze",
+            "Unsqueeze",
+            "Gather",
+            "Identity",
+        ];
         for n in &graph.node {
             if n.op_type == "Cast" {
                 let to = n.attribute.iter().find(|a| a.name == "to").unwrap().i as i32;
                 if to == dtype::FLOAT16 {
                     f16.insert(n.output[0].clone());
                 }
-            } else if (n.op_type == "MatMul" || n.op_type == "Add")
-                && n.input.iter().any(|i| f16.contains(i))
+            } else if KEEPS.contains(&n.op_type.as_str())
+                && n.input.first().is_some_and(|i| f16.contains(i))
             {
-                f16.insert(n.output[0].clone());
+                f16.extend(n.output.iter().cloned());
             }
         }
         let mut fp16_matmuls = 0;
@@ -544,7 +581,11 @@ fn relabelled_precision_is_refused_from_the_graphs() {
     export_fixture_at("tiny-256", 256, Precision::Fp16, &out);
     let mp = out.join("manifest.json");
     let text = std::fs::read_to_string(&mp).unwrap();
-    std::fs::write(&mp, text.replace("\"fp16\"", "\"fp32\"")).unwrap();
+    // Relabelled consistently, the KV cache's dtype too: only the graph files can tell.
+    let relabelled = text
+        .replace("\"fp16\"", "\"fp32\"")
+        .replace("\"float16\"", "\"float32\"");
+    std::fs::write(&mp, relabelled).unwrap();
     let e = star_engines::model_dir::ModelDir::open(&out, BackendOptions::default())
         .err()
         .expect("an FP16 directory labelled fp32 was opened")

@@ -43,8 +43,14 @@ const F32: Dtype = Dtype::Float32;
 const I64: Dtype = Dtype::Int64;
 
 /// The inputs and outputs of a stage's graph, with the scale-dependent dims at scale `si`
-/// (ignored by the stages that are not per scale).
-fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port>, Vec<Port>) {
+/// (ignored by the stages that are not per scale); `kv` is the KV cache's element type.
+fn contract(
+    stage: Stage,
+    si: usize,
+    c: &ModelConfig,
+    s: &Schedule,
+    kv_dtype: Dtype,
+) -> (Vec<Port>, Vec<Port>) {
     use Exp::{Batch as B, Fixed as F, Scaled as S};
     let sn = s.patch_nums.len();
     let pn = |i: usize| s.patch_nums.get(i).copied().unwrap_or(0);
@@ -93,7 +99,7 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
     // One K/V output per block: each is written in place into its block's region of the cache.
     let step_out = |n: Exp| {
         let mut v: Vec<Port> = (0..c.depth)
-            .map(|i| port(io::kv_new(i), F32, kv(n.clone())))
+            .map(|i| port(io::kv_new(i), kv_dtype, kv(n.clone())))
             .collect();
         v.extend([
             port(
@@ -177,7 +183,7 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
                 F32,
                 vec![B("B2"), tokens.clone(), F(c.width, "config.width")],
             )];
-            ins.extend((0..c.depth).map(|i| port(io::past(i), F32, kv(past.clone()))));
+            ins.extend((0..c.depth).map(|i| port(io::past(i), kv_dtype, kv(past.clone()))));
             ins.extend(text_kv());
             (ins, step_out(tokens))
         }
@@ -203,6 +209,20 @@ fn contract(stage: Stage, si: usize, c: &ModelConfig, s: &Schedule) -> (Vec<Port
                 vec![B("B2"), tokens, F(c.vocab, "config.vocab")],
             )],
         ),
+        Stage::Sample => {
+            let v = || F(c.vocab, "config.vocab");
+            let rows = || vec![B("B"), tokens.clone()];
+            (
+                vec![
+                    port(io::LOGITS, F32, vec![B("B2"), tokens.clone(), v()]),
+                    port(io::GUIDANCE, F32, vec![F(2, "2 (1 + t, t)")]),
+                    port(io::TOP_K, I64, vec![F(1, "1")]),
+                    port(io::TOP_P, F32, vec![F(1, "1")]),
+                    port(io::UNIFORMS, F32, rows()),
+                ],
+                vec![port(io::IDX, I64, rows()), port(io::PROB, F32, rows())],
+            )
+        }
         Stage::Vq => {
             // At the last scale the next-scale input is the full map (the runtime ignores it).
             let next = if si + 1 < sn { pn(si + 1) } else { side };
@@ -261,7 +281,7 @@ pub fn stage_scales(stage: Stage, c: &ModelConfig, s: &Schedule) -> Vec<usize> {
         Stage::Sampler => (0..sn)
             .filter(|&i| c.sampler_blocks > 0 && s.substeps.get(i).is_some_and(|v| !v.is_empty()))
             .collect(),
-        Stage::Vq => (0..sn).collect(),
+        Stage::Sample | Stage::Vq => (0..sn).collect(),
         Stage::TextEncoder | Stage::TextKv | Stage::Decoder => vec![],
     }
 }
@@ -304,13 +324,14 @@ pub fn expected_io(
     stage: Stage,
     c: &ModelConfig,
     s: &Schedule,
+    kv_dtype: Dtype,
 ) -> (Vec<IoSpec>, Vec<IoSpec>, Vec<usize>, Vec<Profile>) {
     let scales = stage_scales(stage, c, s);
-    let (ins, outs) = contract(stage, scales.first().copied().unwrap_or(0), c, s);
+    let (ins, outs) = contract(stage, scales.first().copied().unwrap_or(0), c, s, kv_dtype);
     let profiles = scales
         .iter()
         .map(|&si| {
-            let (i, o) = contract(stage, si, c, s);
+            let (i, o) = contract(stage, si, c, s, kv_dtype);
             Profile {
                 scale: si,
                 inputs: specs(&i, true),
@@ -397,10 +418,21 @@ fn match_ports(
 }
 
 /// A graph's declared I/O and every profile against the contract.
-fn match_graph(g: &GraphEntry, c: &ModelConfig, s: &Schedule) -> std::result::Result<(), String> {
+fn match_graph(
+    g: &GraphEntry,
+    c: &ModelConfig,
+    s: &Schedule,
+    kv_dtype: Dtype,
+) -> std::result::Result<(), String> {
     let what = format!("{} (stage {})", g.file, g.stage);
     let scales = stage_scales(g.stage, c, s);
-    let (ins, outs) = contract(g.stage, scales.first().copied().unwrap_or(0), c, s);
+    let (ins, outs) = contract(
+        g.stage,
+        scales.first().copied().unwrap_or(0),
+        c,
+        s,
+        kv_dtype,
+    );
     match_ports(&what, "input", &g.inputs, &ins, false)?;
     match_ports(&what, "output", &g.outputs, &outs, false)?;
     if g.scales != scales {
@@ -416,7 +448,7 @@ fn match_graph(g: &GraphEntry, c: &ModelConfig, s: &Schedule) -> std::result::Re
         ));
     }
     for p in &g.profiles {
-        let (ins, outs) = contract(g.stage, p.scale, c, s);
+        let (ins, outs) = contract(g.stage, p.scale, c, s, kv_dtype);
         let at = format!("{what} scale {} profile", p.scale);
         match_ports(&at, "input", &p.inputs, &ins, true)?;
         match_ports(&at, "output", &p.outputs, &outs, true)?;
@@ -674,11 +706,11 @@ fn check_graphs(m: &Manifest) -> std::result::Result<(), String> {
             return Err(format!("graphs[{i}]: stage {} is listed twice", g.stage));
         }
     }
+    // The precisions first: a relabelled model is named as such, not by its first port.
     for st in &required {
         let Some(g) = m.graph(*st) else {
             return Err(format!("graphs: no graph for stage '{st}'"));
         };
-        match_graph(g, c, s)?;
         let want = st.graph_precision(m.precision);
         if g.precision != want {
             return Err(format!(
@@ -686,6 +718,19 @@ fn check_graphs(m: &Manifest) -> std::result::Result<(), String> {
                 g.file, g.precision, m.precision
             ));
         }
+    }
+    let kv = crate::manifest::kv_cache_dtype(m.precision);
+    if m.kv_cache_dtype != kv {
+        return Err(format!(
+            "kv_cache_dtype = '{}', but a {} model's KV cache is {kv}",
+            m.kv_cache_dtype, m.precision
+        ));
+    }
+    for st in &required {
+        let Some(g) = m.graph(*st) else {
+            return Err(format!("graphs: no graph for stage '{st}'"));
+        };
+        match_graph(g, c, s, m.kv_cache_dtype)?;
         if let Some(p) = g
             .probes
             .iter()

@@ -84,6 +84,14 @@ impl Record {
         &self.index["info"]
     }
 
+    /// The names of the record's tensors, in its index's order.
+    pub fn names(&self) -> Vec<String> {
+        self.index["tensors"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn meta(&self, name: &str) -> &serde_json::Value {
         &self.index["tensors"][name]
     }

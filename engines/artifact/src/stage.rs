@@ -25,6 +25,8 @@ pub enum Stage {
     Step,
     /// The stable sampler's refiner, every sampler scale.
     Sampler,
+    /// Guidance, top-k / top-p and the draw of any scale or sub-step: FP32 at every precision.
+    Sample,
     /// VQ transition of any scale (selected by the `scale` input).
     Vq,
     /// VQ decoder: f_hat -> image.
@@ -32,12 +34,13 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 7] = [
+    pub const ALL: [Stage; 8] = [
         Stage::TextEncoder,
         Stage::TextKv,
         Stage::StepFirst,
         Stage::Step,
         Stage::Sampler,
+        Stage::Sample,
         Stage::Vq,
         Stage::Decoder,
     ];
@@ -50,6 +53,7 @@ impl Stage {
             Stage::StepFirst => "step_first",
             Stage::Step => "step",
             Stage::Sampler => "sampler",
+            Stage::Sample => "sample",
             Stage::Vq => "vq",
             Stage::Decoder => "decoder",
         }
@@ -70,7 +74,9 @@ impl Stage {
     pub fn graph_precision(self, dir: Precision) -> Precision {
         match self {
             Stage::StepFirst | Stage::Step | Stage::Sampler => dir,
-            Stage::TextEncoder | Stage::TextKv | Stage::Vq | Stage::Decoder => Precision::Fp32,
+            Stage::TextEncoder | Stage::TextKv | Stage::Sample | Stage::Vq | Stage::Decoder => {
+                Precision::Fp32
+            }
         }
     }
 
@@ -78,7 +84,7 @@ impl Stage {
     pub fn per_scale(self) -> bool {
         matches!(
             self,
-            Stage::StepFirst | Stage::Step | Stage::Sampler | Stage::Vq
+            Stage::StepFirst | Stage::Step | Stage::Sampler | Stage::Sample | Stage::Vq
         )
     }
 
@@ -124,6 +130,14 @@ pub mod io {
     pub const MASK: &str = "mask";
     pub const SCALE: &str = "scale";
     pub const F_HAT: &str = "f_hat";
+    /// The sample graph's inputs: the guidance pair [1 + t, t], the k to keep, the nucleus
+    /// threshold 1 - p (-1: off) and the RNG contract's uniforms; and its output's probability
+    /// of each drawn token (the token ids are `IDX`).
+    pub const GUIDANCE: &str = "guidance";
+    pub const TOP_K: &str = "top_k";
+    pub const TOP_P: &str = "top_p";
+    pub const UNIFORMS: &str = "uniforms";
+    pub const PROB: &str = "prob";
     pub const F_HAT_OUT: &str = "f_hat_out";
     pub const IMAGE_RAW: &str = "image_raw";
     pub const IMAGE: &str = "image";

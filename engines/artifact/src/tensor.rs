@@ -53,6 +53,49 @@ impl Tensor {
             Data::I64(_) => "int64",
         }
     }
+    /// Its element type.
+    pub fn dtype(&self) -> crate::dtype::Dtype {
+        match self.data {
+            Data::F32(_) => crate::dtype::Dtype::Float32,
+            Data::I64(_) => crate::dtype::Dtype::Int64,
+        }
+    }
+    /// Its elements as bytes, in the machine's order (what an engine's buffer holds).
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: viewing initialised f32 / i64 elements as bytes.
+        unsafe {
+            match &self.data {
+                Data::F32(v) => std::slice::from_raw_parts(
+                    v.as_ptr() as *const u8,
+                    std::mem::size_of_val(&v[..]),
+                ),
+                Data::I64(v) => std::slice::from_raw_parts(
+                    v.as_ptr() as *const u8,
+                    std::mem::size_of_val(&v[..]),
+                ),
+            }
+        }
+    }
+    /// A tensor of `shape` from the bytes of its elements (machine order); None for another
+    /// element type or a byte count that is not the shape's.
+    pub fn from_bytes(shape: Vec<usize>, dtype: crate::dtype::Dtype, b: &[u8]) -> Option<Tensor> {
+        let n: usize = shape.iter().product();
+        match dtype {
+            crate::dtype::Dtype::Float32 if b.len() == n * 4 => Some(Tensor::f32(
+                shape,
+                b.chunks_exact(4)
+                    .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )),
+            crate::dtype::Dtype::Int64 if b.len() == n * 8 => Some(Tensor::i64(
+                shape,
+                b.chunks_exact(8)
+                    .map(|c| i64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect(),
+            )),
+            _ => None,
+        }
+    }
     /// Values as f64 (int64 converted), for comparisons.
     pub fn to_f64(&self) -> Vec<f64> {
         match &self.data {

@@ -1,15 +1,19 @@
-//! The engine boundary as ONNX Runtime I/O bindings, the same on every ONNX Runtime backend: a
-//! stage's inputs and outputs are values created over memory the engine owns — the host for
-//! `ort-cpu`, the GPU for `ort-cuda` — and the KV cache is one buffer with a region per block:
-//! each block's past (a prefix of its region) is bound as its `past_{i}` input and the scale's
-//! range of it as its `kv_new_{i}` output, so the session reads the past and writes the scale's
-//! K/V in place. ort-cpu runs every generation through this code,
-//! so the golden suites test the bookkeeping (offsets, views, in-place writes) that ort-cuda uses
-//! over device memory.
+//! The engine boundary as ONNX Runtime I/O bindings, the same on every ONNX Runtime backend,
+//! made once per call and run many times: a stage's inputs and outputs are values over the
+//! engine's own buffers (`values.rs`) — the host for `ort-cpu`, the GPU for `ort-cuda` — and the
+//! KV cache is one buffer with a region per block: each block's past (a prefix of its region) is
+//! bound as its `past_{i}` input and the scale's range of it as its `kv_new_{i}` output, so the
+//! session reads the past and writes the scale's K/V in place. ort-cpu runs every generation
+//! through this code, so the golden suites test the bookkeeping (offsets, views, in-place
+//! writes) that ort-cuda uses over device memory.
 
 use super::Place;
+use crate::engine::{Call, PortBind};
 use crate::error::{EngineError, Result};
+use crate::values::ValueStore;
+use star_artifact::dtype::Dtype;
 use star_artifact::kv::KvLayout;
+use star_artifact::stage::io;
 use star_artifact::tensor::Tensor;
 use std::collections::HashMap;
 
@@ -65,7 +69,23 @@ pub unsafe fn value_over(
     Ok(unsafe { ort::value::Value::from_ptr(v, Some(&ort::memory::Allocator::default())) })
 }
 
-/// A float32 value over one block's region of a cache buffer whose first byte is at `base`.
+/// ONNX Runtime's element type of `d` (the dtypes of stage values and of the KV cache).
+fn element(d: Dtype) -> std::result::Result<ort::sys::ONNXTensorElementDataType, String> {
+    use ort::sys::ONNXTensorElementDataType as T;
+    match d {
+        Dtype::Float32 => Ok(T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+        Dtype::Float16 => Ok(T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+        Dtype::Int64 => Ok(T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64),
+        d @ (Dtype::Bfloat16
+        | Dtype::Float64
+        | Dtype::Int32
+        | Dtype::Int8
+        | Dtype::Uint8
+        | Dtype::Bool) => Err(format!("no stage value is {d}")),
+    }
+}
+
+/// A value over one block's region of a cache buffer whose first byte is at `base`.
 ///
 /// # Safety
 /// `base` must point at a live buffer of `layout.bytes()` bytes in `place` that outlives the
@@ -86,196 +106,128 @@ pub unsafe fn kv_value(
             base.add(r.byte_offset),
             r.bytes,
             &shape,
-            ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+            element(layout.dtype)?,
             place,
         )
     }
 }
 
-/// A host input as a value over its slice (no copy on the host; the runtime uploads it when the
-/// session wants it on a device).
-pub fn host_value(
-    inp: &crate::engine::Input<'_>,
+/// A value over the first elements of a port's engine value.
+fn port_value(
+    values: &mut dyn ValueStore,
+    p: &PortBind,
+    place: Place,
 ) -> std::result::Result<ort::value::DynValue, String> {
-    use crate::engine::Input;
-    use ort::sys::ONNXTensorElementDataType as T;
-    let (shape, ptr, len, elem) = match inp {
-        Input::F32(s, d) => (
-            s.to_vec(),
-            d.as_ptr() as *const u8,
-            std::mem::size_of_val(*d),
-            T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-        ),
-        Input::F32Owned(s, d) => (
-            s.clone(),
-            d.as_ptr() as *const u8,
-            std::mem::size_of_val(*d),
-            T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-        ),
-        Input::I64(s, d) => (
-            s.to_vec(),
-            d.as_ptr() as *const u8,
-            std::mem::size_of_val(*d),
-            T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
-        ),
-    };
-    let numel: usize = shape.iter().product();
-    let elem_bytes = if matches!(inp, Input::I64(..)) { 8 } else { 4 };
-    if numel * elem_bytes != len {
-        return Err(format!("{len} bytes do not hold shape {shape:?}"));
-    }
-    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    // SAFETY: a slice of exactly that many elements, borrowed for longer than the run that reads
-    // it (the caller keeps the value no longer than the borrow).
-    unsafe { value_over(ptr, len, &shape, elem, Place::Host) }
+    let base = values
+        .address(p.slot)
+        .ok_or_else(|| format!("engine value {:?} is not allocated", p.slot))?;
+    let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+    // SAFETY: `ModelDir::run` reserved the value for at least this shape; the binding that
+    // holds this value is dropped when the value store reallocates (its epoch, `BindCache`).
+    unsafe { value_over(base, p.bytes(), &shape, element(p.dtype)?, place) }
 }
 
-/// The values one stage run binds, over the engine's memory in `place`: each input (a host
-/// tensor, or for `Arg::KvPast` every block's `past_{i}` as a view of the prefix of its region)
-/// and, with `kv_at`, every block's `kv_new_{i}` output as a view of the scale's range of its
-/// region. Shared by every ONNX Runtime engine, so `ort-cpu` runs the exact bookkeeping
-/// `ort-cuda` does over device memory.
-///
-/// # Safety
-/// `cache`, when given, is the engine's live cache buffer (`layout.bytes()` bytes in `place`),
-/// not reallocated or freed while the returned values live.
-#[allow(clippy::type_complexity)]
-pub unsafe fn stage_values(
-    stage: star_artifact::stage::Stage,
-    inputs: &[(&str, crate::engine::Arg<'_>)],
-    kv_at: Option<crate::engine::KvWrite>,
+/// The I/O binding of one call, made once and run many times (`BindCache`): every input and
+/// output port a value over its engine value (the host for `ort-cpu`, the device for
+/// `ort-cuda`), every block's past a view of the prefix of its cache region and its `kv_new_{i}`
+/// a view of the scale's range of it, written in place. ort-cpu runs every generation through
+/// this code, so the golden suites test the bookkeeping ort-cuda uses over device memory.
+pub fn make_binding(
+    session: &ort::session::Session,
+    call: &Call,
+    values: &mut dyn ValueStore,
     cache: Option<(*mut u8, KvLayout)>,
     place: Place,
-) -> Result<(
-    Vec<(String, ort::value::DynValue)>,
-    Vec<(String, ort::value::DynValue)>,
-)> {
-    use crate::engine::Arg;
+) -> Result<ort::session::IoBinding> {
+    let stage = call.stage;
     let bad = |input: &str, why: String| EngineError::BadInput {
         stage: stage.name().into(),
         input: input.into(),
         why,
     };
-    let need_cache =
-        || cache.ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()));
-    let mut values = Vec::with_capacity(inputs.len());
-    use star_artifact::stage::io;
-    // The past views and the new K/V ranges of one run must not overlap: a past of `len`
-    // tokens ends at or before the range written at `begin`.
-    if let Some(w) = kv_at {
-        if let Some(len) = inputs.iter().find_map(|(_, a)| match a {
-            Arg::KvPast(len) => Some(*len),
-            _ => None,
-        }) {
-            if len > w.begin {
-                return Err(bad(
-                    io::PAST,
-                    format!(
-                        "a past of {len} tokens overlaps the K/V written at {}",
-                        w.begin
-                    ),
-                ));
-            }
-        }
+    let err = |e: ort::Error| EngineError::Ort {
+        context: format!("binding stage {stage}"),
+        message: e.to_string(),
+    };
+    let mut b = session.create_binding().map_err(err)?;
+    for p in &call.inputs {
+        let v = port_value(values, p, place).map_err(|why| bad(&p.name, why))?;
+        b.bind_input(p.name.as_str(), &v).map_err(err)?;
     }
-    for (name, a) in inputs {
-        match a {
-            Arg::Host(i) => {
-                let v = host_value(i).map_err(|why| bad(name, why))?;
-                values.push((name.to_string(), v));
-            }
-            Arg::KvPast(len) => {
-                let (base, layout) = need_cache()?;
-                for i in 0..layout.depth() {
-                    let n = io::past(i);
-                    // SAFETY: the caller's buffer; the past is a prefix of the block's region
-                    // (bounds checked).
-                    let v = unsafe { kv_value(base, &layout, i, 0, *len, place) }
-                        .map_err(|why| bad(&n, why))?;
-                    values.push((n, v));
-                }
-            }
-        }
+    for p in &call.outputs {
+        let v =
+            port_value(values, p, place).map_err(|why| bad(&p.name, format!("(output) {why}")))?;
+        b.bind_output(p.name.as_str(), v).map_err(err)?;
     }
-    let mut in_place = vec![];
-    if let Some(crate::engine::KvWrite { begin, tokens }) = kv_at {
-        let (base, layout) = need_cache()?;
+    let host = Place::Host
+        .memory_info()
+        .map_err(|m| err(ort::Error::new(m)))?;
+    for name in &call.to_host {
+        b.bind_output_to_device(name.as_str(), &host).map_err(err)?;
+    }
+    if let Some(kv) = call.kv {
+        let (base, layout) = cache
+            .ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()))?;
+        // The past views and the new K/V ranges of one run must not overlap: a past of `len`
+        // tokens ends at or before the range written at `begin`.
+        if kv.past.is_some_and(|len| len > kv.write.begin) {
+            return Err(bad(
+                io::PAST,
+                format!(
+                    "a past of {:?} tokens overlaps the K/V written at {}",
+                    kv.past, kv.write.begin
+                ),
+            ));
+        }
         for i in 0..layout.depth() {
+            if let Some(len) = kv.past {
+                let n = io::past(i);
+                // SAFETY: the engine's live cache (its epoch guards the binding); the past is a
+                // prefix of the block's region (bounds checked).
+                let v = unsafe { kv_value(base, &layout, i, 0, len, place) }
+                    .map_err(|why| bad(&n, why))?;
+                b.bind_input(n.as_str(), &v).map_err(err)?;
+            }
             let n = io::kv_new(i);
             // SAFETY: as above. The range starts where the block's past ends: the two never
-            // overlap, and a stage producing another shape is an error from ONNX Runtime, not a
-            // stray write.
-            let v = unsafe { kv_value(base, &layout, i, begin, tokens, place) }
+            // overlap, and a stage producing another shape is an error from ONNX Runtime, not
+            // a stray write.
+            let v = unsafe { kv_value(base, &layout, i, kv.write.begin, kv.write.tokens, place) }
                 .map_err(|why| bad(&n, format!("(output) {why}")))?;
-            in_place.push((n, v));
+            b.bind_output(n.as_str(), v).map_err(err)?;
         }
     }
-    Ok((values, in_place))
+    Ok(b)
 }
 
-/// Run `session` through one I/O binding: `inputs` bound as given (values over host or device
-/// memory), `outputs_in_place` written into the values given, and every other output returned on
-/// the host.
-pub fn run_bound(
+/// Run `session` on a binding made by `make_binding`: outputs are written into the values the
+/// binding points at (an output of another shape than bound is ONNX Runtime's error); the
+/// `to_host` ones are returned.
+pub fn run_binding(
     session: &mut ort::session::Session,
+    binding: &ort::session::IoBinding,
     label: &str,
-    inputs: &[(&str, &ort::value::DynValue)],
-    outputs_in_place: &mut [(String, ort::value::DynValue)],
     run_options: Option<&ort::session::RunOptions>,
+    to_host: &[String],
 ) -> Result<HashMap<String, Tensor>> {
     let err = |e: ort::Error| EngineError::Ort {
         context: format!("running stage {label}"),
         message: e.to_string(),
     };
-    let mut b = session.create_binding().map_err(err)?;
-    for (name, v) in inputs {
-        b.bind_input(*name, *v).map_err(err)?;
-    }
-    let host = Place::Host
-        .memory_info()
-        .map_err(|m| err(ort::Error::new(m)))?;
-    let names: Vec<String> = session
-        .outputs()
-        .iter()
-        .map(|o| o.name().to_string())
-        .collect();
-    // An in-place output the graph does not declare would leave its region stale.
-    if let Some((n, _)) = outputs_in_place.iter().find(|(n, _)| !names.contains(n)) {
-        return Err(EngineError::Ort {
-            context: format!("running stage {label}"),
-            message: format!("the graph has no output {n} to write in place"),
-        });
-    }
-    for name in &names {
-        if let Some((_, v)) = outputs_in_place.iter_mut().find(|(n, _)| n == name) {
-            b.bind_output(name.as_str(), v).map_err(err)?;
-        } else {
-            b.bind_output_to_device(name.as_str(), &host).map_err(err)?;
-        }
-    }
     let outputs = match run_options {
-        Some(o) => session.run_binding_with_options(&b, o),
-        None => session.run_binding(&b),
+        Some(o) => session.run_binding_with_options(binding, o),
+        None => session.run_binding(binding),
     }
     .map_err(err)?;
     let mut out = HashMap::new();
-    for (name, value) in outputs.iter() {
-        if outputs_in_place.iter().any(|(n, _)| n == name) {
-            continue;
-        }
-        let t = if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
-            Tensor::f32(shape.iter().map(|&d| d as usize).collect(), data.to_vec())
-        } else {
-            let (shape, data) =
-                value
-                    .try_extract_tensor::<i64>()
-                    .map_err(|e| EngineError::Ort {
-                        context: format!("running stage {label}: output {name}"),
-                        message: e.to_string(),
-                    })?;
-            Tensor::i64(shape.iter().map(|&d| d as usize).collect(), data.to_vec())
-        };
-        out.insert(name.to_string(), t);
+    for name in to_host {
+        let v = outputs.get(name.as_str()).ok_or_else(|| EngineError::Ort {
+            context: format!("running stage {label}"),
+            message: format!("output {name} missing"),
+        })?;
+        let (shape, data) = v.try_extract_tensor::<f32>().map_err(err)?;
+        let shape = shape.iter().map(|&d| d as usize).collect();
+        out.insert(name.clone(), Tensor::f32(shape, data.to_vec()));
     }
     Ok(out)
 }

@@ -4,13 +4,14 @@
 
 use super::weights::{external_bytes, OrtSession, Packing, Release, WeightPool};
 use super::{ort_environment, ort_err};
-use crate::engine::{Arg, Backend, BackendOptions, Created, Engine, KvWrite, MemoryPolicy};
+use crate::engine::{Backend, BackendOptions, Call, Created, Engine, MemoryPolicy};
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{HostKv, KvCache, KvStore};
+use crate::kv_cache::{KvCache, KvStore};
+use crate::memory::HostMem;
+use crate::values::{ValueStore, Values};
 use star_artifact::dtype::Precision;
 use star_artifact::manifest::Manifest;
 use star_artifact::stage::Stage;
-use star_artifact::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -39,6 +40,11 @@ impl Backend for OrtCpu {
         opts: &BackendOptions,
         verified: &[(Stage, std::sync::Arc<[u8]>)],
     ) -> Result<Box<dyn Engine>> {
+        if opts.gpu.cuda_graphs {
+            return Err(EngineError::Unsupported(
+                "--cuda-graphs applies to the GPU backends (ort-cuda, tensorrt); ort-cpu has no CUDA graphs".into(),
+            ));
+        }
         // Fail now, not at the first stage, when the library is missing.
         ort_environment()?;
         refuse_saturating_int8(m)?;
@@ -70,6 +76,7 @@ impl Backend for OrtCpu {
             prefetching: vec![],
             early_runs: 0,
             kv: KvCache::new(()),
+            values: Values::new(()),
             last_wait_ms: 0.0,
             release_activations: opts.cpu.release_activations,
         }))
@@ -118,17 +125,16 @@ const RELEASE_ARENA_BYTES: usize = 4 << 20;
 /// (benches/RESULTS.md). Shrinking after a large run bounds what it keeps to one run's peak;
 /// it costs touching that much new memory at the next run, which small runs (every scale of
 /// d16/256) are spared.
-fn releases_arena(stage: Stage, inputs: &[(&str, Arg<'_>)]) -> bool {
+fn releases_arena(call: &Call) -> bool {
     use star_artifact::stage::io;
-    let states = match stage {
+    let states = match call.stage {
         Stage::Step => io::X,
         Stage::Sampler => io::HIDDEN,
         _ => return false,
     };
-    inputs.iter().any(|(n, a)| {
-        *n == states
-            && matches!(a, Arg::Host(i) if i.shape().iter().product::<usize>() * 4 >= RELEASE_ARENA_BYTES)
-    })
+    call.inputs
+        .iter()
+        .any(|p| p.name == states && p.bytes() >= RELEASE_ARENA_BYTES)
 }
 
 /// Run options that free the CPU arena's unused regions when the run ends.
@@ -148,7 +154,8 @@ pub struct OrtCpuEngine {
     prefetching: Vec<Stage>,
     /// Runs of a large step's early session (`EARLY_ALONE`, `unpacked_step_runs`).
     early_runs: usize,
-    kv: KvCache<HostKv>,
+    kv: KvCache<HostMem>,
+    values: Values<HostMem>,
     /// Time the last `run` spent getting its session (creating it, or waiting for the worker).
     last_wait_ms: f64,
     /// `BackendOptions::release_activations`.
@@ -293,24 +300,16 @@ impl Drop for OrtCpuEngine {
 }
 
 impl Engine for OrtCpuEngine {
-    fn run(
-        &mut self,
-        stage: Stage,
-        inputs: &[(&str, Arg<'_>)],
-        kv_at: Option<KvWrite>,
-    ) -> Result<HashMap<String, Tensor>> {
+    fn run(&mut self, call: &Call) -> Result<HashMap<String, star_artifact::tensor::Tensor>> {
         use crate::ort::Place;
-        let cache = self.kv.bound();
-        // SAFETY: the engine's own host cache, alive and not reallocated during the run.
-        let (values, mut in_place) =
-            unsafe { crate::ort::bind::stage_values(stage, inputs, kv_at, cache, Place::Host)? };
+        let stage = call.stage;
         let t = std::time::Instant::now();
         // By the schedule alone (`LARGE_STEP_BYTES`): a scale always runs on the same session.
-        // Every step the pipeline runs writes the cache (`kv_at`); one that did not would run on
-        // the pre-packed session.
+        // Every step the pipeline runs writes the cache; one that did not would run on the
+        // pre-packed session.
         let early = stage == Stage::Step
             && self.shared.large_step
-            && kv_at.is_some_and(|w| w.tokens <= EARLY_TOKENS);
+            && call.kv.is_some_and(|k| k.write.tokens <= EARLY_TOKENS);
         let session = if early {
             self.shared
                 .step_pages
@@ -347,20 +346,24 @@ impl Engine for OrtCpuEngine {
                 .unwrap_or_else(|e| e.into_inner())
                 .release_pages(&s.weights);
         }
-        let refs: Vec<(&str, &ort::value::DynValue)> =
-            values.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let label = s.label.clone();
-        let shrink = if self.release_activations || releases_arena(stage, inputs) {
+        let shrink = if self.release_activations || releases_arena(call) {
             Some(shrink_arena_after().map_err(ort_err(format!("running stage {label}")))?)
         } else {
             None
         };
-        let out = crate::ort::bind::run_bound(
+        let epochs = (self.values.epoch(), self.kv.epoch());
+        let cache = self.kv.bound();
+        let (values, session) = (&mut self.values, &s.session);
+        let (binding, _) = s.bindings.get_or_make(call, epochs, || {
+            crate::ort::bind::make_binding(session, call, values, cache, Place::Host)
+        })?;
+        let out = crate::ort::bind::run_binding(
             &mut s.session,
+            binding,
             &label,
-            &refs,
-            &mut in_place,
             shrink.as_ref(),
+            &call.to_host,
         );
         if early {
             self.early_runs += 1;
@@ -369,6 +372,28 @@ impl Engine for OrtCpuEngine {
             }
         }
         out
+    }
+
+    fn values(&mut self) -> &mut dyn ValueStore {
+        &mut self.values
+    }
+
+    fn values_ref(&self) -> &dyn ValueStore {
+        &self.values
+    }
+
+    fn bindings(&self) -> usize {
+        let count = |slot: &Slot| {
+            slot.get()
+                .and_then(|r| r.as_ref().ok())
+                .and_then(|m| {
+                    m.lock()
+                        .ok()
+                        .map(|g| g.as_ref().map_or(0, |s| s.bindings.len()))
+                })
+                .unwrap_or(0)
+        };
+        self.shared.slots.values().map(count).sum::<usize>() + count(&self.shared.early)
     }
 
     fn kv(&mut self) -> &mut dyn KvStore {

@@ -5,14 +5,14 @@
 //! binding code is shared with `ort-cpu`, which runs every golden test through it (`bind.rs`).
 
 use super::{ort_err, Place};
-use crate::engine::{Arg, Backend, BackendOptions, Engine, KvWrite};
+use crate::engine::{Backend, BackendOptions, BindCache, Call, Engine};
 use crate::error::{EngineError, Result};
-use crate::gpu::CudaKv;
+use crate::gpu::CudaMem;
 use crate::kv_cache::{KvCache, KvStore};
+use crate::values::{ValueStore, Values};
 use star_artifact::dtype::Precision;
 use star_artifact::manifest::Manifest;
 use star_artifact::stage::Stage;
-use star_artifact::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -212,12 +212,7 @@ impl Backend for OrtCuda {
             let s = cuda_session(env, dir, g, &bytes, opts)?;
             sessions.insert(g.stage, s);
         }
-        Ok(Box::new(OrtCudaEngine {
-            device: opts.gpu.device,
-            kv: KvCache::new(cuda_stream(opts.gpu.device)?),
-            sessions,
-            empty_past: true,
-        }))
+        OrtCudaEngine::boxed(opts, sessions, true)
     }
 }
 
@@ -240,6 +235,8 @@ fn cuda_session(
         // FP16 and INT8 graphs are judged at their own tolerance, and the FP32 parts of them
         // (norms, softmax, the logits heads) may use TF32 as the official release does.
         .with_tf32(g.precision != Precision::Fp32)
+        // --cuda-graphs: one graph captured per binding (`gpu_graph_id`), replayed after.
+        .with_cuda_graph(opts.gpu.cuda_graphs)
         .build()
         .error_on_failure();
     let mut b = ort::session::Session::builder(env).map_err(ort_err(&ctx))?;
@@ -342,39 +339,107 @@ pub(super) fn cuda_stream(device: usize) -> Result<std::sync::Arc<cudarc::driver
 
 pub struct OrtCudaEngine {
     pub(super) device: usize,
+    // Field order is drop order: the sessions (and the bindings over the values and the cache)
+    // before the device memory they point into.
+    pub(super) sessions: HashMap<Stage, CudaSession>,
     /// In device memory of its own (cudarc, the primary context ONNX Runtime uses too), bound
     /// by address like every other value.
-    pub(super) kv: KvCache<CudaKv>,
-    pub(super) sessions: HashMap<Stage, ort::session::Session>,
+    pub(super) kv: KvCache<CudaMem>,
+    pub(super) values: Values<CudaMem>,
     /// ort-cuda runs scale 0 on `step` (an empty past); TensorRT engines need `step_first`.
     pub(super) empty_past: bool,
+    /// --cuda-graphs: every binding runs under a graph id of its own, which ONNX Runtime
+    /// captures and then replays.
+    cuda_graphs: bool,
+    graph_ids: i64,
+}
+
+/// A session with the bindings made for it, and under --cuda-graphs the run options that name
+/// each binding's graph.
+pub(super) struct CudaSession {
+    session: ort::session::Session,
+    bindings: BindCache<(ort::session::IoBinding, Option<ort::session::RunOptions>)>,
+}
+
+impl OrtCudaEngine {
+    /// The engine over `sessions`, with its cache and values on the device's stream.
+    pub(super) fn boxed(
+        opts: &BackendOptions,
+        sessions: HashMap<Stage, ort::session::Session>,
+        empty_past: bool,
+    ) -> Result<Box<dyn Engine>> {
+        let stream = cuda_stream(opts.gpu.device)?;
+        Ok(Box::new(OrtCudaEngine {
+            device: opts.gpu.device,
+            sessions: sessions
+                .into_iter()
+                .map(|(st, session)| {
+                    let bindings = BindCache::default();
+                    (st, CudaSession { session, bindings })
+                })
+                .collect(),
+            kv: KvCache::new(stream.clone()),
+            values: Values::new(stream),
+            empty_past,
+            cuda_graphs: opts.gpu.cuda_graphs,
+            graph_ids: 0,
+        }))
+    }
+}
+
+/// Run options naming graph `id` for ONNX Runtime's CUDA graphs. ONNX Runtime captures a graph
+/// after a few ordinary runs of the same id (onnxruntime#32243): those are the generation's own
+/// runs of this call, on its real inputs, and a step run again on the same inputs writes the
+/// same K/V into the same range of the cache, so they leave the cache as the run would.
+fn graph_options(id: i64) -> std::result::Result<ort::session::RunOptions, ort::Error> {
+    let mut o = ort::session::RunOptions::new()?;
+    o.set("gpu_graph_id", id.to_string())?;
+    Ok(o)
 }
 
 impl Engine for OrtCudaEngine {
-    fn run(
-        &mut self,
-        stage: Stage,
-        inputs: &[(&str, Arg<'_>)],
-        kv_at: Option<KvWrite>,
-    ) -> Result<HashMap<String, Tensor>> {
+    fn run(&mut self, call: &Call) -> Result<HashMap<String, star_artifact::tensor::Tensor>> {
+        let stage = call.stage;
+        let place = Place::Cuda(self.device as i32);
+        let epochs = (self.values.epoch(), self.kv.epoch());
         let cache = self.kv.bound();
-        // SAFETY: the engine's device cache, alive and not reallocated during the run.
-        let (values, mut in_place) = unsafe {
-            crate::ort::bind::stage_values(
-                stage,
-                inputs,
-                kv_at,
-                cache,
-                Place::Cuda(self.device as i32),
-            )?
-        };
-        let session = self
+        let s = self
             .sessions
             .get_mut(&stage)
             .ok_or_else(|| EngineError::Unsupported(format!("this model has no {stage} graph")))?;
-        let refs: Vec<(&str, &ort::value::DynValue)> =
-            values.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        crate::ort::bind::run_bound(session, stage.name(), &refs, &mut in_place, None)
+        let (values, session) = (&mut self.values, &s.session);
+        let graphs = self.cuda_graphs.then_some(&mut self.graph_ids);
+        let ((binding, options), _) = s.bindings.get_or_make(call, epochs, || {
+            let b = crate::ort::bind::make_binding(session, call, values, cache, place)?;
+            let o = match graphs {
+                Some(ids) => {
+                    // Graph id 0 is ONNX Runtime's default (-1 disables capture).
+                    *ids += 1;
+                    Some(graph_options(*ids).map_err(ort_err(format!("running stage {stage}")))?)
+                }
+                None => None,
+            };
+            Ok((b, o))
+        })?;
+        crate::ort::bind::run_binding(
+            &mut s.session,
+            binding,
+            stage.name(),
+            options.as_ref(),
+            &call.to_host,
+        )
+    }
+
+    fn values(&mut self) -> &mut dyn ValueStore {
+        &mut self.values
+    }
+
+    fn values_ref(&self) -> &dyn ValueStore {
+        &self.values
+    }
+
+    fn bindings(&self) -> usize {
+        self.sessions.values().map(|s| s.bindings.len()).sum()
     }
 
     fn kv(&mut self) -> &mut dyn KvStore {

@@ -2,14 +2,13 @@
 //! ort-trt` writes its EP-context models; `star-run --engine` runs them on the CUDA engine of
 //! `cuda.rs`.
 
-use super::cuda::{check_placement, cuda_stream, gpu_environment, provider_error, OrtCudaEngine};
+use super::cuda::{check_placement, gpu_environment, provider_error, OrtCudaEngine};
 use super::{ort_err, ort_library_version};
 use crate::build::EngineBuilder;
 use crate::engine::{Backend, BackendOptions, Engine};
 use crate::engine_dir::checked_engine_dir;
 use crate::error::{EngineError, Result};
 use crate::gpu::tensorrt_library_version;
-use crate::kv_cache::KvCache;
 use star_artifact::dtype::Precision;
 use star_artifact::engine_manifest::{BuildOptions, PlannedEngine, Target};
 use star_artifact::manifest::Manifest;
@@ -81,12 +80,7 @@ impl Backend for OrtTrt {
             }
             sessions.insert(e.stage, s);
         }
-        Ok(Box::new(OrtCudaEngine {
-            device: opts.gpu.device,
-            kv: KvCache::new(cuda_stream(opts.gpu.device)?),
-            sessions,
-            empty_past: false,
-        }))
+        OrtCudaEngine::boxed(opts, sessions, false)
     }
 }
 

@@ -187,6 +187,8 @@ pub struct OrtSession {
     pub(super) session: ort::session::Session,
     /// The pool's weights it was given.
     pub(super) weights: Vec<String>,
+    /// Its I/O bindings, one per call (dropped with the session when it is given back).
+    pub(super) bindings: crate::engine::BindCache<ort::session::IoBinding>,
 }
 
 /// How a session holds its MatMul weights.
@@ -305,6 +307,7 @@ impl OrtSession {
             label: label.to_string(),
             session,
             weights,
+            bindings: Default::default(),
         })
     }
 }

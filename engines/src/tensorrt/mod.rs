@@ -10,22 +10,25 @@
 //! lookup, version check, plan, engine manifest, profile shapes — is tested.
 
 use crate::build::EngineBuilder;
-use crate::engine::{Arg, Backend, BackendOptions, Engine, Input, KvWrite};
+use crate::engine::{Backend, BackendOptions, BindCache, Call, Engine};
 use crate::error::{EngineError, Result};
-use crate::gpu::{device_memory, CudaKv};
+use crate::gpu::{device_memory, CudaMem};
 use crate::kv_cache::{KvCache, KvStore};
+use crate::values::{ValueStore, Values};
 use star_artifact::dtype::{Dtype, Precision};
 use star_artifact::engine_manifest::{
     BuildOptions, EngineBackend, PlannedEngine, PlannedProfile, Target, TensorShape,
 };
 use star_artifact::manifest::Manifest;
 use star_artifact::stage::{io, Stage};
-use star_artifact::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 const BACKEND: &str = "tensorrt";
+
+/// The largest k TensorRT's TopK takes.
+pub const TOPK_MAX: usize = 3840;
 
 fn trt_err(context: &str, e: impl std::error::Error) -> EngineError {
     EngineError::Unsupported(format!(
@@ -287,6 +290,28 @@ impl EngineBuilder for TrtBuilder {
                     }
                 }
             }
+            // The sample graph's `top_k` feeds TopK's k, a shape tensor: any k from 1 to
+            // TensorRT's TopK limit, chosen per run (`TrtEngine::run` copies it to the host).
+            if p.inputs
+                .iter()
+                .any(|t| t.name == star_artifact::stage::io::TOP_K)
+            {
+                let vocab = p
+                    .inputs
+                    .iter()
+                    .find(|t| t.name == star_artifact::stage::io::LOGITS)
+                    .and_then(|t| t.dims.last().copied())
+                    .unwrap_or(TOPK_MAX as i64);
+                let max = [vocab.min(TOPK_MAX as i64)];
+                for (sel, v) in [
+                    (trtx::OptProfileSelector::kMIN, [1i64]),
+                    (trtx::OptProfileSelector::kOPT, max),
+                    (trtx::OptProfileSelector::kMAX, max),
+                ] {
+                    prof.set_shape_values_v2(star_artifact::stage::io::TOP_K, sel, &v)
+                        .map_err(|x| trt_err("the top_k shape values", x))?;
+                }
+            }
             let idx = config
                 .add_optimization_profile(&mut prof)
                 .map_err(|x| trt_err(&format!("adding profile {}", p.index), x))?;
@@ -305,15 +330,22 @@ impl EngineBuilder for TrtBuilder {
     }
 }
 
-/// One execution context per profile, with its device buffers for every tensor that is not the
-/// KV cache.
+/// One execution context per profile. Its tensors are bound by address to the engine's values
+/// and KV cache (`bind`), again only when another call runs on it.
 struct Context {
     profile: PlannedProfile,
     ctx: trtx::ExecutionContext<'static>,
-    buffers: HashMap<String, (cudarc::driver::CudaSlice<u8>, usize)>,
     /// Inputs TensorRT reads on the host (shape tensors such as `scale`), 256-byte aligned,
     /// holding the profile's value from creation on.
     host: HashMap<String, crate::gpu::AlignedHostBuffer>,
+    /// The call whose addresses are set, and the epochs of the memory they point into.
+    bound: Option<(Call, (u64, u64))>,
+}
+
+/// What a call runs on: its context, and under --cuda-graphs the graph captured for it.
+struct TrtBinding {
+    context: usize,
+    graph: Option<cudarc::driver::CudaGraph>,
 }
 
 struct StageEngine {
@@ -383,18 +415,10 @@ impl Backend for TensorRt {
                         log.take()
                     )));
                 }
-                let mut buffers = HashMap::new();
                 let mut host = HashMap::new();
-                for t in p.inputs.iter().chain(&p.outputs) {
-                    if p.inputs.iter().any(|i| i.name == t.name) {
-                        ctx.set_input_shape(&t.name, &dims(t))
-                            .map_err(|e| trt_err(&format!("input shape of {}", t.name), e))?;
-                    }
-                    // The cache's views: bound per run to the engine's one KV buffer.
-                    if io::past_block(&t.name).is_some() || io::kv_new_block(&t.name).is_some() {
-                        continue;
-                    }
-                    let bytes = t.elements().max(1) as usize * t.dtype.bytes();
+                for t in p.inputs.iter() {
+                    ctx.set_input_shape(&t.name, &dims(t))
+                        .map_err(|e| trt_err(&format!("input shape of {}", t.name), e))?;
                     if engine.tensor_location(&t.name).ok() == Some(trtx::TensorLocation::kHOST) {
                         let mut h = shape_value_buffer(p, t)?;
                         // SAFETY: the buffer lives in the context's record as long as the
@@ -404,12 +428,7 @@ impl Backend for TensorRt {
                         }
                         .map_err(|e| trt_err(&t.name, e))?;
                         host.insert(t.name.clone(), h);
-                        continue;
                     }
-                    let buf = stream
-                        .alloc_zeros::<u8>(bytes)
-                        .map_err(|e| device_memory(e, bytes))?;
-                    buffers.insert(t.name.clone(), (buf, bytes));
                 }
                 // Every input shape is set (checked here) and every shape value bound (the host
                 // buffers above, each holding the profile's value): the scratch size asked for
@@ -426,8 +445,8 @@ impl Backend for TensorRt {
                 contexts.push(Context {
                     profile: p.clone(),
                     ctx,
-                    buffers,
                     host,
+                    bound: None,
                 });
             }
             stages.insert(
@@ -467,9 +486,13 @@ impl Backend for TensorRt {
         }
         Ok(Box::new(TrtEngine {
             device: opts.gpu.device,
-            kv: KvCache::new(stream.clone()),
+            bindings: BindCache::default(),
             stages,
+            kv: KvCache::new(stream.clone()),
+            values: Values::new(stream.clone()),
+            kv_scratch: None,
             _scratch: scratch,
+            cuda_graphs: opts.gpu.cuda_graphs,
             stream,
             _cu: cu,
             log,
@@ -484,6 +507,8 @@ fn shape_value_buffer(
 ) -> Result<crate::gpu::AlignedHostBuffer> {
     let v = match (t.name.as_str(), p.scale) {
         (io::SCALE, Some(sc)) if t.elements() == 1 => sc as i64,
+        // Set from the run's value before each run of the sample graph.
+        (io::TOP_K, _) if t.elements() == 1 => 1,
         _ => {
             return Err(EngineError::Unsupported(format!(
                 "tensorrt: profile {} reads {} on the host, and only the scale's value is known",
@@ -514,246 +539,290 @@ fn shape_value_buffer(
 
 pub struct TrtEngine {
     device: usize,
-    // Field order is drop order: buffers and contexts before the context and stream they use.
-    kv: KvCache<CudaKv>,
+    // Field order is drop order: graphs and contexts before the memory they point into, and
+    // all of it before the context and stream it lives on.
+    bindings: BindCache<TrtBinding>,
     stages: HashMap<Stage, StageEngine>,
+    kv: KvCache<CudaMem>,
+    values: Values<CudaMem>,
+    /// Where a capture's warm-up run writes its K/V instead of the cache (--cuda-graphs).
+    kv_scratch: Option<cudarc::driver::CudaSlice<u8>>,
     _scratch: cudarc::driver::CudaSlice<u8>,
+    cuda_graphs: bool,
     stream: Arc<cudarc::driver::CudaStream>,
     _cu: Arc<cudarc::driver::CudaContext>,
     log: &'static Collect,
 }
 
-fn host_bytes<'a>(i: &'a Input<'a>) -> (&'a [usize], &'a [u8]) {
-    // SAFETY: viewing initialised f32 / i64 slices as bytes.
-    unsafe {
-        match i {
-            Input::F32(s, d) => (
-                s,
-                std::slice::from_raw_parts(d.as_ptr() as *const u8, std::mem::size_of_val(*d)),
-            ),
-            Input::F32Owned(s, d) => (
-                s,
-                std::slice::from_raw_parts(d.as_ptr() as *const u8, std::mem::size_of_val(*d)),
-            ),
-            Input::I64(s, d) => (
-                s,
-                std::slice::from_raw_parts(d.as_ptr() as *const u8, std::mem::size_of_val(*d)),
-            ),
+/// The context whose profile takes the call's shapes (each scale and batch has its own):
+/// every input's dims, every block's past (len, 2, rows, H, hd) included.
+fn find_context(
+    st: &StageEngine,
+    call: &Call,
+    kv: Option<star_artifact::kv::KvLayout>,
+) -> Result<usize> {
+    let past = call.kv.and_then(|k| k.past).and_then(|len| {
+        kv.and_then(|l| l.region(0, 0, len).ok())
+            .map(|r| r.shape.iter().map(|&d| d as i64).collect::<Vec<_>>())
+    });
+    let shape_of = |name: &str| -> Option<Vec<i64>> {
+        if io::past_block(name).is_some() {
+            return past.clone();
         }
-    }
+        call.inputs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.shape.iter().map(|&d| d as i64).collect())
+    };
+    st.contexts
+        .iter()
+        .position(|c| {
+            c.profile.scale == call.scale
+                && c.profile
+                    .inputs
+                    .iter()
+                    .all(|t| shape_of(&t.name).as_deref() == Some(&t.dims[..]))
+        })
+        .ok_or_else(|| {
+            EngineError::Unsupported(format!(
+                "tensorrt: no profile of the {} engine takes these shapes ({}); rebuild the engines for this model and batch",
+                call.stage,
+                call.inputs
+                    .iter()
+                    .map(|p| format!("{}{:?}", p.name, p.shape))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ))
+        })
 }
 
-impl Engine for TrtEngine {
-    fn run(
-        &mut self,
-        stage: Stage,
-        inputs: &[(&str, Arg<'_>)],
-        kv_at: Option<KvWrite>,
-    ) -> Result<HashMap<String, Tensor>> {
-        use cudarc::driver::{DevicePtr, DevicePtrMut};
-        let st = self.stages.get_mut(&stage).ok_or_else(|| {
-            EngineError::Unsupported(format!("this engine directory has no {stage} engine"))
-        })?;
-        // The profile is the one whose input shapes these are (each scale has its own). Every
-        // block's `past_{i}` is the view `Arg::KvPast` stands for: (len, 2, rows, H, hd).
-        let kv_layout = self.kv.layout();
-        let shape_of = |name: &str| -> Option<Vec<i64>> {
-            let past = io::past_block(name).is_some();
-            inputs
-                .iter()
-                .find(|(n, a)| *n == name || (past && matches!(a, Arg::KvPast(_))))
-                .map(|(_, a)| match a {
-                    Arg::Host(i) => i.shape().iter().map(|&d| d as i64).collect(),
-                    Arg::KvPast(len) => kv_layout
-                        .and_then(|l| l.region(0, 0, *len).ok())
-                        .map(|r| r.shape.iter().map(|&d| d as i64).collect())
-                        .unwrap_or_default(),
-                })
-        };
-        let ci = st
-            .contexts
-            .iter()
-            .position(|c| c.profile.inputs.iter().all(|t| shape_of(&t.name).as_deref() == Some(&t.dims[..])))
-            .ok_or_else(|| {
-                EngineError::Unsupported(format!(
-                    "tensorrt: no profile of the {stage} engine takes these shapes ({}); rebuild the engines for this model and batch",
-                    inputs
-                        .iter()
-                        .map(|(n, _)| format!("{n}{:?}", shape_of(n).unwrap_or_default()))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                ))
-            })?;
-        let stream = self.stream.clone();
-        let s = stream.cu_stream() as *mut std::ffi::c_void;
-        let kv_base = self.kv.bound().map(|(p, l)| (p as u64, l));
+impl TrtEngine {
+    /// Set every tensor address of context `ci` for `call`: ports to their values, the past
+    /// to the prefix of each block's cache region, the new K/V to the scale's range of it (or,
+    /// with `kv_to`, to a scratch buffer: a capture's warm-up run).
+    fn bind(&mut self, stage: Stage, ci: usize, call: &Call, kv_to: Option<u64>) -> Result<()> {
+        let kv = self.kv.bound().map(|(p, l)| (p as u64, l));
+        let st = self
+            .stages
+            .get_mut(&stage)
+            .ok_or_else(|| EngineError::Unsupported(format!("no {stage} engine")))?;
         let c = &mut st.contexts[ci];
-        for (name, a) in inputs {
-            match a {
-                Arg::Host(i) if c.host.contains_key(*name) => {
-                    // A shape value is the profile's (bound at creation): it must not change.
-                    let (_, bytes) = host_bytes(i);
-                    let h = &c.host[*name];
-                    if h.as_slice() != bytes {
-                        return Err(EngineError::Unsupported(format!(
-                            "tensorrt: {stage} input {name} is {bytes:?}, its profile fixes {:?}",
-                            h.as_slice()
-                        )));
-                    }
-                }
-                Arg::Host(i) => {
-                    let (_, bytes) = host_bytes(i);
-                    let (buf, _) = c.buffers.get_mut(*name).ok_or_else(|| {
-                        EngineError::Unsupported(format!("tensorrt: {stage} has no input {name}"))
-                    })?;
-                    stream
-                        .memcpy_htod(bytes, &mut buf.slice_mut(0..bytes.len()))
-                        .map_err(|e| trt_err("uploading an input", e))?;
-                    let (p, _g) = buf.device_ptr(&stream);
-                    // SAFETY: a live device buffer sized from the profile.
-                    unsafe { c.ctx.set_tensor_address(name, p as *mut std::ffi::c_void) }
-                        .map_err(|e| trt_err(name, e))?;
-                }
-                Arg::KvPast(len) => {
-                    let (base, layout) = kv_base.ok_or_else(|| {
-                        EngineError::Unsupported("KV cache used before kv_alloc".into())
-                    })?;
-                    // The past views must end where this run's K/V writes begin.
-                    if kv_at.is_some_and(|w| *len > w.begin) {
-                        return Err(EngineError::Unsupported(format!(
-                            "tensorrt: a past of {len} tokens overlaps the K/V written this run"
-                        )));
-                    }
-                    for i in 0..layout.depth() {
-                        let r = layout
-                            .region(i, 0, *len)
-                            .map_err(EngineError::Unsupported)?;
-                        let n = io::past(i);
-                        // SAFETY: the cache outlives the run; the past is a prefix of the
-                        // block's region (checked by `region`).
-                        unsafe {
-                            c.ctx.set_tensor_address(
-                                &n,
-                                (base + r.byte_offset as u64) as *mut std::ffi::c_void,
-                            )
-                        }
-                        .map_err(|e| trt_err(&n, e))?;
-                    }
-                }
+        let set = |ctx: &mut trtx::ExecutionContext<'static>, name: &str, at: u64| {
+            if !at.is_multiple_of(256) {
+                return Err(EngineError::Unsupported(format!(
+                    "tensorrt: {stage} tensor {name} at {at:#x} is not 256-byte aligned"
+                )));
             }
+            // SAFETY: live device memory of at least the profile's size (reserved by
+            // `ModelDir::run`, or a region of the cache checked by `region`), not freed while
+            // bound: a reallocation changes the epochs and every context is bound again.
+            unsafe { ctx.set_tensor_address(name, at as *mut std::ffi::c_void) }
+                .map_err(|e| trt_err(name, e))
+        };
+        for p in call.inputs.iter().chain(&call.outputs) {
+            if c.host.contains_key(&p.name) {
+                continue;
+            }
+            let at = self.values.address(p.slot).ok_or_else(|| {
+                EngineError::Unsupported(format!("engine value {:?} is not allocated", p.slot))
+            })?;
+            set(&mut c.ctx, &p.name, at as u64)?;
         }
-        for t in &c.profile.outputs {
-            if let Some(block) = io::kv_new_block(&t.name) {
-                let (base, layout) = kv_base.ok_or_else(|| {
-                    EngineError::Unsupported("KV cache used before kv_alloc".into())
-                })?;
-                let w = kv_at.ok_or_else(|| {
-                    EngineError::Unsupported(format!(
-                        "tensorrt: {stage} writes K/V but no cache region was given"
-                    ))
-                })?;
+        if let Some(k) = call.kv {
+            let (base, layout) =
+                kv.ok_or_else(|| EngineError::Unsupported("KV cache used before kv_alloc".into()))?;
+            if k.past.is_some_and(|len| len > k.write.begin) {
+                return Err(EngineError::Unsupported(format!(
+                    "tensorrt: a past of {:?} tokens overlaps the K/V written at {}",
+                    k.past, k.write.begin
+                )));
+            }
+            for i in 0..layout.depth() {
+                if let Some(len) = k.past {
+                    let r = layout.region(i, 0, len).map_err(EngineError::Unsupported)?;
+                    set(&mut c.ctx, &io::past(i), base + r.byte_offset as u64)?;
+                }
                 let r = layout
-                    .region(block, w.begin, w.tokens)
+                    .region(i, k.write.begin, k.write.tokens)
                     .map_err(EngineError::Unsupported)?;
-                // TensorRT writes the profile's shape: it must be the region's, or the write
-                // would spill into the next block's past.
-                if t.dims
-                    .iter()
-                    .map(|&d| d as usize)
-                    .ne(r.shape.iter().copied())
-                {
-                    return Err(EngineError::Unsupported(format!(
-                        "tensorrt: {stage} profile gives {} as {:?}, the cache region is {:?}",
-                        t.name, t.dims, r.shape
-                    )));
-                }
-                // TensorRT wants tensor addresses 256-byte aligned; a token of a block is
-                // 2·B2·H·64 floats (any model with 64-wide heads: a multiple of 256 bytes).
-                if !(base + r.byte_offset as u64).is_multiple_of(256) {
-                    return Err(EngineError::Unsupported(format!(
-                        "tensorrt: the K/V region of block {block}, tokens {}.., is not 256-byte aligned ({} bytes per token)",
-                        w.begin,
-                        layout.token_floats() * 4
-                    )));
-                }
-                // SAFETY: the region is inside the cache (checked by `region`).
-                unsafe {
-                    c.ctx.set_tensor_address(
-                        &t.name,
-                        (base + r.byte_offset as u64) as *mut std::ffi::c_void,
-                    )
-                }
-                .map_err(|e| trt_err(&t.name, e))?;
-            } else {
-                let (buf, _) = c.buffers.get_mut(&t.name).ok_or_else(|| {
-                    EngineError::Unsupported(format!("tensorrt: {stage} has no output {}", t.name))
-                })?;
-                let (p, _g) = buf.device_ptr_mut(&stream);
-                // SAFETY: as above.
-                unsafe {
-                    c.ctx
-                        .set_tensor_address(&t.name, p as *mut std::ffi::c_void)
-                }
-                .map_err(|e| trt_err(&t.name, e))?;
+                set(
+                    &mut c.ctx,
+                    &io::kv_new(i),
+                    kv_to.unwrap_or(base + r.byte_offset as u64),
+                )?;
             }
         }
+        Ok(())
+    }
+
+    /// Shape tensors TensorRT reads on the host whose value changes per run (the sample graph's
+    /// `top_k`): copied from the engine value the pipeline wrote, before the run (8 bytes and a
+    /// synchronisation per sample run). `scale` is the profile's own and never changes.
+    fn host_values(&mut self, stage: Stage, ci: usize, call: &Call) -> Result<()> {
+        for p in &call.inputs {
+            if p.name == io::SCALE {
+                continue;
+            }
+            let c = &self.stages[&stage].contexts[ci];
+            if !c.host.contains_key(&p.name) {
+                continue;
+            }
+            let t = self.values.read(p.slot)?;
+            let v = t.as_i64().and_then(|v| v.first().copied()).unwrap_or(0);
+            if p.name == io::TOP_K && !(1..=TOPK_MAX as i64).contains(&v) {
+                return Err(EngineError::Unsupported(format!(
+                    "tensorrt: TopK takes k from 1 to {TOPK_MAX}, this run asks for {v} (--top-k 0 keeps the whole vocabulary): pass --top-k {TOPK_MAX} or less"
+                )));
+            }
+            if let Some(h) = self
+                .stages
+                .get_mut(&stage)
+                .and_then(|s| s.contexts[ci].host.get_mut(&p.name))
+            {
+                let n = h.len().min(8);
+                h.as_mut_slice()[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+            }
+        }
+        Ok(())
+    }
+
+    /// One block's K/V of `call`'s write, where a capture's warm-up run puts it: every block
+    /// writes the same scratch (its contents are never read).
+    fn kv_scratch(&mut self, call: &Call) -> Result<Option<u64>> {
+        use cudarc::driver::DevicePtr;
+        let (Some(k), Some(l)) = (call.kv, self.kv.layout()) else {
+            return Ok(None);
+        };
+        let bytes = l
+            .region(0, 0, k.write.tokens)
+            .map_err(EngineError::Unsupported)?
+            .bytes;
+        if self.kv_scratch.as_ref().is_none_or(|s| s.len() < bytes) {
+            self.kv_scratch = None;
+            self.kv_scratch = Some(
+                self.stream
+                    .alloc_zeros::<u8>(bytes.max(1))
+                    .map_err(|e| device_memory(e, bytes))?,
+            );
+        }
+        Ok(self.kv_scratch.as_ref().map(|s| {
+            let (p, _g) = s.device_ptr(&self.stream);
+            p
+        }))
+    }
+
+    fn enqueue(&mut self, stage: Stage, ci: usize) -> Result<()> {
+        let s = self.stream.cu_stream() as *mut std::ffi::c_void;
+        let c = &mut self
+            .stages
+            .get_mut(&stage)
+            .ok_or_else(|| EngineError::Unsupported(format!("no {stage} engine")))?
+            .contexts[ci];
         // SAFETY: every tensor is bound to live device memory of its profile's size.
         unsafe { c.ctx.enqueue_v3(s) }.map_err(|_| {
             EngineError::Unsupported(format!(
                 "tensorrt: running {stage} failed: {}",
                 self.log.take()
             ))
+        })
+    }
+
+    /// Capture `call` as a CUDA graph: a warm-up run first (TensorRT's lazy set-up happens
+    /// outside the capture) with the K/V going to a scratch buffer, so that the cache is
+    /// written only by the graph's own launches; then the capture over the real addresses.
+    fn capture(&mut self, ci: usize, call: &Call) -> Result<cudarc::driver::CudaGraph> {
+        let stage = call.stage;
+        let fail = |e: cudarc::driver::DriverError| trt_err("capturing a CUDA graph", e);
+        let scratch = self.kv_scratch(call)?;
+        self.bind(stage, ci, call, scratch)?;
+        self.enqueue(stage, ci)?;
+        self.stream.synchronize().map_err(fail)?;
+        self.bind(stage, ci, call, None)?;
+        self.stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(fail)?;
+        let enq = self.enqueue(stage, ci);
+        // cudarc's flags have no "none": node priorities are the stream's without any set.
+        let graph = self.stream.end_capture(
+            cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY,
+        );
+        enq?;
+        graph.map_err(fail)?.ok_or_else(|| {
+            EngineError::Unsupported(format!("tensorrt: capturing {stage} gave no graph"))
+        })
+    }
+}
+
+impl Engine for TrtEngine {
+    fn run(&mut self, call: &Call) -> Result<HashMap<String, star_artifact::tensor::Tensor>> {
+        let stage = call.stage;
+        if !call.to_host.is_empty() {
+            // Only star-export's calibration graphs (run on ort-cpu) have such outputs.
+            return Err(EngineError::Unsupported(format!(
+                "tensorrt: {stage} has outputs of a shape only the run knows ({})",
+                call.to_host.join(", ")
+            )));
+        }
+        let epochs = (self.values.epoch(), self.kv.epoch());
+        let st = self.stages.get(&stage).ok_or_else(|| {
+            EngineError::Unsupported(format!("this engine directory has no {stage} engine"))
         })?;
-        // Every output copied to the host on the stream, then one synchronisation before any
-        // of them is read.
-        let mut downloads = vec![];
-        for t in &c.profile.outputs {
-            if io::kv_new_block(&t.name).is_some() {
-                continue;
+        let ci = find_context(st, call, self.kv.layout())?;
+        let fresh = st.contexts[ci].bound.as_ref() != Some(&(call.clone(), epochs));
+        self.host_values(stage, ci, call)?;
+        if fresh {
+            self.bind(stage, ci, call, None)?;
+            if let Some(c) = self.stages.get_mut(&stage).map(|s| &mut s.contexts[ci]) {
+                c.bound = Some((call.clone(), epochs));
             }
-            let (buf, bytes) = &c.buffers[&t.name];
-            let mut host = vec![0u8; *bytes];
-            stream
-                .memcpy_dtoh(&buf.slice(0..*bytes), &mut host)
-                .map_err(|e| trt_err("downloading an output", e))?;
-            downloads.push((t, host));
         }
-        stream
-            .synchronize()
-            .map_err(|e| trt_err("synchronizing", e))?;
-        let mut out = HashMap::new();
-        for (t, host) in downloads {
-            let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-            let tensor = match t.dtype {
-                Dtype::Int64 => Tensor::i64(
-                    shape,
-                    host.chunks_exact(8)
-                        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-                        .collect(),
-                ),
-                Dtype::Float32 => Tensor::f32(
-                    shape,
-                    host.chunks_exact(4)
-                        .map(|b| f32::from_le_bytes(b.try_into().unwrap_or([0; 4])))
-                        .collect(),
-                ),
-                // Every stage boundary is float32 or int64 (the contract, check.rs).
-                d @ (Dtype::Float16
-                | Dtype::Bfloat16
-                | Dtype::Float64
-                | Dtype::Int32
-                | Dtype::Int8
-                | Dtype::Uint8
-                | Dtype::Bool) => {
-                    return Err(EngineError::Unsupported(format!(
-                        "tensorrt: {stage} output {} is {d}; stage outputs are float32 or int64",
-                        t.name
-                    )))
-                }
-            };
-            out.insert(t.name.clone(), tensor);
+        let (b, _) = self.bindings.get_or_make(call, epochs, || {
+            Ok(TrtBinding {
+                context: ci,
+                graph: None,
+            })
+        })?;
+        let context = b.context;
+        if !self.cuda_graphs {
+            self.enqueue(stage, context)?;
+            return Ok(HashMap::new());
         }
-        Ok(out)
+        if b.graph.is_none() {
+            let g = self.capture(context, call)?;
+            if let Ok((b, _)) = self.bindings.get_or_make(call, epochs, || {
+                Err(EngineError::Unsupported("binding lost".into()))
+            }) {
+                b.graph = Some(g);
+            }
+        }
+        let (b, _) = self.bindings.get_or_make(call, epochs, || {
+            Err(EngineError::Unsupported("binding lost".into()))
+        })?;
+        match &b.graph {
+            Some(g) => g
+                .launch()
+                .map_err(|e| trt_err(&format!("launching the graph of {stage}"), e))?,
+            None => {
+                return Err(EngineError::Unsupported(format!(
+                    "tensorrt: no graph for {stage}"
+                )))
+            }
+        }
+        Ok(HashMap::new())
+    }
+
+    fn values(&mut self) -> &mut dyn ValueStore {
+        &mut self.values
+    }
+
+    fn values_ref(&self) -> &dyn ValueStore {
+        &self.values
+    }
+
+    fn bindings(&self) -> usize {
+        self.bindings.len()
     }
 
     fn kv(&mut self) -> &mut dyn KvStore {

@@ -464,6 +464,30 @@ impl<'s> G<'s> {
         self.cast(&y, onnx::dtype::FLOAT)
     }
 
+    /// An attention product with a K/V operand `kv` that is float16 when `kv_f16` (the KV
+    /// cache at FP16 and INT8): in FP16 graphs both operands in FP16 (`kv` as it is), elsewhere
+    /// both in FP32 (`kv` widened).
+    pub fn matmul_kv(&mut self, a: &str, kv: &str, kv_f16: bool) -> String {
+        match (self.precision == Precision::Fp16, kv_f16) {
+            (true, true) => {
+                let a16 = self.cast(a, onnx::dtype::FLOAT16);
+                let y = self.matmul(&a16, kv);
+                self.cast(&y, onnx::dtype::FLOAT)
+            }
+            (true, false) => self.matmul_act(a, kv),
+            (false, true) => {
+                let k32 = self.cast(kv, onnx::dtype::FLOAT);
+                self.matmul(a, &k32)
+            }
+            (false, false) => self.matmul(a, kv),
+        }
+    }
+
+    /// The KV cache's element type in this graph (`star_artifact::manifest::kv_cache_dtype`).
+    pub fn kv_dtype(&self) -> Dtype {
+        star_artifact::manifest::kv_cache_dtype(self.precision)
+    }
+
     pub fn finish(mut self, doc: &str) -> (onnx::ModelProto, Vec<IoSpec>, Vec<IoSpec>) {
         // The stage's contract outputs first, then the probes (as the manifest lists them).
         let probe = star_artifact::stage::io::PROBE_PREFIX;

@@ -1,6 +1,7 @@
 //! Stage graph builders. One code path per stage kind, parametrised by the scale index.
 
 pub mod builder;
+pub mod sample;
 pub mod text;
 pub mod transformer;
 pub mod vq;

@@ -171,24 +171,32 @@ fn self_attention(
     let k = g.l2_normalize(&k);
     let s = head_scale(g, a, h)?;
     let q = g.mul(&q, &s);
-    // (2, B2, H, n, hd) -> (n, 2, B2, H, hd): the block's range of the cache.
+    // (2, B2, H, n, hd) -> (n, 2, B2, H, hd): the block's range of the cache, in the cache's
+    // element type (float16 at FP16 and INT8: written as computed, no cast per step later).
+    let kv_t = g.kv_dtype();
     let new_kv = match kv {
         Kv::None => None,
         Kv::Give | Kv::Past(_) => {
             let k1 = g.unsqueeze(&k, &[0]);
             let v1 = g.unsqueeze(&v, &[0]);
             let both = g.concat(&[&k1, &v1], 0);
-            Some(g.transpose(&both, &[3, 0, 1, 2, 4]))
+            let both = g.transpose(&both, &[3, 0, 1, 2, 4]);
+            Some(match kv_t {
+                Dtype::Float32 => both,
+                _ => g.cast(&both, kv_t.onnx()),
+            })
         }
     };
-    let (k_all, v_all) = match (kv, &new_kv) {
+    // The attention's K/V: the cache's (past and this scale's) or, without a past, this scale's
+    // own in FP32.
+    let (k_all, v_all, kv_f16) = match (kv, &new_kv) {
         (Kv::Past(past), Some(new)) => {
             // (past + tokens, 2, B2, H, hd) -> (2, B2, H, keys, hd); "keys" = past + tokens,
             // one symbol for every block.
             let all = g.concat(&[past, new], 0);
             g.annotate(
                 &all,
-                dtype::FLOAT,
+                kv_t.onnx(),
                 &[sym("keys"), fx(2), sym("B2"), fx(h), fx(hd)],
             );
             let all = g.transpose(&all, &[1, 2, 3, 0, 4]);
@@ -196,17 +204,17 @@ fn self_attention(
             let ka = g.squeeze(&kv[0], &[0]);
             let va = g.squeeze(&kv[1], &[0]);
             for t in [&ka, &va] {
-                g.annotate(t, dtype::FLOAT, &[sym("B2"), fx(h), sym("keys"), fx(hd)]);
+                g.annotate(t, kv_t.onnx(), &[sym("B2"), fx(h), sym("keys"), fx(hd)]);
             }
-            (ka, va)
+            (ka, va, kv_t == Dtype::Float16)
         }
-        _ => (k.clone(), v.clone()),
+        _ => (k.clone(), v.clone(), false),
     };
     let kt = g.transpose(&k_all, &[0, 1, 3, 2]);
     let o = if groups <= 1 {
-        let att = g.matmul_act(&q, &kt);
+        let att = g.matmul_kv(&q, &kt, kv_f16);
         let att = g.softmax(&att, -1);
-        g.matmul_act(&att, &v_all)
+        g.matmul_kv(&att, &v_all, kv_f16)
     } else {
         // One group of heads at a time: only one group's scores are alive at once (ONNX
         // Runtime runs each group's chain through before the next; its profile shows it).
@@ -215,9 +223,9 @@ fn self_attention(
         let vs = g.split(&v_all, 1, groups);
         let mut outs = vec![];
         for i in 0..groups {
-            let att = g.matmul_act(&qs[i], &ks[i]);
+            let att = g.matmul_kv(&qs[i], &ks[i], kv_f16);
             let att = g.softmax(&att, -1);
-            outs.push(g.matmul_act(&att, &vs[i]));
+            outs.push(g.matmul_kv(&att, &vs[i], kv_f16));
         }
         let refs: Vec<&str> = outs.iter().map(|s| s.as_str()).collect();
         g.concat(&refs, 1)
@@ -373,10 +381,11 @@ fn blocks_and_heads(
         let (o, kv) = self_attention(g, &b.pp("attn"), cfg, &xn, rope, mode, groups)?;
         let kv = kv.expect("a step block gives its K/V");
         x = g.add(&x, &o);
+        let kv_t = g.kv_dtype();
         g.output_in_place(
             &kv,
             &io::kv_new(i),
-            Dtype::Float32,
+            kv_t,
             &[tokens.clone(), fx(2), sym("B2"), fx(h), fx(hd)],
         );
 
@@ -437,7 +446,7 @@ pub fn step(g: &mut G, t: &Src, cfg: &ModelConfig, sch: &Schedule) -> Result<()>
         .map(|i| {
             g.input(
                 &io::past(i),
-                Dtype::Float32,
+                g.kv_dtype(),
                 &[sym("past"), fx(2), sym("B2"), fx(h), fx(hd)],
             )
         })

@@ -51,9 +51,13 @@ pub fn bench(
     }
     let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut overhead = vec![];
+    let mut transfers = star_engines::values::Transfers::default();
     for _ in 0..runs.max(1) {
         p.timings.clear();
+        p.md.take_transfers();
         p.generate(&prompts, "", params, &mut NoHooks)?;
+        // Every generation copies the same: the last one's are reported.
+        transfers = p.md.take_transfers();
         for (k, (ms, _)) in &p.timings.ms {
             samples.entry(k.clone()).or_default().push(*ms);
         }
@@ -99,9 +103,15 @@ pub fn bench(
     }
     let (oh_med, ..) = stats(&mut overhead.clone());
     table.push_str(&format!("runtime overhead (end to end minus ONNX Runtime calls): median {oh_med:.2}% of end to end\n"));
+    let t = &transfers.total;
+    table.push_str(&format!(
+        "transfers per generation: host -> engine {} B, engine -> host {} B, {} copies\n",
+        t.host_to_engine_bytes, t.engine_to_host_bytes, t.host_copies
+    ));
     let json = serde_json::json!({
         "machine": machine(), "backend": p.md.opts.name, "threads": threads, "precision": m.precision,
         "model_hash": m.model_hash, "kv_cache": !params.recompute_past, "warmup": warmup, "runs": runs, "stages": rows, "runtime_overhead_pct_median": oh_med, "device": device,
+        "transfers": transfers,
     });
     Ok(BenchResult { table, json })
 }

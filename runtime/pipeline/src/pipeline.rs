@@ -4,15 +4,15 @@
 
 use crate::observe::{Obs, SubObs};
 use crate::rng::{image_seed, uniform, Purpose};
-use crate::sampler::{filter_row, guide, pick, softmax, top_positions};
+use crate::sampler::{filter_row, guide, top_positions};
 use crate::timing::Timings;
 use crate::tokenizer::{Encoded, Tokenizer};
 use star_artifact::stage::{io, TEXT_LEN};
 use star_artifact::ArtifactError;
-use star_engines::engine::{Arg, BackendOptions};
+use star_engines::engine::BackendOptions;
 use star_engines::model_dir::ModelDir;
+use star_engines::values::Slot;
 use star_engines::{EngineError, Stage, Tensor};
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -133,12 +133,6 @@ pub trait Hooks {
     }
 }
 
-/// An output the graph declares (ModelDir checked it is there); an error, not a panic, if not.
-fn take(out: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
-    out.remove(name)
-        .ok_or_else(|| RunError::Invalid(format!("stage output '{name}' missing")))
-}
-
 fn f32s<'a>(t: &'a Tensor, name: &str) -> Result<&'a [f32]> {
     t.as_f32()
         .ok_or_else(|| RunError::Invalid(format!("stage output '{name}' is not float32")))
@@ -176,17 +170,6 @@ fn observe(hooks: &mut dyn Hooks, what: Obs, make: impl FnOnce() -> Tensor) {
 
 fn sub(scale: usize, sub: usize, what: SubObs) -> Obs {
     Obs::Sub { scale, sub, what }
-}
-
-/// Hand a stage's calibration probes (FP32 calibration graphs only) to the hooks.
-fn forward_probes(out: &HashMap<String, Tensor>, hooks: &mut dyn Hooks) {
-    if hooks.probing() {
-        for (name, t) in out {
-            if name.starts_with(io::PROBE_PREFIX) {
-                hooks.probe(name, t);
-            }
-        }
-    }
 }
 
 pub struct NoHooks;
@@ -302,17 +285,18 @@ impl Pipeline {
         }
     }
 
-    /// Run a stage, timed under its label (`step[03]`, `vq[03]`, `text_encoder`, ...).
+    /// Run a stage on the engine's values, timed under its label (`step[03]`, `vq[03]`,
+    /// `sample[03]`, `text_encoder`, ...).
     fn run(
         &mut self,
         label: &str,
         stage: Stage,
         scale: Option<usize>,
-        inputs: &[(&str, Arg<'_>)],
-        kv_at: Option<usize>,
-    ) -> Result<HashMap<String, Tensor>> {
+        b: usize,
+        binds: &[(&str, Slot)],
+    ) -> Result<()> {
         let t = Instant::now();
-        let out = self.md.run_kv(stage, scale, inputs, kv_at)?;
+        self.md.run(stage, scale, b, binds)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         // Getting a session (creating it at first use, or waiting for the background thread
         // that creates it) is reported apart from the stage's own time.
@@ -328,34 +312,53 @@ impl Pipeline {
                 .add(&format!("session_create[{}]", c.label()), c.ms, false);
         }
         self.timings.add(label, ms - wait, true);
-        Ok(out)
+        Ok(())
     }
 
-    /// One step of the transformer at scale `si` on its embedded tokens x (B2, n, C); its K/V go
-    /// into the cache at the scale's begin. Scale 0 has an empty past: backends that take one run
-    /// it on `step` too (one graph, one set of packed weights), the others on `step_first`.
-    fn step(
+    /// Read `slot` (`stage`'s output) to the host for the hooks, only when they look.
+    fn observe_slot(
         &mut self,
-        label: &str,
-        si: usize,
-        x: &Tensor,
-        text: &TextState,
-    ) -> Result<HashMap<String, Tensor>> {
-        let begin = self.md.manifest.schedule.begin_end[si].0;
-        let cross = [
-            (io::TEXT_KV, Arg::from(&text.kv)),
-            (io::TEXT_BIAS, Arg::from(&text.bias)),
-        ];
-        let (stage, past) = if si == 0 && !self.md.takes_empty_past() {
-            (Stage::StepFirst, None)
+        hooks: &mut dyn Hooks,
+        what: Obs,
+        stage: Stage,
+        slot: Slot,
+    ) -> Result<()> {
+        if hooks.observing() {
+            let t = self.md.get(stage, slot)?;
+            hooks.observe(what, &t);
+        }
+        Ok(())
+    }
+
+    /// Hand the calibration probes of the last runs (FP32 calibration graphs only) to the
+    /// hooks.
+    fn forward_probes(&mut self, hooks: &mut dyn Hooks) {
+        let probes = self.md.take_probes();
+        if hooks.probing() {
+            for (name, t) in probes {
+                hooks.probe(&name, &t);
+            }
+        }
+    }
+
+    /// One step of the transformer at scale `si` on the embedded tokens in `x` (B2, n, C); its
+    /// K/V go into the cache at the scale's range. Scale 0 has an empty past: backends that take
+    /// one run it on `step` too (one graph, one set of packed weights), the others on
+    /// `step_first`.
+    fn step(&mut self, label: &str, si: usize, b: usize, x: Slot) -> Result<()> {
+        let stage = if si == 0 && !self.md.takes_empty_past() {
+            Stage::StepFirst
         } else {
-            (Stage::Step, Some((io::PAST, Arg::KvPast(begin))))
+            Stage::Step
         };
-        let inputs: Vec<(&str, Arg<'_>)> = std::iter::once((io::X, x.into()))
-            .chain(past)
-            .chain(cross)
-            .collect();
-        self.run(label, stage, Some(si), &inputs, Some(begin))
+        let binds = [
+            (io::X, x),
+            (io::TEXT_KV, Slot::TextKv),
+            (io::TEXT_BIAS, Slot::TextBias),
+            (io::HIDDEN, Slot::Hidden),
+            (io::LOGITS, Slot::Logits),
+        ];
+        self.run(label, stage, Some(si), b, &binds)
     }
 
     fn timed<T>(&mut self, label: &str, f: impl FnOnce() -> T) -> T {
@@ -364,33 +367,6 @@ impl Pipeline {
         self.timings
             .add(label, t.elapsed().as_secs_f64() * 1e3, false);
         r
-    }
-
-    /// Filter each (n, V) row of guided logits and choose a token per position.
-    #[allow(clippy::too_many_arguments)]
-    fn filter_and_draw(
-        guided: &mut [f32],
-        b: usize,
-        n: usize,
-        v: usize,
-        p: &GenParams,
-        si: usize,
-        sub: usize,
-    ) -> (Vec<i64>, Vec<f32>) {
-        let mut idx = vec![0i64; b * n];
-        let mut conf = vec![0f32; b * n];
-        for bi in 0..b {
-            let seed = p.seed_of(bi);
-            for t in 0..n {
-                let row = &mut guided[(bi * n + t) * v..(bi * n + t + 1) * v];
-                filter_row(row, p.top_k, p.top_p);
-                let probs = softmax(row);
-                let (id, pr) = pick(&probs, uniform(seed, si, sub, t, Purpose::Token));
-                idx[bi * n + t] = id as i64;
-                conf[bi * n + t] = pr;
-            }
-        }
-        (idx, conf)
     }
 
     /// Prompts to images: text, every scale, the decoder.
@@ -405,7 +381,13 @@ impl Pipeline {
         let b = prompts.len();
         self.check_generation(b, p)?;
         self.prefetch_sessions(b);
-        let (text, truncated) = self.encode_text(prompts, negative, hooks)?;
+        let t_alloc = Instant::now();
+        // Every value at its largest size for this batch: one address per value for the whole
+        // generation (and the next ones of this batch), so bindings are made once.
+        self.md.reserve(b, USES)?;
+        self.timings
+            .add("values_alloc", t_alloc.elapsed().as_secs_f64() * 1e3, false);
+        let truncated = self.encode_text(prompts, negative, hooks)?;
         if self.one_shot {
             // d30: 1.6 GB of packed text weights that no later stage reads.
             self.release_stages(&[Stage::TextEncoder, Stage::TextKv]);
@@ -417,25 +399,50 @@ impl Pipeline {
             t_alloc.elapsed().as_secs_f64() * 1e3,
             false,
         );
-        let (cv, pside) = (
+        let (cv, side) = (
             self.md.manifest.config.cvae,
             *self.md.manifest.schedule.patch_nums.last().unwrap_or(&1),
         );
+        self.md.zero(Slot::FHat(0), &[b, cv, side, side])?;
+        self.put_sampling(p)?;
         let mut st = ScaleState {
-            x: Some(text.x0.clone()),
-            f_hat: Tensor::zeros(vec![b, cv, pside, pside]),
-            past_inputs: vec![],
+            f_hat: 0,
+            past_x: vec![],
         };
         for si in 0..self.md.manifest.schedule.patch_nums.len() {
             if hooks.cancelled() {
                 return Err(RunError::Cancelled);
             }
-            self.scale(si, b, &text, &mut st, p, hooks)?;
+            self.scale(si, b, &mut st, p, hooks)?;
         }
-        let image = self.decode(&st.f_hat, hooks)?;
+        let image = self.decode(b, st.f_hat, hooks)?;
         self.timings
             .add("end_to_end", t_all.elapsed().as_secs_f64() * 1e3, false);
         Ok(Generated { image, truncated })
+    }
+
+    /// The sample graph's top-k and top-p for a generation: the k to keep (V when off) and the
+    /// nucleus threshold 1 − p as the reference rounds it (−1 when off).
+    fn put_sampling(&mut self, p: &GenParams) -> Result<()> {
+        let v = self.md.manifest.config.vocab;
+        let k = if p.top_k > 0 && p.top_k < v {
+            p.top_k
+        } else {
+            v
+        };
+        let thr = if p.top_p > 0.0 {
+            (1.0 - p.top_p) as f32
+        } else {
+            -1.0
+        };
+        self.md.put(
+            Stage::Sample,
+            Slot::TopK,
+            &Tensor::i64(vec![1], vec![k as i64]),
+        )?;
+        self.md
+            .put(Stage::Sample, Slot::TopP, &Tensor::f32(vec![1], vec![thr]))?;
+        Ok(())
     }
 
     /// What a generation can be refused for before any stage runs.
@@ -462,9 +469,15 @@ impl Pipeline {
         // needed before that, from the first sampler scale.)
         let decoder_later = self.one_shot && self.md.kv_bytes_for(2 * b) >= self.kv_release_bytes;
         let ahead: &[Stage] = if decoder_later {
-            &[Stage::Step, Stage::Vq, Stage::Sampler]
+            &[Stage::Step, Stage::Sample, Stage::Vq, Stage::Sampler]
         } else {
-            &[Stage::Step, Stage::Vq, Stage::Sampler, Stage::Decoder]
+            &[
+                Stage::Step,
+                Stage::Sample,
+                Stage::Vq,
+                Stage::Sampler,
+                Stage::Decoder,
+            ]
         };
         if let Some(m) = self.md.memory_policy() {
             m.prefetch(ahead);
@@ -472,14 +485,14 @@ impl Pipeline {
     }
 
     /// Tokenizer, text encoder and text K/V: rows [prompts ; negatives]; the cross-attention
-    /// K/V from each image's own conditional row (batch invariance). Also says which prompts
-    /// were truncated.
+    /// K/V from each image's own conditional row (batch invariance). Everything stays on the
+    /// engine; returns which prompts were truncated.
     fn encode_text(
         &mut self,
         prompts: &[String],
         negative: &str,
         hooks: &mut dyn Hooks,
-    ) -> Result<(TextState, Vec<bool>)> {
+    ) -> Result<Vec<bool>> {
         let b = prompts.len();
         let t_tok = Instant::now();
         let enc: Vec<Encoded> = prompts
@@ -497,55 +510,48 @@ impl Pipeline {
         let mask = Tensor::i64(vec![2 * b, TEXT_LEN], mask);
         observe(hooks, Obs::TextInputIds, || ids.clone());
         observe(hooks, Obs::TextAttentionMask, || mask.clone());
-        let mut te = self.run(
-            &Stage::TextEncoder.label(None),
-            Stage::TextEncoder,
-            None,
-            &[
-                (io::INPUT_IDS, (&ids).into()),
-                (io::ATTENTION_MASK, (&mask).into()),
-            ],
-            None,
-        )?;
-        let mut hidden = take(&mut te, io::HIDDEN)?;
-        let mut pooled = take(&mut te, io::POOLED)?;
-        observe(hooks, Obs::TextHidden, || hidden.clone());
-        observe(hooks, Obs::TextPooled, || pooled.clone());
+        self.md.put(Stage::TextEncoder, Slot::InputIds, &ids)?;
+        self.md
+            .put(Stage::TextEncoder, Slot::AttentionMask, &mask)?;
+        let te = Stage::TextEncoder;
+        let binds = [
+            (io::INPUT_IDS, Slot::InputIds),
+            (io::ATTENTION_MASK, Slot::AttentionMask),
+            (io::HIDDEN, Slot::TextHidden),
+            (io::POOLED, Slot::TextPooled),
+        ];
+        self.run(&te.label(None), te, None, b, &binds)?;
+        self.observe_slot(hooks, Obs::TextHidden, te, Slot::TextHidden)?;
+        self.observe_slot(hooks, Obs::TextPooled, te, Slot::TextPooled)?;
         // Stage isolation (validate): later stages take the recorded text features.
-        if let Some(t) = hooks.substitute(Obs::TextHidden) {
-            hidden = t;
+        for (what, slot) in [
+            (Obs::TextHidden, Slot::TextHidden),
+            (Obs::TextPooled, Slot::TextPooled),
+        ] {
+            if let Some(t) = hooks.substitute(what) {
+                self.md.put(Stage::TextKv, slot, &t)?;
+            }
         }
-        if let Some(t) = hooks.substitute(Obs::TextPooled) {
-            pooled = t;
-        }
-        let mut tkv = self.run(
-            &Stage::TextKv.label(None),
-            Stage::TextKv,
-            None,
-            &[
-                (io::HIDDEN, (&hidden.slice(0, 0, b)).into()),
-                (io::ATTENTION_MASK, (&mask.slice(0, 0, b)).into()),
-                (io::POOLED, (&pooled).into()),
-            ],
-            None,
-        )?;
-        let text = TextState {
-            kv: take(&mut tkv, io::TEXT_KV)?,
-            bias: take(&mut tkv, io::TEXT_BIAS)?,
-            x0: take(&mut tkv, io::X)?,
-            pooled,
-        };
-        Ok((text, truncated))
+        // text_kv reads the conditional rows (the first B) of hidden and mask: views.
+        let tk = Stage::TextKv;
+        let binds = [
+            (io::HIDDEN, Slot::TextHidden),
+            (io::ATTENTION_MASK, Slot::AttentionMask),
+            (io::POOLED, Slot::TextPooled),
+            (io::X, Slot::X),
+            (io::TEXT_KV, Slot::TextKv),
+            (io::TEXT_BIAS, Slot::TextBias),
+        ];
+        self.run(&tk.label(None), tk, None, b, &binds)?;
+        Ok(truncated)
     }
 
-    /// Scale `si`: the step (its K/V into the cache), guidance, the scale's tokens (drawn, or
-    /// by the stable sampler's sub-steps), the VQ transition to the next scale's input.
-    #[allow(clippy::too_many_arguments)]
+    /// Scale `si`: the step (its K/V into the cache), the scale's tokens (drawn on the engine,
+    /// or by the stable sampler's sub-steps), the VQ transition to the next scale's input.
     fn scale(
         &mut self,
         si: usize,
         b: usize,
-        text: &TextState,
         st: &mut ScaleState,
         p: &GenParams,
         hooks: &mut dyn Hooks,
@@ -555,44 +561,53 @@ impl Pipeline {
         let sn = self.md.manifest.schedule.patch_nums.len();
         let pn = self.md.manifest.schedule.patch_nums[si];
         let (n, v) = (pn * pn, self.md.manifest.config.vocab);
-        let (hidden, logits) = self.step_scale(si, text, st, p, hooks)?;
+        self.md.put(
+            Stage::Vq,
+            Slot::Scale,
+            &Tensor::i64(vec![1], vec![si as i64]),
+        )?;
+        self.step_scale(si, b, st, p, hooks)?;
         let t = p.cfg * si as f64 / (sn - 1).max(1) as f64;
-        let logits = f32s(&logits, io::LOGITS)?;
-        let guided = self.timed("sampling", || guide(logits, b, n, v, t));
-        observe(hooks, Obs::LogitsCfg(si), || {
-            t_f32(vec![b, n, v], guided.clone())
-        });
+        // The reference sampler's view of this scale, for the hooks only.
+        let guided = if hooks.observing() {
+            let logits = self.md.get(Stage::Step, Slot::Logits)?;
+            let g = guide(f32s(&logits, io::LOGITS)?, b, n, v, t);
+            hooks.observe(Obs::LogitsCfg(si), &t_f32(vec![b, n, v], g.clone()));
+            Some(g)
+        } else {
+            None
+        };
         let counts = self.md.manifest.schedule.substeps[si].clone();
         let stable =
             !counts.is_empty() && p.stable_sampling && self.md.manifest.config.sampler_blocks > 0;
-        let idx = if stable {
+        let tokens = if stable {
             let scale = SamplerScale {
                 si,
                 pn,
                 b,
                 counts: &counts,
+                t,
             };
-            self.stable_scale(&scale, &guided, &hidden, &text.pooled, p, hooks)?
+            self.stable_scale(&scale, p, hooks)?
         } else {
-            self.plain_tokens(si, b, n, &guided, p, hooks)
+            self.plain_tokens(si, b, n, t, guided, p, hooks)?
         };
-        st.x = self.vq(si, b, n, idx, &mut st.f_hat, hooks)?;
+        self.vq(si, b, tokens, st, hooks)?;
         let waited = self.timings.get("session_wait") - wait0;
         hooks.scale_done(si, pn, t_scale.elapsed().as_secs_f64() * 1e3, waited);
         Ok(())
     }
 
     /// The step of scale `si` and what goes with it: the sessions and the cache a large
-    /// one-shot generation gives back around its last step, the observations. Returns the
-    /// step's (hidden, logits).
+    /// one-shot generation gives back around its last step, the observations.
     fn step_scale(
         &mut self,
         si: usize,
-        text: &TextState,
+        b: usize,
         st: &mut ScaleState,
         p: &GenParams,
         hooks: &mut dyn Hooks,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<()> {
         let sch = &self.md.manifest.schedule;
         let (sn, begin, pn) = (
             sch.patch_nums.len(),
@@ -600,12 +615,13 @@ impl Pipeline {
             sch.patch_nums[si],
         );
         let depth = self.md.manifest.config.depth;
-        if p.recompute_past && si > 0 {
-            self.recompute_past(&st.past_inputs, text)?;
+        if p.recompute_past {
+            if si > 0 {
+                self.recompute_past(&st.past_x, b)?;
+            }
+            // The benchmark variant without the cache keeps every scale's input on the host.
+            st.past_x.push(self.md.get(Stage::Step, Slot::X)?);
         }
-        let xs = st.x.take().ok_or_else(|| {
-            RunError::Invalid(format!("scale {si}: no input from scale {}", si.max(1) - 1))
-        })?;
         if self.one_shot && si + 1 == sn && self.md.kv_bytes() >= self.kv_release_bytes {
             // The last step is a large generation's peak (cache full, the largest scale's
             // activations): d30/1024 holds 0.9 GB of sampler and decoder weights that it
@@ -613,11 +629,8 @@ impl Pipeline {
             // sampler, about 2 s for the decoder, in a generation of 17 minutes).
             self.release_stages(&[Stage::Sampler, Stage::Decoder]);
         }
-        let mut out = self.step(&Stage::Step.label(Some(si)), si, &xs, text)?;
-        forward_probes(&out, hooks);
-        if p.recompute_past {
-            st.past_inputs.push(xs);
-        }
+        self.step(&Stage::Step.label(Some(si)), si, b, Slot::X)?;
+        self.forward_probes(hooks);
         if hooks.observing() {
             // (depth, n, 2, B2, H, hd) -> per block and K/V: (B2, H, n, hd), the release's layout.
             let kv = self.md.kv_read(begin, pn * pn)?;
@@ -634,237 +647,312 @@ impl Pipeline {
         }
         if si + 1 == sn {
             // No stage after the last step reads the cache: the sampler's sub-steps and the
-            // decoder run without it (8.7 GB at d30/1024). A small cache is kept: the next
-            // generation reuses its pages instead of touching new ones.
+            // decoder run without it (8.7 GB at d30/1024 in FP32). A small cache is kept: the
+            // next generation reuses its pages instead of touching new ones.
             self.md.kv_release_if_over(self.kv_release_bytes);
         }
-        let hidden = take(&mut out, io::HIDDEN)?;
-        let logits = take(&mut out, io::LOGITS)?;
         let block = depth - 1;
-        observe(hooks, Obs::BlockOut { scale: si, block }, || hidden.clone());
-        observe(hooks, Obs::Logits(si), || logits.clone());
-        Ok((hidden, logits))
+        let what = Obs::BlockOut { scale: si, block };
+        self.observe_slot(hooks, what, Stage::Step, Slot::Hidden)?;
+        self.observe_slot(hooks, Obs::Logits(si), Stage::Step, Slot::Logits)?;
+        Ok(())
     }
 
-    /// A plain scale's tokens: filter and draw every position (or the recorded choice).
+    /// Draw a token for every position on the engine from `logits` (the step's or the
+    /// sampler's, (2B, n, V)) with guidance `t` and the RNG contract's uniforms of sub-step `s`:
+    /// the ids and their probabilities go to `Slot::Idx` and `Slot::Prob`.
+    #[allow(clippy::too_many_arguments)]
+    fn sample(
+        &mut self,
+        si: usize,
+        s: Option<usize>,
+        b: usize,
+        n: usize,
+        logits: Slot,
+        t: f64,
+        p: &GenParams,
+    ) -> Result<()> {
+        let sub = s.unwrap_or(0);
+        let u: Vec<f32> = (0..b)
+            .flat_map(|bi| {
+                let seed = p.seed_of(bi);
+                (0..n).map(move |pos| uniform(seed, si, sub, pos, Purpose::Token) as f32)
+            })
+            .collect();
+        self.md
+            .put(Stage::Sample, Slot::Uniforms, &Tensor::f32(vec![b, n], u))?;
+        // The mix the reference computes: both factors rounded to f32 first.
+        let g = Tensor::f32(vec![2], vec![(1.0 + t) as f32, t as f32]);
+        self.md.put(Stage::Sample, Slot::Guidance, &g)?;
+        let label = match s {
+            Some(s) => format!("{}.u{s:02}", Stage::Sample.label(Some(si))),
+            None => Stage::Sample.label(Some(si)),
+        };
+        let binds = [
+            (io::LOGITS, logits),
+            (io::GUIDANCE, Slot::Guidance),
+            (io::TOP_K, Slot::TopK),
+            (io::TOP_P, Slot::TopP),
+            (io::UNIFORMS, Slot::Uniforms),
+            (io::IDX, Slot::Idx),
+            (io::PROB, Slot::Prob),
+        ];
+        self.run(&label, Stage::Sample, Some(si), b, &binds)
+    }
+
+    /// A plain scale's tokens: drawn on the engine (or the recorded choice). Returns the value
+    /// that holds them.
+    #[allow(clippy::too_many_arguments)]
     fn plain_tokens(
         &mut self,
         si: usize,
         b: usize,
         n: usize,
-        guided: &[f32],
+        t: f64,
+        guided: Option<Vec<f32>>,
         p: &GenParams,
         hooks: &mut dyn Hooks,
-    ) -> Vec<i64> {
-        let v = self.md.manifest.config.vocab;
-        let mut g = guided.to_vec();
-        let (drawn, _) = self.timed("sampling", || {
-            Self::filter_and_draw(&mut g, b, n, v, p, si, 0)
-        });
+    ) -> Result<Slot> {
+        self.sample(si, None, b, n, Slot::Logits, t, p)?;
         // What this model draws here with the run's uniforms, before any substitution:
         // `compare` counts agreement on it.
-        observe(hooks, Obs::Drawn(si), || {
-            Tensor::i64(vec![b, n], drawn.clone())
-        });
-        observe(hooks, Obs::LogitsFiltered(si), || t_f32(vec![b, n, v], g));
-        hooks.plain_tokens(si).unwrap_or(drawn)
+        self.observe_slot(hooks, Obs::Drawn(si), Stage::Sample, Slot::Idx)?;
+        if let Some(mut g) = guided {
+            let v = self.md.manifest.config.vocab;
+            for r in 0..b * n {
+                filter_row(&mut g[r * v..(r + 1) * v], p.top_k, p.top_p);
+            }
+            hooks.observe(Obs::LogitsFiltered(si), &t_f32(vec![b, n, v], g));
+        }
+        match hooks.plain_tokens(si) {
+            Some(ids) => {
+                self.md
+                    .put(Stage::Vq, Slot::Tokens, &Tensor::i64(vec![b, n], ids))?;
+                Ok(Slot::Tokens)
+            }
+            None => Ok(Slot::Idx),
+        }
     }
 
-    /// The VQ transition of scale `si`: its tokens into f_hat, and the next scale's embedded
-    /// input (none after the last scale, whose `next_in` is the full map).
+    /// The VQ transition of scale `si`: the scale's tokens (in `tokens`) into f_hat (from one
+    /// of its two values into the other), and the next scale's embedded input into `Slot::X`.
     fn vq(
         &mut self,
         si: usize,
         b: usize,
-        n: usize,
-        idx: Vec<i64>,
-        f_hat: &mut Tensor,
+        tokens: Slot,
+        st: &mut ScaleState,
         hooks: &mut dyn Hooks,
-    ) -> Result<Option<Tensor>> {
-        let idx_t = Tensor::i64(vec![b, n], idx);
-        observe(hooks, Obs::Idx(si), || idx_t.clone());
-        let scale_t = Tensor::i64(vec![1], vec![si as i64]);
-        let mut vo = self.run(
-            &Stage::Vq.label(Some(si)),
-            Stage::Vq,
-            Some(si),
-            &[
-                (io::IDX, (&idx_t).into()),
-                (io::F_HAT, (&*f_hat).into()),
-                (io::SCALE, (&scale_t).into()),
-            ],
-            None,
-        )?;
-        *f_hat = take(&mut vo, io::F_HAT_OUT)?;
-        observe(hooks, Obs::FHat(si), || f_hat.clone());
-        if si + 1 == self.md.manifest.schedule.patch_nums.len() {
-            return Ok(None);
+    ) -> Result<()> {
+        self.observe_slot(hooks, Obs::Idx(si), Stage::Vq, tokens)?;
+        let (from, to) = (Slot::FHat(st.f_hat), Slot::FHat(1 - st.f_hat));
+        let binds = [
+            (io::IDX, tokens),
+            (io::F_HAT, from),
+            (io::SCALE, Slot::Scale),
+            (io::F_HAT_OUT, to),
+            (io::NEXT_IN, Slot::NextIn),
+            (io::X, Slot::X),
+        ];
+        self.run(&Stage::Vq.label(Some(si)), Stage::Vq, Some(si), b, &binds)?;
+        st.f_hat = 1 - st.f_hat;
+        self.observe_slot(hooks, Obs::FHat(si), Stage::Vq, to)?;
+        // After the last scale `next_in` is the full map, which nothing reads.
+        if si + 1 < self.md.manifest.schedule.patch_nums.len() {
+            self.observe_slot(hooks, Obs::NextIn(si), Stage::Vq, Slot::NextIn)?;
         }
-        if hooks.observing() {
-            hooks.observe(Obs::NextIn(si), &take(&mut vo, io::NEXT_IN)?);
-        }
-        Ok(Some(take(&mut vo, io::X)?))
+        Ok(())
     }
 
-    /// f_hat to the image (B, 3, H, W) in [0, 1].
-    fn decode(&mut self, f_hat: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        let mut dec = self.run(
-            &Stage::Decoder.label(None),
-            Stage::Decoder,
-            None,
-            &[(io::F_HAT, f_hat.into())],
-            None,
-        )?;
-        let image = take(&mut dec, io::IMAGE)?;
-        if hooks.observing() {
-            hooks.observe(Obs::ImageRaw, &take(&mut dec, io::IMAGE_RAW)?);
-            hooks.observe(Obs::Image, &image);
-        }
+    /// f_hat to the image (B, 3, H, W) in [0, 1]: the one tensor a generation must read.
+    fn decode(&mut self, b: usize, f_hat: u8, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let binds = [
+            (io::F_HAT, Slot::FHat(f_hat)),
+            (io::IMAGE_RAW, Slot::ImageRaw),
+            (io::IMAGE, Slot::Image),
+        ];
+        self.run(&Stage::Decoder.label(None), Stage::Decoder, None, b, &binds)?;
+        let image = self.md.get(Stage::Decoder, Slot::Image)?;
+        self.observe_slot(hooks, Obs::ImageRaw, Stage::Decoder, Slot::ImageRaw)?;
+        observe(hooks, Obs::Image, || image.clone());
         Ok(image)
     }
 
-    /// Rebuild the cache of the earlier scales by running their steps again (`past_inputs`
-    /// holds each earlier scale's embedded tokens).
-    fn recompute_past(&mut self, past_inputs: &[Tensor], text: &TextState) -> Result<()> {
-        for (j, x) in past_inputs.iter().enumerate() {
-            self.step("recompute_past", j, x, text)?;
+    /// Rebuild the cache of the earlier scales by running their steps again (`past_x` holds
+    /// each earlier scale's embedded tokens, uploaded again into a value of their own).
+    fn recompute_past(&mut self, past_x: &[Tensor], b: usize) -> Result<()> {
+        let slot = Slot::Port(Stage::Step, 0);
+        for (j, x) in past_x.iter().enumerate() {
+            self.md.put(Stage::Step, slot, x)?;
+            self.step("recompute_past", j, b, slot)?;
         }
         Ok(())
     }
 
     /// Stable-sampler sub-steps of one scale (STAR-SPEC §5): each reveals `counts[s]` more
-    /// positions, drawing from the main head's guided logits (`main_head_substep`) or the
-    /// sampler's.
+    /// positions, drawing on the engine from the main head's logits with the scale's ramped
+    /// guidance (`main_head_substep`) or from the sampler's with the full guidance. The draws
+    /// (ids and probabilities) come to the host, where the reveal chooses positions; the
+    /// revealed tokens and the mask go back to the sampler. Returns the value holding the
+    /// scale's tokens.
     fn stable_scale(
         &mut self,
         sc: &SamplerScale<'_>,
-        guided_main: &[f32],
-        hidden: &Tensor,
-        pooled: &Tensor,
         p: &GenParams,
         hooks: &mut dyn Hooks,
-    ) -> Result<Vec<i64>> {
+    ) -> Result<Slot> {
         let (b, n) = (sc.b, sc.pn * sc.pn);
         let mut reveal = Reveal {
             tokens: vec![0i64; b * n],
             mask: vec![0f32; b * n],
         };
-        // The main head's logits are the same every sub-step: filtered and softmaxed once.
-        let mut main_probs: Option<Vec<f32>> = None;
         for (s, &k) in sc.counts.iter().enumerate() {
             let main = main_head_substep(s, sc.pn);
-            let probs = if main {
-                if main_probs.is_none() {
-                    main_probs = Some(self.main_head_probs(guided_main, b * n, p));
-                }
-                None
+            if main {
+                self.sample(sc.si, Some(s), b, n, Slot::Logits, sc.t, p)?;
             } else {
-                Some(self.sampler_probs(sc, s, &reveal, hidden, pooled, p, hooks)?)
-            };
-            let probs = probs.as_deref().or(main_probs.as_deref()).unwrap_or(&[]);
-            let (drawn, conf) = self.timed("sampling", || draw_positions(probs, sc, s, p));
-            observe(hooks, sub(sc.si, s, SubObs::Drawn), || {
-                Tensor::i64(vec![b, n], drawn.clone())
-            });
+                self.sampler_logits(sc, s, &reveal, p, hooks)?;
+                self.sample(sc.si, Some(s), b, n, Slot::SamplerLogits, p.cfg, p)?;
+            }
+            let drawn = self.md.get(Stage::Sample, Slot::Idx)?;
+            let conf = self.md.get(Stage::Sample, Slot::Prob)?;
+            observe(hooks, sub(sc.si, s, SubObs::Drawn), || drawn.clone());
+            let (drawn, conf) = (
+                drawn.as_i64().unwrap_or(&[]).to_vec(),
+                conf.as_f32().unwrap_or(&[]).to_vec(),
+            );
+            if drawn.len() != b * n || conf.len() != b * n {
+                return Err(RunError::Invalid(format!(
+                    "scale {}: the sample stage gave {} ids for {} positions",
+                    sc.si,
+                    drawn.len(),
+                    b * n
+                )));
+            }
             if let Some((mask_after, final_ids)) = hooks.substep(sc.si, s) {
                 reveal.replace(mask_after, &final_ids);
             } else {
-                for bi in 0..b {
-                    reveal.reveal_image(sc, s, k, bi, main, &drawn, &conf, p.seed_of(bi));
-                }
+                self.timed("sampling", || {
+                    for bi in 0..b {
+                        reveal.reveal_image(sc, s, k, bi, main, &drawn, &conf, p.seed_of(bi));
+                    }
+                });
             }
             observe(hooks, sub(sc.si, s, SubObs::MaskAfter), || {
                 t_f32(vec![b, n], reveal.mask.clone())
             });
         }
-        Ok(reveal.tokens)
+        self.md.put(
+            Stage::Vq,
+            Slot::Tokens,
+            &Tensor::i64(vec![b, n], reveal.tokens),
+        )?;
+        Ok(Slot::Tokens)
     }
 
-    /// The main head's guided logits, filtered, as probabilities (rows × V).
-    fn main_head_probs(&mut self, guided: &[f32], rows: usize, p: &GenParams) -> Vec<f32> {
-        let v = self.md.manifest.config.vocab;
-        let mut g = guided.to_vec();
-        self.timed("sampling", || {
-            for r in 0..rows {
-                filter_row(&mut g[r * v..(r + 1) * v], p.top_k, p.top_p);
-            }
-        });
-        self.timed("sampling", || g.chunks(v).flat_map(softmax).collect())
-    }
-
-    /// The sampler's logits at sub-step `s` (from the tokens revealed so far), guided with the
-    /// full cfg and filtered, as probabilities (rows × V).
-    #[allow(clippy::too_many_arguments)]
-    fn sampler_probs(
+    /// The sampler's logits at sub-step `s`, from the tokens revealed so far, into
+    /// `Slot::SamplerLogits`; the reference's guided and filtered view of them for the hooks.
+    fn sampler_logits(
         &mut self,
         sc: &SamplerScale<'_>,
         s: usize,
         reveal: &Reveal,
-        hidden: &Tensor,
-        pooled: &Tensor,
         p: &GenParams,
         hooks: &mut dyn Hooks,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<()> {
         let (si, b, n, v) = (sc.si, sc.b, sc.pn * sc.pn, self.md.manifest.config.vocab);
-        let idx_t = Tensor::i64(vec![b, n], reveal.tokens.clone());
-        let mask_t = t_f32(vec![b, n], reveal.mask.clone());
-        let scale_t = Tensor::i64(vec![1], vec![si as i64]);
-        let mut so = self.run(
-            &format!("{}.u{s:02}", Stage::Sampler.label(Some(si))),
-            Stage::Sampler,
-            Some(si),
-            &[
-                (io::HIDDEN, hidden.into()),
-                (io::POOLED, pooled.into()),
-                (io::IDX, (&idx_t).into()),
-                (io::MASK, (&mask_t).into()),
-                (io::SCALE, (&scale_t).into()),
-            ],
-            None,
+        let st = Stage::Sampler;
+        self.md.put(
+            st,
+            Slot::Tokens,
+            &Tensor::i64(vec![b, n], reveal.tokens.clone()),
         )?;
-        forward_probes(&so, hooks);
-        let sl = take(&mut so, io::LOGITS)?;
-        observe(hooks, sub(si, s, SubObs::SamplerLogits), || sl.clone());
-        let logits = f32s(&sl, io::LOGITS)?.to_vec();
-        let mut g = self.timed("sampling", || guide(&logits, b, n, v, p.cfg));
-        observe(hooks, sub(si, s, SubObs::LogitsCfg), || {
-            t_f32(vec![b, n, v], g.clone())
-        });
-        self.timed("sampling", || {
+        self.md.put(
+            st,
+            Slot::RevealMask,
+            &t_f32(vec![b, n], reveal.mask.clone()),
+        )?;
+        let binds = [
+            (io::HIDDEN, Slot::Hidden),
+            (io::POOLED, Slot::TextPooled),
+            (io::IDX, Slot::Tokens),
+            (io::MASK, Slot::RevealMask),
+            (io::SCALE, Slot::Scale),
+            (io::LOGITS, Slot::SamplerLogits),
+        ];
+        let label = format!("{}.u{s:02}", st.label(Some(si)));
+        self.run(&label, st, Some(si), b, &binds)?;
+        self.forward_probes(hooks);
+        if hooks.observing() {
+            let sl = self.md.get(st, Slot::SamplerLogits)?;
+            hooks.observe(sub(si, s, SubObs::SamplerLogits), &sl);
+            let mut g = guide(f32s(&sl, io::LOGITS)?, b, n, v, p.cfg);
+            hooks.observe(
+                sub(si, s, SubObs::LogitsCfg),
+                &t_f32(vec![b, n, v], g.clone()),
+            );
             for r in 0..b * n {
                 filter_row(&mut g[r * v..(r + 1) * v], p.top_k, p.top_p);
             }
-        });
-        observe(hooks, sub(si, s, SubObs::LogitsFiltered), || {
-            t_f32(vec![b, n, v], g.clone())
-        });
-        Ok(self.timed("sampling", || g.chunks(v).flat_map(softmax).collect()))
+            hooks.observe(sub(si, s, SubObs::LogitsFiltered), &t_f32(vec![b, n, v], g));
+        }
+        Ok(())
     }
 }
 
-/// What the text stages give every scale: the cross-attention K/V and mask bias, scale 0's
-/// embedded start token, and the pooled text (the sampler's prefix).
-struct TextState {
-    kv: Tensor,
-    bias: Tensor,
-    x0: Tensor,
-    pooled: Tensor,
-}
+/// Which engine value each port of each stage binds: what `ModelDir::reserve` sizes before a
+/// generation (every value at its largest shape over the scales), and what `run` binds. f_hat
+/// alternates between two values; the sample stage reads the step's logits or the sampler's;
+/// the VQ takes the drawn ids or the host's (stable sampler, replay).
+const USES: &[(Stage, &str, Slot)] = &[
+    (Stage::TextEncoder, io::INPUT_IDS, Slot::InputIds),
+    (Stage::TextEncoder, io::ATTENTION_MASK, Slot::AttentionMask),
+    (Stage::TextEncoder, io::HIDDEN, Slot::TextHidden),
+    (Stage::TextEncoder, io::POOLED, Slot::TextPooled),
+    (Stage::TextKv, io::X, Slot::X),
+    (Stage::TextKv, io::TEXT_KV, Slot::TextKv),
+    (Stage::TextKv, io::TEXT_BIAS, Slot::TextBias),
+    (Stage::StepFirst, io::HIDDEN, Slot::Hidden),
+    (Stage::StepFirst, io::LOGITS, Slot::Logits),
+    (Stage::Step, io::X, Slot::X),
+    // `recompute_past`'s inputs.
+    (Stage::Step, io::X, Slot::Port(Stage::Step, 0)),
+    (Stage::Step, io::HIDDEN, Slot::Hidden),
+    (Stage::Step, io::LOGITS, Slot::Logits),
+    (Stage::Sample, io::GUIDANCE, Slot::Guidance),
+    (Stage::Sample, io::TOP_K, Slot::TopK),
+    (Stage::Sample, io::TOP_P, Slot::TopP),
+    (Stage::Sample, io::UNIFORMS, Slot::Uniforms),
+    (Stage::Sample, io::IDX, Slot::Idx),
+    (Stage::Sample, io::PROB, Slot::Prob),
+    (Stage::Sampler, io::IDX, Slot::Tokens),
+    (Stage::Sampler, io::MASK, Slot::RevealMask),
+    (Stage::Sampler, io::LOGITS, Slot::SamplerLogits),
+    (Stage::Vq, io::IDX, Slot::Tokens),
+    (Stage::Vq, io::SCALE, Slot::Scale),
+    (Stage::Vq, io::F_HAT, Slot::FHat(0)),
+    (Stage::Vq, io::F_HAT, Slot::FHat(1)),
+    (Stage::Vq, io::NEXT_IN, Slot::NextIn),
+    (Stage::Vq, io::X, Slot::X),
+    (Stage::Decoder, io::IMAGE_RAW, Slot::ImageRaw),
+    (Stage::Decoder, io::IMAGE, Slot::Image),
+];
 
-/// What passes from scale to scale: the next scale's embedded tokens and f_hat; for
-/// `recompute_past`, every earlier scale's input.
+/// What passes from scale to scale on the host: which of the two f_hat values holds the map;
+/// for `recompute_past`, every earlier scale's input.
 struct ScaleState {
-    x: Option<Tensor>,
-    f_hat: Tensor,
-    past_inputs: Vec<Tensor>,
+    f_hat: u8,
+    past_x: Vec<Tensor>,
 }
 
-/// One stable-sampler scale: its index and side, the images, the reveal counts per sub-step.
+/// One stable-sampler scale: its index and side, the images, the reveal counts per sub-step,
+/// and the scale's ramped guidance (the main head's).
 struct SamplerScale<'a> {
     si: usize,
     pn: usize,
     b: usize,
     counts: &'a [usize],
+    t: f64,
 }
 
 /// Whether sub-step `s` of a scale of side `pn` draws from the main head (with the scale's
@@ -872,30 +960,6 @@ struct SamplerScale<'a> {
 /// sub-steps of the scales below 64 (STAR-SPEC §5, branch A).
 fn main_head_substep(s: usize, pn: usize) -> bool {
     s < 5 && pn != 64
-}
-
-/// A token and its probability for every position of every image (B·n), with the RNG
-/// contract's uniform of (image seed, scale, sub-step, position).
-fn draw_positions(
-    probs: &[f32],
-    sc: &SamplerScale<'_>,
-    s: usize,
-    p: &GenParams,
-) -> (Vec<i64>, Vec<f32>) {
-    let n = sc.pn * sc.pn;
-    let v = probs.len() / (sc.b * n).max(1);
-    let mut drawn = vec![0i64; sc.b * n];
-    let mut conf = vec![0f32; sc.b * n];
-    for bi in 0..sc.b {
-        let seed = p.seed_of(bi);
-        for t in 0..n {
-            let row = (bi * n + t) * v..(bi * n + t + 1) * v;
-            let (id, pr) = pick(&probs[row], uniform(seed, sc.si, s, t, Purpose::Token));
-            drawn[bi * n + t] = id as i64;
-            conf[bi * n + t] = pr;
-        }
-    }
-    (drawn, conf)
 }
 
 /// The tokens and reveal mask of a stable-sampler scale, (B, n) each.
