@@ -250,9 +250,25 @@ enum Cmd {
         /// between scales and answered 504.
         #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
         request_timeout_s: u64,
-        /// After SIGTERM, how long in-flight requests may take before the process exits.
+        /// After SIGTERM, how long in-flight requests may take. Then queued requests are
+        /// answered 503, the running batch stops at its next scale, every connection is closed
+        /// and the process exits (within this + 1 s, whatever the clients do).
         #[arg(long, default_value_t = 30)]
         drain_s: u64,
+        /// A request head must arrive within this many seconds of its first byte; a client
+        /// that stalls is disconnected.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        header_timeout_s: u64,
+        /// An idle keep-alive connection is closed after this many seconds.
+        #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..))]
+        keep_alive_s: u64,
+        /// A request body must arrive within this many seconds of its head (else 408).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        body_timeout_s: u64,
+        /// The largest request body in KiB (413 above it; a larger Content-Length is refused
+        /// before the body is read).
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1048576))]
+        max_body_kb: u64,
         /// The most resident memory the server should reach (e.g. 6Gi, 8G, bytes). Warm-up
         /// measures what each image adds; batches are cut so that their estimate stays within
         /// 95% of this, an `n` that cannot fit is refused with 422, and a request that needs more
@@ -281,6 +297,10 @@ enum Cmd {
         /// Measure without the KV cache's benefit: re-run every earlier scale before each scale.
         #[arg(long)]
         no_kv_cache: bool,
+        /// Also decode N progressive previews per generation (0-3), after the scales `serve`
+        /// would choose for `partial_images` N: their cost is the "preview" row.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
+        partial_images: u8,
     },
 }
 
@@ -357,6 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             sampling,
             no_kv_cache,
+            partial_images,
         }) => {
             if let Some(j) = &json {
                 star_pipeline::args::check_output_file(j, "--json").map_err(anyhow::Error::msg)?;
@@ -372,6 +393,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 warmup,
                 runs as usize,
                 model.backend.threads,
+                partial_images as usize,
             )?;
             print!("{}", r.table);
             if let Some(j) = json {
@@ -455,6 +477,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_delay_ms,
             request_timeout_s,
             drain_s,
+            header_timeout_s,
+            keep_alive_s,
+            body_timeout_s,
+            max_body_kb,
             max_memory,
         }) => {
             let (dir, backend) = model.resolve()?;
@@ -469,6 +495,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_delay: std::time::Duration::from_millis(max_delay_ms),
                 request_timeout: std::time::Duration::from_secs(request_timeout_s),
                 drain: std::time::Duration::from_secs(drain_s),
+                header_timeout: std::time::Duration::from_secs(header_timeout_s),
+                keep_alive: std::time::Duration::from_secs(keep_alive_s),
+                body_timeout: std::time::Duration::from_secs(body_timeout_s),
+                max_body_bytes: (max_body_kb * 1024) as usize,
                 max_memory,
             })?;
             Ok(ExitCode::SUCCESS)

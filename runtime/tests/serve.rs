@@ -1,101 +1,12 @@
 //! `star-run serve` end to end on the embedded demo model: a real server process on a free
 //! port, spoken to over HTTP/1.1 with a plain TCP client.
 
+mod common;
+
 use base64::Engine as _;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use common::*;
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_star-run"))
-}
-
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(extra: &[&str]) -> Server {
-    start_env(extra, &[])
-}
-
-fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
-    let mut child = Command::new(bin())
-        .args(["serve", "--port", "0"])
-        .args(extra)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).unwrap();
-    let port: u16 = line
-        .split("http://127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
-    let s = Server { child, port };
-    let t = Instant::now();
-    loop {
-        if http(s.port, "GET", "/ready", "").0 == 200 {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "never ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    s
-}
-
-/// (status, headers, body)
-fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String, Vec<u8>) {
-    let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new(), vec![]);
-    };
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    c.write_all(req.as_bytes()).unwrap();
-    let mut raw = vec![];
-    c.read_to_end(&mut raw).unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a header block");
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, head, raw[split + 4..].to_vec())
-}
-
-/// Everything the (exited) server wrote to stderr.
-fn stderr_of(s: &mut Server) -> String {
-    let mut err = String::new();
-    if let Some(mut e) = s.child.stderr.take() {
-        e.read_to_string(&mut err).unwrap();
-    }
-    err
-}
-
-fn json(body: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
-}
 
 #[test]
 fn serves_the_same_png_as_the_cli_and_refuses_bad_fields_in_openai_shape() {
@@ -141,7 +52,12 @@ fn serves_the_same_png_as_the_cli_and_refuses_bad_fields_in_openai_shape() {
         (
             r#"{"prompt": "x", "size": "512x512"}"#,
             "size",
-            "this model makes 64x64",
+            "this model makes only 'auto' or '64x64'",
+        ),
+        (
+            r#"{"prompt": "x", "quality": "high"}"#,
+            "quality",
+            "one quality",
         ),
         (
             r#"{"prompt": "x", "response_format": "url"}"#,
@@ -162,19 +78,40 @@ fn serves_the_same_png_as_the_cli_and_refuses_bad_fields_in_openai_shape() {
             "colour",
             "unknown field",
         ),
-        ("not json", "body", "not JSON"),
     ] {
         let (st, _, b) = http(s.port, "POST", "/v1/images/generations", body);
         assert_eq!(st, 422, "{body}");
         let e = &json(&b)["error"];
         assert_eq!(e["param"], param, "{body}");
         assert_eq!(e["type"], "invalid_request_error");
-        assert_eq!(e["code"], 422);
+        let code = if param == "colour" {
+            "unknown_parameter"
+        } else {
+            "invalid_value"
+        };
+        assert_eq!(e["code"], code);
         assert!(
             e["message"].as_str().unwrap().contains(needle),
             "{body}: {e}"
         );
     }
+
+    // OpenAI's own defaults are accepted.
+    let (st, _, b) = http(
+        s.port,
+        "POST",
+        "/v1/images/generations",
+        r#"{"prompt": "x", "size": "auto", "quality": "auto", "background": "auto", "moderation": "auto", "seed": 1}"#,
+    );
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    // Not JSON: 400, OpenAI-shaped.
+    let (st, _, b) = http(s.port, "POST", "/v1/images/generations", "not json");
+    assert_eq!(st, 400);
+    assert_eq!(json(&b)["error"]["code"], "invalid_json");
+    assert!(json(&b)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not JSON"));
 
     let (st, _, b) = http(s.port, "GET", "/v1/models", "");
     assert_eq!(st, 200);
@@ -195,14 +132,18 @@ fn serves_the_same_png_as_the_cli_and_refuses_bad_fields_in_openai_shape() {
         .contains("content-type: text/plain; version=0.0.4"));
     let m = String::from_utf8(b).unwrap();
     for name in [
-        "star_requests_total{route=\"/v1/images/generations\",status=\"200\"} 1",
+        "star_requests_total{route=\"/v1/images/generations\",status=\"200\"} 2",
         "star_requests_total{route=\"/v1/images/generations\",status=\"422\"} 9",
-        "star_request_duration_seconds_count",
+        "star_requests_total{route=\"/v1/images/generations\",status=\"400\"} 1",
+        "star_requests_total{route=\"/v1/models\",status=\"200\"} 1",
+        "star_requests_total{route=\"/v2/models/{name}\",status=\"404\"} 1",
+        "star_request_duration_seconds_count{route=\"/v1/images/generations\",status_class=\"2xx\"} 2",
+        "star_request_duration_seconds_count{route=\"/v1/images/generations\",status_class=\"4xx\"} 10",
         "star_queue_size 0",
-        "star_queue_wait_seconds_count 1",
-        "star_batch_size_bucket{le=\"2\"} 1",
-        "star_scale_step_duration_seconds_count{scale=\"3\"} 1",
-        "star_requests_rejected_total{reason=\"invalid\"} 9",
+        "star_queue_wait_seconds_count 2",
+        "star_batch_size_bucket{le=\"2\"} 2",
+        "star_scale_step_duration_seconds_count{scale=\"3\"} 2",
+        "star_requests_rejected_total{reason=\"invalid\"} 10",
         "star_requests_cancelled_total 0",
         "star_model_ready 1",
     ] {
@@ -267,11 +208,6 @@ fn sigterm_drains_and_exits_0() {
     assert!(err.contains("draining"), "{err}");
 }
 
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
 /// 32 concurrent requests with mixed prompts (UTF-8 among them), seeds and image counts are
 /// batched (metrics show fewer model runs than requests), and each request's images are
 /// byte-identical to the same request sent alone.
@@ -332,23 +268,6 @@ fn batched_requests_get_the_images_they_get_alone() {
     }
 }
 
-fn poll_until_done(port: u16, id: &str) -> serde_json::Value {
-    let t = Instant::now();
-    loop {
-        let (st, _, b) = http(port, "GET", &format!("/star/v1/jobs/{id}"), "");
-        assert_eq!(st, 200);
-        let v = json(&b);
-        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
-            return v;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "job {id} never finished: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Async jobs: 202 with a poll URL, per-scale Server-Sent Events ending in `completed`, the same
 /// images as the synchronous route; a queued job cancelled stays cancelled; `stream: true` on
 /// the OpenAI route streams the same events.
@@ -404,7 +323,7 @@ fn async_jobs_poll_events_cancel_and_stream() {
     assert_eq!(st, 200);
     let ev = String::from_utf8(ev).unwrap();
     assert!(
-        ev.contains("event: scale") && ev.contains("event: completed"),
+        ev.contains("event: image_generation.completed") && !ev.contains("event: scale"),
         "{ev}"
     );
     let (_, _, m) = http(port, "GET", "/metrics", "");
@@ -575,4 +494,271 @@ fn memory_limit_caps_batches_refuses_what_cannot_fit_and_is_never_passed() {
         highest >= base && highest <= limit,
         "highest run peak {highest} bytes, limit {limit}"
     );
+}
+
+/// Connect and send `raw` (perhaps half a request); the stream stays open.
+fn send_raw(port: u16, raw: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(raw).unwrap();
+    c
+}
+
+/// Read one response head (and what came with it) within `limit`.
+fn read_head(c: &mut std::net::TcpStream, limit: Duration) -> String {
+    use std::io::Read;
+    c.set_read_timeout(Some(limit)).unwrap();
+    let mut got = vec![];
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).to_string()
+}
+
+/// SIGTERM with a request running and two queued, while a client stalls half-way through a
+/// request head, another half-way through a body, and a third holds an idle keep-alive
+/// connection: the process still exits within --drain-s + 1 s, the running request answered
+/// 200 and the others 503 in OpenAI's shape. A declared 10 GB body is refused with 413 before
+/// a byte of it is read.
+#[test]
+fn no_client_holds_the_drain_past_its_deadline() {
+    let mut s = start_env(
+        &["--drain-s", "2", "--max-delay-ms", "0", "--max-queue", "8"],
+        &[("STAR_SERVE_SCALE_DELAY_MS", "400")],
+    );
+    let port = s.port;
+    let mut huge = send_raw(
+        port,
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n",
+    );
+    let head = read_head(&mut huge, Duration::from_secs(5));
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+
+    let requests: Vec<_> = (0..3)
+        .map(|i| {
+            let body = format!(r#"{{"prompt": "a red circle on a blue background", "seed": {i}}}"#);
+            let h = std::thread::spawn(move || http(port, "POST", "/v1/images/generations", &body));
+            // In order: the first runs, the others queue behind it.
+            std::thread::sleep(Duration::from_millis(100));
+            h
+        })
+        .collect();
+    let _half_head = send_raw(
+        port,
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Le",
+    );
+    let _half_body = send_raw(
+        port,
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 1015\r\n\r\n{\"prompt\": \"x\"",
+    );
+    let mut idle = send_raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(read_head(&mut idle, Duration::from_secs(5)).starts_with("HTTP/1.1 200"));
+
+    let t = Instant::now();
+    terminate(&s);
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(3),
+        "exit took {took:?} with --drain-s 2"
+    );
+    let answers: Vec<_> = requests.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        answers[0].0,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answers[0].2)
+    );
+    for (st, _, b) in &answers[1..] {
+        assert_eq!(*st, 503, "{}", String::from_utf8_lossy(b));
+        assert!(json(b)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"));
+    }
+    let err = stderr_of(&mut s);
+    assert!(err.contains("--drain-s passed"), "{err}");
+}
+
+/// Parse Server-Sent Events: (id, event, data) of each.
+fn sse(text: &str) -> Vec<(u64, String, serde_json::Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let field = |k: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+            };
+            Some((
+                field("id:")?.parse().ok()?,
+                field("event:")?,
+                serde_json::from_str(&field("data:")?).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// A job's progress (scale k of n, tokens done of total, elapsed time) in its JSON; a
+/// subscriber that joins after two scales first gets the events it missed, with ids from 1; one
+/// that reconnects with Last-Event-ID gets what follows that id. Previews (partial_images) are
+/// PNGs of the model's size.
+#[test]
+fn late_subscribers_and_reconnects_get_the_events_they_missed() {
+    let s = start_env(
+        &["--max-delay-ms", "0"],
+        &[("STAR_SERVE_SCALE_DELAY_MS", "300")],
+    );
+    let port = s.port;
+    let (st, _, b) = http(
+        port,
+        "POST",
+        "/star/v1/jobs",
+        r#"{"prompt": "a red circle on a blue background", "seed": 4, "partial_images": 2}"#,
+    );
+    assert_eq!(st, 202);
+    let id = json(&b)["id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    let progress = loop {
+        let v = json(&http(port, "GET", &format!("/star/v1/jobs/{id}"), "").2);
+        if v["progress"]["scale"].as_u64().unwrap() >= 2 {
+            break v["progress"].clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{v}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The demo's sides are 1, 2, 3, 4: 30 tokens.
+    assert_eq!(progress["scales"], 4);
+    assert_eq!(progress["tokens_total"], 30);
+    assert!(progress["tokens_done"].as_u64().unwrap() >= 5, "{progress}");
+    assert!(progress["elapsed_s"].as_f64().unwrap() > 0.0, "{progress}");
+
+    let (_, _, body) = http(port, "GET", &format!("/star/v1/jobs/{id}/events"), "");
+    let events = sse(&String::from_utf8(body).unwrap());
+    let ids: Vec<u64> = events.iter().map(|e| e.0).collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "{events:?}"
+    );
+    let kinds: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    let count = |k: &str| kinds.iter().filter(|x| **x == k).count();
+    assert_eq!(kinds.first(), Some(&"status"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"completed"), "{kinds:?}");
+    assert_eq!(
+        (count("scale"), count("partial_image")),
+        (4, 2),
+        "{kinds:?}"
+    );
+    // A preview follows its scale, and never the last one.
+    for (i, k) in kinds.iter().enumerate() {
+        if *k == "partial_image" {
+            assert_eq!(kinds[i - 1], "scale", "{kinds:?}");
+            assert!(events[i - 1].2["scale"].as_u64().unwrap() < 3, "{kinds:?}");
+        }
+    }
+    for (_, kind, data) in &events {
+        if kind == "partial_image" {
+            let png = base64::engine::general_purpose::STANDARD
+                .decode(data["b64_json"].as_str().unwrap())
+                .unwrap();
+            assert_eq!(&png[16..24], &[0, 0, 0, 64, 0, 0, 0, 64]);
+        }
+    }
+    // Reconnecting after event 3: events 4.. only (the job has ended: without its previews).
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        c,
+        "GET /star/v1/jobs/{id}/events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 3\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    c.read_to_string(&mut raw).unwrap();
+    let again = sse(&raw);
+    let kept: Vec<u64> = events
+        .iter()
+        .filter(|e| e.0 > 3 && e.1 != "partial_image")
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(again.iter().map(|e| e.0).collect::<Vec<_>>(), kept, "{raw}");
+    assert_eq!(
+        again.last().map(|e| e.1.as_str()),
+        Some("completed"),
+        "{raw}"
+    );
+}
+
+/// Whether the server closed the connection within `limit` (EOF, or a reset).
+fn closed_within(c: &mut std::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use std::io::Read;
+    let t = Instant::now();
+    c.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return Some(t.elapsed()),
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return None
+            }
+            Err(_) => return Some(t.elapsed()),
+        }
+    }
+}
+
+/// The three timers: a head that stalls is dropped after --header-timeout-s, an idle keep-alive
+/// connection after --keep-alive-s, and a body that stalls is answered 408 (OpenAI's shape)
+/// after --body-timeout-s; a slow but moving client is not cut off by the idle timer.
+#[test]
+fn stalled_heads_idle_connections_and_slow_bodies_time_out() {
+    let s = start(&[
+        "--header-timeout-s",
+        "1",
+        "--keep-alive-s",
+        "2",
+        "--body-timeout-s",
+        "1",
+    ]);
+    let port = s.port;
+    let mut half = send_raw(port, b"GET /health HTTP/1.1\r\nHo");
+    let took = closed_within(&mut half, Duration::from_secs(5)).expect("a stalled head was kept");
+    assert!(took >= Duration::from_millis(800), "{took:?}");
+
+    let mut idle = send_raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(read_head(&mut idle, Duration::from_secs(5)).starts_with("HTTP/1.1 200"));
+    // Within the keep-alive window the connection still serves.
+    std::thread::sleep(Duration::from_millis(1200));
+    use std::io::Write;
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_head(&mut idle, Duration::from_secs(5)).starts_with("HTTP/1.1 200"));
+    let took =
+        closed_within(&mut idle, Duration::from_secs(6)).expect("an idle connection was kept");
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+
+    let mut slow = send_raw(
+        port,
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 1015\r\n\r\n{\"prompt\": \"x\"",
+    );
+    use std::io::Read;
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut raw = vec![];
+    let _ = slow.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 408"), "{raw}");
+    assert!(raw.contains("\"type\":\"timeout_error\""), "{raw}");
 }

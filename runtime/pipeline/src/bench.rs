@@ -1,12 +1,22 @@
 //! `star-run bench`: warm-up, repeated generations, per-stage median / p90 / min, a human table and
 //! JSON beside it.
 
-use crate::pipeline::{GenParams, NoHooks, Pipeline, Result};
+use crate::pipeline::{GenParams, Hooks, NoHooks, Pipeline, Result};
 use std::collections::BTreeMap;
 
 pub struct BenchResult {
     pub table: String,
     pub json: serde_json::Value,
+}
+
+/// Each scale's wall time (the last generation's).
+struct ScaleTimes(Vec<f64>);
+
+impl Hooks for ScaleTimes {
+    fn scale_done(&mut self, si: usize, _pn: usize, ms: f64, _wait: f64) {
+        self.0.resize(self.0.len().max(si + 1), 0.0);
+        self.0[si] = ms;
+    }
 }
 
 fn stats(v: &mut [f64]) -> (f64, f64, f64, f64, f64) {
@@ -40,15 +50,28 @@ pub fn bench(
     warmup: usize,
     runs: usize,
     threads: usize,
+    partial_images: usize,
 ) -> Result<BenchResult> {
     if let Some(m) = p.md.memory_policy() {
         m.load_all()?;
     }
     let prompts = vec![prompt.to_string()];
-    for _ in 0..warmup {
+    let mut scales = ScaleTimes(vec![]);
+    for _ in 0..warmup.max(usize::from(partial_images > 0)) {
         p.timings.clear();
-        p.generate(&prompts, "", params, &mut NoHooks)?;
+        p.generate(&prompts, "", params, &mut scales)?;
     }
+    // Previews where the server would put them: from the warm-up's scale times.
+    let previewed;
+    let params = if partial_images > 0 {
+        previewed = GenParams {
+            previews: crate::preview::preview_scales(&scales.0, partial_images),
+            ..params.clone()
+        };
+        &previewed
+    } else {
+        params
+    };
     let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut overhead = vec![];
     let mut transfers = star_engines::values::Transfers::default();
@@ -103,6 +126,12 @@ pub fn bench(
     }
     let (oh_med, ..) = stats(&mut overhead.clone());
     table.push_str(&format!("runtime overhead (end to end minus ONNX Runtime calls): median {oh_med:.2}% of end to end\n"));
+    if !params.previews.is_empty() {
+        table.push_str(&format!(
+            "previews: after scales {:?} (partial_images {partial_images}); \"preview\" is their decoder time per generation\n",
+            params.previews
+        ));
+    }
     let t = &transfers.total;
     table.push_str(&format!(
         "transfers per generation: host -> engine {} B, engine -> host {} B, {} copies\n",
@@ -111,7 +140,7 @@ pub fn bench(
     let json = serde_json::json!({
         "machine": machine(), "backend": p.md.opts.name, "threads": threads, "precision": m.precision,
         "model_hash": m.model_hash, "kv_cache": !params.recompute_past, "warmup": warmup, "runs": runs, "stages": rows, "runtime_overhead_pct_median": oh_med, "device": device,
-        "transfers": transfers,
+        "transfers": transfers, "previews": params.previews,
     });
     Ok(BenchResult { table, json })
 }

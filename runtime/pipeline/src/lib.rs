@@ -10,6 +10,7 @@ pub mod image;
 pub mod memory;
 pub mod observe;
 pub mod pipeline;
+pub mod preview;
 pub mod replay;
 pub mod rng;
 pub mod sampler;

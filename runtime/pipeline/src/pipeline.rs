@@ -70,6 +70,9 @@ pub struct GenParams {
     pub recompute_past: bool,
     /// Per-image seeds (a server batch of several requests); empty: image i uses seed + i.
     pub image_seeds: Vec<u64>,
+    /// Scales after which the decoder's image of f̂ so far goes to `Hooks::preview` (progressive
+    /// previews, `crate::preview`); the last scale never is one.
+    pub previews: Vec<usize>,
 }
 
 impl GenParams {
@@ -84,6 +87,7 @@ impl GenParams {
             stable_sampling: true,
             recompute_past: false,
             image_seeds: vec![],
+            previews: vec![],
         }
     }
 
@@ -126,6 +130,9 @@ pub trait Hooks {
     /// A scale finished: its wall time, and how much of it went to creating sessions or
     /// waiting for the background thread that creates them.
     fn scale_done(&mut self, _si: usize, _pn: usize, _ms: f64, _session_wait_ms: f64) {}
+    /// A preview after scale `si` (`GenParams::previews`): the decoder's image (B, 3, H, W) in
+    /// [0, 1] of f̂ so far.
+    fn preview(&mut self, _si: usize, _image: &Tensor) {}
     /// Asked before every scale: true stops the generation with `RunError::Cancelled` (a
     /// server's cancelled or timed-out request frees the model between scales).
     fn cancelled(&self) -> bool {
@@ -414,6 +421,10 @@ impl Pipeline {
                 return Err(RunError::Cancelled);
             }
             self.scale(si, b, &mut st, p, hooks)?;
+            if si + 1 < self.md.manifest.schedule.patch_nums.len() && p.previews.contains(&si) {
+                let image = self.preview(b, st.f_hat)?;
+                hooks.preview(si, &image);
+            }
         }
         let image = self.decode(b, st.f_hat, hooks)?;
         self.timings
@@ -776,6 +787,17 @@ impl Pipeline {
         self.observe_slot(hooks, Obs::ImageRaw, Stage::Decoder, Slot::ImageRaw)?;
         observe(hooks, Obs::Image, || image.clone());
         Ok(image)
+    }
+
+    /// The decoder's image of f̂ so far, timed apart from the final decode ("preview").
+    fn preview(&mut self, b: usize, f_hat: u8) -> Result<Tensor> {
+        let binds = [
+            (io::F_HAT, Slot::FHat(f_hat)),
+            (io::IMAGE_RAW, Slot::ImageRaw),
+            (io::IMAGE, Slot::Image),
+        ];
+        self.run("preview", Stage::Decoder, None, b, &binds)?;
+        Ok(self.md.get(Stage::Decoder, Slot::Image)?)
     }
 
     /// Rebuild the cache of the earlier scales by running their steps again (`past_x` holds

@@ -131,6 +131,7 @@ pub fn replay_record(p: &mut Pipeline, rec: &Record, isolate: bool) -> Result<Re
         stable_sampling: call["w_mask"].as_bool().unwrap_or(true),
         recompute_past: false,
         image_seeds: vec![],
+        previews: vec![],
     };
     let precision = p.md.manifest.precision;
     let tol = tolerance(precision);

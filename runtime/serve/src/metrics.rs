@@ -52,8 +52,10 @@ impl Histogram {
 
 #[derive(Default)]
 pub(crate) struct Metrics {
+    /// Responses by (route template, status).
     pub(crate) requests: BTreeMap<(String, u16), u64>,
-    pub(crate) duration: Histogram,
+    /// Response time (to the head; a stream's events come after) by (route, status class).
+    pub(crate) duration: BTreeMap<(String, String), Histogram>,
     pub(crate) queue_wait: Histogram,
     pub(crate) batch: Histogram,
     pub(crate) scale: BTreeMap<usize, Histogram>,

@@ -5,6 +5,13 @@ use crate::admission::MemoryModel;
 use serde_json::Value;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The encoding of a request's images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Output {
+    Png,
+    Rgb,
+}
+
 /// What a request asks the model for, validated.
 #[derive(Clone, Debug)]
 pub(crate) struct GenRequest {
@@ -16,6 +23,9 @@ pub(crate) struct GenRequest {
     pub(crate) top_k: Option<usize>,
     pub(crate) top_p: Option<f64>,
     pub(crate) stable_sampling: bool,
+    /// Progressive previews wanted (`partial_images`, with `stream` or a job).
+    pub(crate) partial_images: u32,
+    pub(crate) output: Output,
 }
 
 /// A refused field: (message, param).
@@ -28,6 +38,8 @@ impl GenRequest {
             && self.top_k == other.top_k
             && self.top_p == other.top_p
             && self.stable_sampling == other.stable_sampling
+            // Previews are decoded for the whole batch: only requests asking the same share.
+            && self.partial_images == other.partial_images
     }
 }
 
@@ -73,23 +85,10 @@ pub(crate) fn parse_request(
     let obj = v
         .as_object()
         .ok_or_else(|| fe("the body must be a JSON object".into(), "body"))?;
-    const KNOWN: &[&str] = &[
-        "prompt",
-        "n",
-        "size",
-        "response_format",
-        "output_format",
-        "model",
-        "user",
-        "seed",
-        "negative_prompt",
-        "cfg_scale",
-        "top_k",
-        "top_p",
-        "stable_sampling",
-        "stream",
-    ];
-    if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !crate::api::IMAGES_REQUEST_FIELDS.contains(&k.as_str()))
+    {
         return Err(fe(format!("unknown field '{k}'"), k));
     }
     let prompt = match obj.get("prompt") {
@@ -121,13 +120,17 @@ pub(crate) fn parse_request(
             ));
         }
     }
-    if let Some(s) = obj.get("size") {
-        if s.as_str() != Some(state.size) {
-            return Err(fe(
-                format!("size {s} is not supported: this model makes {}", state.size),
-                "size",
-            ));
-        }
+    check_choice(obj, "size", &["auto", state.size], "this model makes only")?;
+    check_choice(obj, "quality", &["auto"], "this model has one quality:")?;
+    check_choice(obj, "background", &["auto", "opaque"], "images are RGB:")?;
+    check_choice(
+        obj,
+        "moderation",
+        &["auto", "low"],
+        "this server does not moderate:",
+    )?;
+    for k in ["user", "safety_identifier"] {
+        optional(obj, k, |v| v.as_str().map(str::to_string), "a string")?;
     }
     match obj.get("response_format").map(|v| v.as_str()) {
         None | Some(Some("b64_json")) => {}
@@ -194,6 +197,17 @@ pub(crate) fn parse_request(
         }
     }
     let stream = optional(obj, "stream", Value::as_bool, "a boolean")?.unwrap_or(false);
+    if stream && n > 1 {
+        // OpenAI's stream events carry no image index: one image per streamed request.
+        return Err(fe("n must be 1 with stream: true".into(), "n"));
+    }
+    let partial_images = uint("partial_images")?.unwrap_or(0);
+    if partial_images > 3 {
+        return Err(fe(
+            "partial_images must be between 0 and 3".into(),
+            "partial_images",
+        ));
+    }
     let stable_sampling = match obj.get("stable_sampling") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
@@ -214,7 +228,33 @@ pub(crate) fn parse_request(
             top_k,
             top_p,
             stable_sampling,
+            partial_images: partial_images as u32,
+            output: Output::Png,
         },
         stream,
     ))
+}
+
+/// A string field that must be one of `allowed` (absent or null: the first).
+fn check_choice(
+    obj: &serde_json::Map<String, Value>,
+    k: &str,
+    allowed: &[&str],
+    why: &str,
+) -> Result<(), FieldError> {
+    match obj.get(k) {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(v)) if allowed.contains(&v.as_str()) => Ok(()),
+        Some(v) => Err(fe(
+            format!(
+                "{k} {v} is not supported: {why} {}",
+                allowed
+                    .iter()
+                    .map(|a| format!("'{a}'"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+            k,
+        )),
+    }
 }

@@ -1,12 +1,21 @@
 //! What the HTTP handlers and the model worker share.
 
 use crate::admission::MemoryModel;
-use crate::jobs::{Job, JobTable, Tracked, TrackedState, JOBS_KEPT, TERMINAL};
-use crate::metrics::Metrics;
+use crate::api::Progress;
+use crate::jobs::{Job, JobTable, Tracked, JOBS_KEPT};
+use crate::metrics::{Metrics, SECONDS_BUCKETS};
 use axum::http::StatusCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The request body's limits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BodyLimits {
+    pub(crate) max_bytes: usize,
+    /// From the end of the head to the body's last byte.
+    pub(crate) timeout: Duration,
+}
 
 pub(crate) struct AppState {
     pub(crate) model_name: String,
@@ -28,6 +37,12 @@ pub(crate) struct AppState {
     /// Test aid: STAR_SERVE_SCALE_DELAY_MS=N sleeps N ms after each scale of a request (not the
     /// warm-up), so that tests can act on a request that is reliably running.
     pub(crate) scale_delay: Option<Duration>,
+    pub(crate) body_limits: BodyLimits,
+    /// True once the drain's deadline has passed: waiting handlers answer 503 at once, the
+    /// worker answers what is queued and stops the running batch at its next scale.
+    pub(crate) stop: tokio::sync::watch::Sender<bool>,
+    /// Each scale's wall time in the last run (previews are placed by it).
+    pub(crate) scale_ms: Mutex<Vec<f64>>,
 }
 
 impl AppState {
@@ -42,25 +57,21 @@ impl AppState {
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
         let id = format!("job-{:06}-{nanos:08x}", t.next);
-        let (events, _) = tokio::sync::broadcast::channel(256);
-        let tr = Arc::new(Tracked {
-            id: id.clone(),
-            seq: t.next,
-            cancel: AtomicBool::new(false),
-            events,
-            state: Mutex::new(TrackedState {
-                status: "queued",
-                outcome: None,
-            }),
-        });
+        let sides = &self.manifest.schedule.patch_nums;
+        let progress = Progress {
+            scales: sides.len() as u32,
+            tokens_total: sides.iter().map(|s| (s * s) as u64).sum(),
+            ..Progress::default()
+        };
+        let tr = Arc::new(Tracked::new(id.clone(), t.next, progress));
         t.by_id.insert(id.clone(), tr.clone());
         t.order.push_back(id);
         while t.order.len() > JOBS_KEPT {
-            let Some(pos) = t.order.iter().position(|i| {
-                t.by_id
-                    .get(i)
-                    .is_none_or(|j| TERMINAL.contains(&j.status()))
-            }) else {
+            let Some(pos) = t
+                .order
+                .iter()
+                .position(|i| t.by_id.get(i).is_none_or(|j| j.status().terminal()))
+            else {
                 break;
             };
             if let Some(old) = t.order.remove(pos) {
@@ -77,7 +88,7 @@ impl AppState {
         self.table()
             .by_id
             .values()
-            .filter(|j| j.seq < tr.seq && j.status() == "queued")
+            .filter(|j| j.seq < tr.seq && j.status() == crate::api::JobStatus::Queued)
             .count()
     }
     /// What a request is checked against.
@@ -97,12 +108,20 @@ impl AppState {
     pub(crate) fn metrics(&self) -> std::sync::MutexGuard<'_, Metrics> {
         self.metrics.lock().unwrap_or_else(|e| e.into_inner())
     }
-    pub(crate) fn count(&self, route: &str, status: StatusCode) {
-        *self
-            .metrics()
-            .requests
+    /// A response: counted by route and status, timed by route and status class.
+    pub(crate) fn observe(&self, route: &str, status: StatusCode, took: Duration) {
+        let mut m = self.metrics();
+        *m.requests
             .entry((route.to_string(), status.as_u16()))
             .or_default() += 1;
+        let class = format!("{}xx", status.as_u16() / 100);
+        m.duration
+            .entry((route.to_string(), class))
+            .or_default()
+            .observe(SECONDS_BUCKETS, took.as_secs_f64());
+    }
+    pub(crate) fn stopping(&self) -> bool {
+        *self.stop.borrow()
     }
     pub(crate) fn reject(&self, reason: &str) {
         *self.metrics().rejected.entry(reason.into()).or_default() += 1;

@@ -38,7 +38,7 @@ pub(crate) fn worker(
     // Every run allocates its KV cache and gives it back after its last step: a run's peak is
     // then the same whatever ran before it (MemoryModel), and an idle server holds no cache.
     p.kv_release_bytes = 0;
-    warm_up(&mut p);
+    warm_up(&mut p, &state);
     let most = state.max_images.max(max_batch);
     if let Some(m) = measure_memory(&mut p, most.min(2), max_memory) {
         *state.memory.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
@@ -55,6 +55,12 @@ pub(crate) fn worker(
         else {
             return;
         };
+        if state.stopping() {
+            for j in batch {
+                let _ = j.reply.send(Err(JobError::Draining));
+            }
+            continue;
+        }
         let Some(batch) = admit(&state, &mut batcher, batch) else {
             continue;
         };
@@ -63,19 +69,23 @@ pub(crate) fn worker(
     }
 }
 
-/// One generation before readiness: sessions created, pages touched. A model that cannot
-/// generate never becomes ready: the process exits with the error.
-fn warm_up(p: &mut Pipeline) {
+/// One generation before readiness: sessions created, pages touched, each scale timed (where
+/// previews go until a request's run times them again). A model that cannot generate never
+/// becomes ready: the process exits with the error.
+fn warm_up(p: &mut Pipeline, state: &AppState) {
+    struct ScaleTimes(Vec<f64>);
+    impl star_pipeline::pipeline::Hooks for ScaleTimes {
+        fn scale_done(&mut self, _si: usize, _pn: usize, ms: f64, _wait: f64) {
+            self.0.push(ms);
+        }
+    }
     let gp = GenParams::defaults(p, 0);
-    if let Err(e) = p.generate(
-        &["warm-up".to_string()],
-        "",
-        &gp,
-        &mut star_pipeline::pipeline::NoHooks,
-    ) {
+    let mut times = ScaleTimes(vec![]);
+    if let Err(e) = p.generate(&["warm-up".to_string()], "", &gp, &mut times) {
         eprintln!("error: warm-up generation failed: {e}");
         std::process::exit(2);
     }
+    *state.scale_ms.lock().unwrap_or_else(|e| e.into_inner()) = times.0;
 }
 
 /// The memory model from a calibration generation (see `MemoryModel`); None where the system
@@ -139,6 +149,11 @@ fn receive(jobs: &mpsc::Receiver<Job>, state: &AppState, wait: Option<Duration>)
         .metrics()
         .queue_wait
         .observe(SECONDS_BUCKETS, j.enqueued.elapsed().as_secs_f64());
+    if state.stopping() {
+        // The drain's deadline passed: what is still queued is answered, not run.
+        let _ = j.reply.send(Err(JobError::Draining));
+        return Recv::Skipped;
+    }
     if !abandoned(&j) {
         return Recv::Job(j);
     }
@@ -174,7 +189,7 @@ fn admit(state: &AppState, batcher: &mut Batcher<Job>, mut batch: Vec<Job>) -> O
 /// Run a batch; where memory is admitted, learn from its peak (see `MemoryModel::learn`).
 fn run_and_learn(p: &mut Pipeline, state: &AppState, batch: &[Job]) -> Vec<JobResult> {
     for t in batch.iter().filter_map(|j| j.tracked.as_ref()) {
-        t.set("running", None);
+        t.set(crate::api::JobStatus::Running, None);
     }
     state.running.store(batch.len(), Ordering::SeqCst);
     // The peak is restarted from the resident size now: a run that does not grow the process
