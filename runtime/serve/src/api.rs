@@ -125,33 +125,34 @@ pub(crate) struct ImagesResponse {
     pub(crate) usage: Usage,
 }
 
-/// The last event of `stream: true`: the same image bytes as the response without `stream`.
+/// What every image event of `stream: true` carries.
 #[derive(Serialize, Deserialize, ToSchema)]
-pub(crate) struct CompletedEvent {
-    /// `image_generation.completed`
+pub(crate) struct ImageEvent {
+    /// `image_generation.partial_image` or `image_generation.completed`
     #[serde(rename = "type")]
     pub(crate) kind: String,
     pub(crate) b64_json: String,
     pub(crate) created_at: u64,
     pub(crate) size: String,
+    /// `auto`: the model has one quality.
     pub(crate) quality: String,
     pub(crate) background: String,
     pub(crate) output_format: String,
+}
+
+/// The last event of `stream: true`: the same image bytes as the response without `stream`.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub(crate) struct CompletedEvent {
+    #[serde(flatten)]
+    pub(crate) image: ImageEvent,
     pub(crate) usage: Usage,
 }
 
 /// A progressive preview of `stream: true`: the decoder's image of the scales drawn so far.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub(crate) struct PartialImageEvent {
-    /// `image_generation.partial_image`
-    #[serde(rename = "type")]
-    pub(crate) kind: String,
-    pub(crate) b64_json: String,
-    pub(crate) created_at: u64,
-    pub(crate) size: String,
-    pub(crate) quality: String,
-    pub(crate) background: String,
-    pub(crate) output_format: String,
+    #[serde(flatten)]
+    pub(crate) image: ImageEvent,
     /// 0-based, in order.
     pub(crate) partial_image_index: u32,
 }

@@ -3,7 +3,7 @@
 //! `image_generation.completed`), `GET /v1/models` and `GET /v1/models/{id}`.
 
 use crate::api::{
-    CompletedEvent, ImagesRequest, ImagesResponse, Model, ModelList, OpenAiError,
+    CompletedEvent, ImageEvent, ImagesRequest, ImagesResponse, Model, ModelList, OpenAiError,
     PartialImageEvent, SseEvent,
 };
 use crate::errors::ApiError;
@@ -52,16 +52,17 @@ async fn generate(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError>
     Ok(axum::Json(crate::submit::images_response(st, &finished)).into_response())
 }
 
-/// The fields every image event repeats.
-fn event_common(st: &AppState, b64: String) -> (String, u64, String, String, String, String) {
-    (
-        b64,
-        now_s(),
-        st.size.clone(),
-        "auto".into(),
-        "opaque".into(),
-        "png".into(),
-    )
+/// An image event's common fields.
+fn image_event(st: &AppState, kind: &str, b64_json: String) -> ImageEvent {
+    ImageEvent {
+        kind: kind.into(),
+        b64_json,
+        created_at: now_s(),
+        size: st.size.clone(),
+        quality: "auto".into(),
+        background: "opaque".into(),
+        output_format: "png".into(),
+    }
 }
 
 /// A job's events as OpenAI's: previews, then the completed image or an error. No `id:` lines:
@@ -76,41 +77,26 @@ fn openai_event(
     let ev = |name: &str, v: Value| Some(Event::default().event(name).data(v.to_string()));
     match (kind, outcome) {
         (EventKind::PartialImage, _) => {
-            let (b64_json, created_at, size, quality, background, output_format) = event_common(
-                st,
-                data["b64_json"].as_str().unwrap_or_default().to_string(),
-            );
+            const KIND: &str = "image_generation.partial_image";
+            let b64 = data["b64_json"].as_str().unwrap_or_default().to_string();
             let e = PartialImageEvent {
-                kind: "image_generation.partial_image".into(),
-                b64_json,
-                created_at,
-                size,
-                quality,
-                background,
-                output_format,
+                image: image_event(st, KIND, b64),
                 partial_image_index: data["partial_image_index"].as_u64().unwrap_or(0) as u32,
             };
-            ev("image_generation.partial_image", json!(e))
+            ev(KIND, json!(e))
         }
         (EventKind::Completed, Some(Outcome::Completed(r))) => {
+            const KIND: &str = "image_generation.completed";
             let b64 = r
                 .data
                 .first()
                 .map(|d| d.b64_json.clone())
                 .unwrap_or_default();
-            let (b64_json, created_at, size, quality, background, output_format) =
-                event_common(st, b64);
             let e = CompletedEvent {
-                kind: "image_generation.completed".into(),
-                b64_json,
-                created_at,
-                size,
-                quality,
-                background,
-                output_format,
+                image: image_event(st, KIND, b64),
                 usage: r.usage,
             };
-            ev("image_generation.completed", json!(e))
+            ev(KIND, json!(e))
         }
         (EventKind::Failed | EventKind::Cancelled, Some(Outcome::Error(e))) => {
             // The SDK raises an APIError for data with an "error" object.
