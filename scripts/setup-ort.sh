@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs ONNX Runtime's C library (shipped inside the PyPI onnxruntime wheel) and Python `onnx`
 # (used by the graph checks) into ./.venv, where star-export and star-run find it without
-# ORT_DYLIB_PATH; and the clients the serve tests drive (the official `openai` SDK,
-# `tritonclient[http]`, schemathesis), pinned. Idempotent.
+# ORT_DYLIB_PATH; and, pinned, the clients the serve tests drive (the official `openai` SDK,
+# `tritonclient[http]`, schemathesis) and the deployment checks' validators. Idempotent.
 #
 #   --gpu   instead: the GPU build (onnxruntime-gpu, CUDA 13) with the CUDA 13 runtime, cuBLAS,
 #           cuDNN 9, cuFFT, cuRAND and NVRTC wheels into ./.venv-gpu (the CPU and GPU wheels
@@ -45,8 +45,11 @@ fi
 if ! .venv/bin/python -c "import onnxruntime, onnx" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "onnxruntime==$ORT_VERSION" "onnx==1.23.*"
 fi
-# The clients `star-run serve` is tested with (runtime/tests/clients.rs), at the versions tested.
-if ! .venv/bin/python -c "import openai, tritonclient.http, schemathesis" 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check "openai==3.63.0" "tritonclient[http]==2.73.0" "schemathesis==4.32.5"
+# The clients `star-run serve` is tested with (runtime/tests/clients.rs), at the versions tested,
+# and the deployment checks' schema validators (deploy/checks/validate_manifests.py: Kubernetes
+# schemas bundled, KEDA's CRD models).
+if ! .venv/bin/python -c "import openai, tritonclient.http, schemathesis, kubernetes_validate, cloudcoil.models.keda" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check "openai==3.63.0" "tritonclient[http]==2.73.0" "schemathesis==4.32.5" \
+    "kubernetes-validate==1.37.0" "cloudcoil==0.6.0" "cloudcoil-models-keda==2.16.1.0"
 fi
 ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* >/dev/null
