@@ -2,7 +2,8 @@
 # Installs ONNX Runtime's C library (shipped inside the PyPI onnxruntime wheel) and Python `onnx`
 # (used by the graph checks) into ./.venv, where star-export and star-run find it without
 # ORT_DYLIB_PATH; and, pinned, the clients the serve tests drive (the official `openai` SDK,
-# `tritonclient[http]`, schemathesis) and the deployment checks' validators. Idempotent.
+# `tritonclient[http]`, schemathesis), the deployment checks' validators and Ray Serve
+# (deploy/ray). Idempotent.
 #
 #   --gpu   instead: the GPU build (onnxruntime-gpu, CUDA 13) with the CUDA 13 runtime, cuBLAS,
 #           cuDNN 9, cuFFT, cuRAND and NVRTC wheels into ./.venv-gpu (the CPU and GPU wheels
@@ -51,5 +52,10 @@ fi
 if ! .venv/bin/python -c "import openai, tritonclient.http, schemathesis, kubernetes_validate, cloudcoil.models.keda" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "openai==3.63.0" "tritonclient[http]==2.73.0" "schemathesis==4.32.5" \
     "kubernetes-validate==1.37.0" "cloudcoil==0.6.0" "cloudcoil-models-keda==2.16.1.0"
+fi
+# Ray Serve, for the scale-out in deploy/ray and its multi-node tests, pinned with everything it
+# resolves to.
+if ! .venv/bin/python -c "import ray.serve, aiohttp, starlette, pytest, requests, yaml" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check -r deploy/ray/requirements.txt -c deploy/ray/constraints.txt
 fi
 ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* >/dev/null
