@@ -582,8 +582,9 @@ fn generate(a: GenArgs) -> anyhow::Result<ExitCode> {
     }
     let t = std::time::Instant::now();
     let mut prog = Progress { quiet: a.quiet };
-    let Generated { image, truncated } =
-        p.generate(&prompts, &a.negative_prompt, &gp, &mut prog)?;
+    let Generated {
+        image, truncated, ..
+    } = p.generate(&prompts, &a.negative_prompt, &gp, &mut prog)?;
     for (i, tr) in truncated.iter().enumerate() {
         if *tr {
             eprintln!("warning: prompt {i} is longer than 75 CLIP tokens and was truncated");

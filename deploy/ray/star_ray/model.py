@@ -138,6 +138,12 @@ class StarModel:
         state = "alive" if self.child.alive else f"exited with status {self.child.returncode}"
         return ChildUnavailable(f"star-run serve ({state}) failed {what}: {e!r}")
 
+    def _url(self, path: str, query: str) -> str:
+        """The child's URL for a request; a child that is gone is an error the ingress retries."""
+        if not self.child.alive:
+            raise ChildUnavailable("star-run serve is not running in this replica")
+        return self.child.base_url + path + (f"?{query}" if query else "")
+
     async def forward(
         self,
         method: str,
@@ -147,9 +153,7 @@ class StarModel:
         body: bytes,
     ) -> Tuple[int, Dict[str, str], bytes]:
         """One request to the child; its whole answer (status, headers, body)."""
-        if not self.child.alive:
-            raise ChildUnavailable("star-run serve is not running in this replica")
-        url = self.child.base_url + path + (f"?{query}" if query else "")
+        url = self._url(path, query)
         try:
             async with self._client().request(
                 method, url, data=body or None, headers=_pick(headers, FORWARD_REQUEST_HEADERS)
@@ -170,9 +174,7 @@ class StarModel:
         """A streamed request: yields the head ({"status", "headers"}) first, then the body.
         An event stream is yielded one whole Server-Sent Event at a time (so that the ingress
         can end a broken stream with a well-formed error event); anything else in one piece."""
-        if not self.child.alive:
-            raise ChildUnavailable("star-run serve is not running in this replica")
-        url = self.child.base_url + path + (f"?{query}" if query else "")
+        url = self._url(path, query)
         try:
             async with self._client().request(
                 method, url, data=body or None, headers=_pick(headers, FORWARD_REQUEST_HEADERS)

@@ -1,22 +1,13 @@
 //! `star-run bench`: warm-up, repeated generations, per-stage median / p90 / min, a human table and
 //! JSON beside it.
 
-use crate::pipeline::{GenParams, Hooks, NoHooks, Pipeline, Result};
+use crate::pipeline::{GenParams, NoHooks, Pipeline, Result};
+use crate::preview::ScaleTimes;
 use std::collections::BTreeMap;
 
 pub struct BenchResult {
     pub table: String,
     pub json: serde_json::Value,
-}
-
-/// Each scale's wall time (the last generation's).
-struct ScaleTimes(Vec<f64>);
-
-impl Hooks for ScaleTimes {
-    fn scale_done(&mut self, si: usize, _pn: usize, ms: f64, _wait: f64) {
-        self.0.resize(self.0.len().max(si + 1), 0.0);
-        self.0[si] = ms;
-    }
 }
 
 fn stats(v: &mut [f64]) -> (f64, f64, f64, f64, f64) {
@@ -56,7 +47,7 @@ pub fn bench(
         m.load_all()?;
     }
     let prompts = vec![prompt.to_string()];
-    let mut scales = ScaleTimes(vec![]);
+    let mut scales = ScaleTimes::default();
     for _ in 0..warmup.max(usize::from(partial_images > 0)) {
         p.timings.clear();
         p.generate(&prompts, "", params, &mut scales)?;

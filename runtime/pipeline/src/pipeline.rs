@@ -204,6 +204,8 @@ pub struct Generated {
     /// (B, 3, H, W) in [0, 1].
     pub image: Tensor,
     pub truncated: Vec<bool>,
+    /// Each prompt's CLIP tokens, BOS and EOS included (a server's usage).
+    pub prompt_tokens: Vec<usize>,
 }
 
 fn t_f32(shape: Vec<usize>, v: Vec<f32>) -> Tensor {
@@ -394,7 +396,7 @@ impl Pipeline {
         self.md.reserve(b, USES)?;
         self.timings
             .add("values_alloc", t_alloc.elapsed().as_secs_f64() * 1e3, false);
-        let truncated = self.encode_text(prompts, negative, hooks)?;
+        let (truncated, prompt_tokens) = self.encode_text(prompts, negative, hooks)?;
         if self.one_shot {
             // d30: 1.6 GB of packed text weights that no later stage reads.
             self.release_stages(&[Stage::TextEncoder, Stage::TextKv]);
@@ -429,7 +431,11 @@ impl Pipeline {
         let image = self.decode(b, st.f_hat, hooks)?;
         self.timings
             .add("end_to_end", t_all.elapsed().as_secs_f64() * 1e3, false);
-        Ok(Generated { image, truncated })
+        Ok(Generated {
+            image,
+            truncated,
+            prompt_tokens,
+        })
     }
 
     /// The sample graph's top-k and top-p for a generation: the k to keep (V when off) and the
@@ -497,13 +503,13 @@ impl Pipeline {
 
     /// Tokenizer, text encoder and text K/V: rows [prompts ; negatives]; the cross-attention
     /// K/V from each image's own conditional row (batch invariance). Everything stays on the
-    /// engine; returns which prompts were truncated.
+    /// engine; returns which prompts were truncated, and each prompt's token count.
     fn encode_text(
         &mut self,
         prompts: &[String],
         negative: &str,
         hooks: &mut dyn Hooks,
-    ) -> Result<Vec<bool>> {
+    ) -> Result<(Vec<bool>, Vec<usize>)> {
         let b = prompts.len();
         let t_tok = Instant::now();
         let enc: Vec<Encoded> = prompts
@@ -515,6 +521,11 @@ impl Pipeline {
         let ids: Vec<i64> = enc.iter().flat_map(|e| e.ids.clone()).collect();
         let mask: Vec<i64> = enc.iter().flat_map(|e| e.mask.clone()).collect();
         let truncated: Vec<bool> = enc.iter().take(b).map(|e| e.truncated).collect();
+        let counts: Vec<usize> = enc
+            .iter()
+            .take(b)
+            .map(|e| e.mask.iter().filter(|m| **m != 0).count())
+            .collect();
         self.timings
             .add("tokenizer", t_tok.elapsed().as_secs_f64() * 1e3, false);
         let ids = Tensor::i64(vec![2 * b, TEXT_LEN], ids);
@@ -554,7 +565,7 @@ impl Pipeline {
             (io::TEXT_BIAS, Slot::TextBias),
         ];
         self.run(&tk.label(None), tk, None, b, &binds)?;
-        Ok(truncated)
+        Ok((truncated, counts))
     }
 
     /// Scale `si`: the step (its K/V into the cache), the scale's tokens (drawn on the engine,

@@ -190,11 +190,7 @@ async fn infer_of(
         .map_err(|e| ApiError::bad_request(format!("the inference request is not valid: {e}")))?;
     let binary_out = binary_output(&request)?;
     let fields = inputs(&request, binary_data)?;
-    let (mut gen, _) = crate::submit::parse(
-        st,
-        &serde_json::to_vec(&Value::Object(fields)).unwrap_or_default(),
-    )
-    .map_err(|e| {
+    let (mut gen, _) = crate::submit::parse_object(st, &fields).map_err(|e| {
         // The protocol's error is one string: it names the input.
         ApiError::bad_request(match e.param {
             Some(p) if !e.message.contains(&p) => format!("{p}: {}", e.message),

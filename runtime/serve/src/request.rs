@@ -85,6 +85,15 @@ pub(crate) fn parse_request(
     let obj = v
         .as_object()
         .ok_or_else(|| fe("the body must be a JSON object".into(), "body"))?;
+    parse_fields(state, obj)
+}
+
+/// The request's fields, checked one by one (the OpenAI body's, or KServe's inputs and
+/// parameters under the same names): (request, stream).
+pub(crate) fn parse_fields(
+    state: &Served<'_>,
+    obj: &serde_json::Map<String, Value>,
+) -> Result<(GenRequest, bool), FieldError> {
     if let Some(k) = obj
         .keys()
         .find(|k| !crate::api::IMAGES_REQUEST_FIELDS.contains(&k.as_str()))

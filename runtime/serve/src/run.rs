@@ -160,7 +160,8 @@ pub(crate) fn run_batch(p: &mut Pipeline, state: &AppState, jobs: &[Job]) -> Vec
     let mut k = 0;
     jobs.iter()
         .map(|j| {
-            let prompt_tokens = p.tok.encode(&j.req.prompt).mask.iter().sum::<i64>() as u64;
+            // Each image of a job has the job's prompt: its count is its first image's.
+            let prompt_tokens = g.prompt_tokens.get(k).copied().unwrap_or(0) as u64;
             let images = (0..j.req.n)
                 .map(|_| {
                     let (i, seed) = (k, seeds[k]);

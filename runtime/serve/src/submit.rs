@@ -5,7 +5,7 @@
 use crate::api::{ImageData, ImagesResponse, InputTokensDetails, JobStatus, Usage};
 use crate::errors::{ApiError, Kind};
 use crate::jobs::{Finished, Job, JobError, JobResult, Outcome, Tracked};
-use crate::request::{parse_request, FieldError, GenRequest};
+use crate::request::{parse_fields, parse_request, FieldError, GenRequest};
 use crate::state::AppState;
 use axum::http::StatusCode;
 use base64::Engine as _;
@@ -39,16 +39,27 @@ pub(crate) fn admit(st: &AppState) -> Result<(), ApiError> {
 
 /// The OpenAI request (and STAR's fields) checked: (request, stream).
 pub(crate) fn parse(st: &AppState, body: &[u8]) -> Result<(GenRequest, bool), ApiError> {
-    parse_request(&st.served(), body).map_err(|FieldError(message, param)| {
-        st.reject("invalid");
-        if param == "body" {
-            ApiError::bad_request(message).code("invalid_json")
-        } else if message.starts_with("unknown field") {
-            ApiError::invalid(message, &param).code("unknown_parameter")
-        } else {
-            ApiError::invalid(message, &param)
-        }
-    })
+    parse_request(&st.served(), body).map_err(|e| refused(st, e))
+}
+
+/// Fields already read (KServe's inputs and parameters) checked the same way.
+pub(crate) fn parse_object(
+    st: &AppState,
+    fields: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(GenRequest, bool), ApiError> {
+    parse_fields(&st.served(), fields).map_err(|e| refused(st, e))
+}
+
+/// A refused request, counted, as its error.
+fn refused(st: &AppState, FieldError(message, param): FieldError) -> ApiError {
+    st.reject("invalid");
+    if param == "body" {
+        ApiError::bad_request(message).code("invalid_json")
+    } else if message.starts_with("unknown field") {
+        ApiError::invalid(message, &param).code("unknown_parameter")
+    } else {
+        ApiError::invalid(message, &param)
+    }
 }
 
 /// Queue a job: its result arrives on the receiver; a full queue is 429 at once.

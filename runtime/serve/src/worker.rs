@@ -73,14 +73,8 @@ pub(crate) fn worker(
 /// previews go until a request's run times them again). A model that cannot generate never
 /// becomes ready: the process exits with the error.
 fn warm_up(p: &mut Pipeline, state: &AppState) {
-    struct ScaleTimes(Vec<f64>);
-    impl star_pipeline::pipeline::Hooks for ScaleTimes {
-        fn scale_done(&mut self, _si: usize, _pn: usize, ms: f64, _wait: f64) {
-            self.0.push(ms);
-        }
-    }
     let gp = GenParams::defaults(p, 0);
-    let mut times = ScaleTimes(vec![]);
+    let mut times = star_pipeline::preview::ScaleTimes::default();
     if let Err(e) = p.generate(&["warm-up".to_string()], "", &gp, &mut times) {
         eprintln!("error: warm-up generation failed: {e}");
         std::process::exit(2);
