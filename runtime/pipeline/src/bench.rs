@@ -1,8 +1,8 @@
 //! `star-run bench`: warm-up, repeated generations, per-stage median / p90 / min, a human table and
 //! JSON beside it.
 
+use crate::pipeline::ScaleTimes;
 use crate::pipeline::{GenParams, NoHooks, Pipeline, Result};
-use crate::preview::ScaleTimes;
 use std::collections::BTreeMap;
 
 pub struct BenchResult {

@@ -140,6 +140,17 @@ pub trait Hooks {
     }
 }
 
+/// Hooks that record each scale's wall time (the last generation's): previews are placed by it.
+#[derive(Default)]
+pub struct ScaleTimes(pub Vec<f64>);
+
+impl Hooks for ScaleTimes {
+    fn scale_done(&mut self, si: usize, _pn: usize, ms: f64, _wait: f64) {
+        self.0.resize(self.0.len().max(si + 1), 0.0);
+        self.0[si] = ms;
+    }
+}
+
 fn f32s<'a>(t: &'a Tensor, name: &str) -> Result<&'a [f32]> {
     t.as_f32()
         .ok_or_else(|| RunError::Invalid(format!("stage output '{name}' is not float32")))

@@ -6,17 +6,6 @@
 //! indices would show three blurs early and nothing for most of the wait. The last scale is
 //! never a preview: its image is the result.
 
-/// Hooks that record each scale's wall time (the last generation's): where previews go.
-#[derive(Default)]
-pub struct ScaleTimes(pub Vec<f64>);
-
-impl crate::pipeline::Hooks for ScaleTimes {
-    fn scale_done(&mut self, si: usize, _pn: usize, ms: f64, _wait: f64) {
-        self.0.resize(self.0.len().max(si + 1), 0.0);
-        self.0[si] = ms;
-    }
-}
-
 /// The scales (ascending, distinct, never the last) after which to decode a preview, `k` of
 /// them at most: preview j goes after the scale whose cumulative time is nearest to
 /// j/(k+1) of the whole. `scale_ms` is the measured wall time of each scale (a previous

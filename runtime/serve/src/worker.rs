@@ -74,7 +74,7 @@ pub(crate) fn worker(
 /// becomes ready: the process exits with the error.
 fn warm_up(p: &mut Pipeline, state: &AppState) {
     let gp = GenParams::defaults(p, 0);
-    let mut times = star_pipeline::preview::ScaleTimes::default();
+    let mut times = star_pipeline::pipeline::ScaleTimes::default();
     if let Err(e) = p.generate(&["warm-up".to_string()], "", &gp, &mut times) {
         eprintln!("error: warm-up generation failed: {e}");
         std::process::exit(2);
